@@ -1,0 +1,53 @@
+"""Settings from ``AGENTHUB_*`` environment variables (and ``DATABASE_URL``), via pydantic-settings."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTHUB_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path(".agenthub")
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "AGENTHUB_DATABASE_URL"))
+    pg_port: int = 54329
+    api_token: SecretStr | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    ray_address: str | None = None
+    ray_namespace: str = "agenthub"
+    num_cpus: int = 2
+    dashboard_port: int = 8265
+    max_event_bytes: int = 256 * 1024
+    reply_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 5.0
+    max_restart_attempts: int = 5
+    max_active_entities: int = 1000
+    snapshot_every: int = 200
+    pool_size: int = 10
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+
+    def resolve_api_token(self) -> tuple[str, bool]:
+        """The configured token, or one generated at first start and kept in the data dir.
+        Returns ``(token, generated_now)``."""
+        if self.api_token is not None:
+            return self.api_token.get_secret_value(), False
+        path = self.data_dir / "api_token"
+        if path.exists():
+            return path.read_text().strip(), False
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        path.write_text(token)
+        path.chmod(0o600)
+        return token, True
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

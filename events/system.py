@@ -1,0 +1,34 @@
+"""Runtime events: durable timers and actor supervision."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from events.registry import EventData, event_type
+
+
+@event_type("timer.scheduled")
+class TimerScheduled(EventData):
+    """Fires ``timer.fired`` into ``target_stream`` at ``fire_at``, even across restarts."""
+
+    timer_id: str
+    fire_at: datetime
+    target_stream: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+@event_type("timer.fired")
+class TimerFired(EventData):
+    timer_id: str
+    scheduled_position: int
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+@event_type("actor.restarted")
+class ActorRestarted(EventData):
+    actor: str
+    reason: str
+    redeliver_from: int

@@ -1,0 +1,371 @@
+"""The event log on Postgres.
+
+Trap 1 (skipped events) is solved with transaction-id visibility: every row records the id of the transaction
+that wrote it (``tx_id``), and a subscriber reads only rows whose transaction is older than the oldest
+transaction still running (``pg_snapshot_xmin``), in ``(tx_id, position)`` order. A row committed late by a
+slow transaction is therefore never behind a subscriber's cursor. Trap 2: one NOTIFY per append transaction,
+with polling as a fallback. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from events import ANY, NO_STREAM, ExpectedVersion, NewEvent, RecordedEvent, Subscription, registry
+from events.envelope import validate_stream
+from storage import metrics
+from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion, translate_errors
+from storage.migrate import migrate
+
+log = structlog.get_logger(__name__)
+
+Cursor = tuple[int, int]
+"""(tx_id, position): a subscriber's place in commit order."""
+
+START: Cursor = (0, 0)
+CHANNEL = "agenthub_events"
+_COLUMNS = "position, tx_id, id, stream, version, type, data, meta, recorded_at"
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    positions: list[int]
+    versions: list[int]
+    replayed: bool
+
+    @property
+    def last_position(self) -> int:
+        return self.positions[-1]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Write ``subscriber``'s cursor in the same transaction as an append."""
+
+    subscriber: str
+    cursor: Cursor
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("xid8", encoder=str, decoder=int, schema="pg_catalog", format="text")
+
+
+def _row_to_event(r: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=r[0], tx_id=r[1], id=r[2], stream=r[3], version=r[4], type=r[5], data=r[6], meta=r[7],
+        recorded_at=r[8],
+    )
+
+
+class EventLog:
+    """Append, read and subscribe. One instance per process; safe for concurrent use."""
+
+    def __init__(self, pool: asyncpg.Pool, url: str, max_event_bytes: int = 256 * 1024) -> None:
+        self.pool = pool
+        self.url = url
+        self.max_event_bytes = max_event_bytes
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, min_size: int = 1, max_size: int = 10, max_event_bytes: int = 256 * 1024,
+        run_migrations: bool = True,
+    ) -> EventLog:
+        with translate_errors():
+            if run_migrations:
+                conn = await asyncpg.connect(url, timeout=10)
+                try:
+                    await migrate(conn)
+                finally:
+                    await conn.close()
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, init=_init_connection, timeout=5, command_timeout=60,
+            )
+        return cls(pool, url, max_event_bytes)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; connection failures surface as ``StoreUnavailable`` and reset the pool."""
+        try:
+            with translate_errors():
+                async with self.pool.acquire() as conn:
+                    yield conn
+        except StoreUnavailable:
+            self.pool.expire_connections()
+            raise
+
+    # ---- writing -------------------------------------------------------------------------------------
+
+    def _prepare(self, events: Sequence[NewEvent]) -> tuple[list[Any], list[str], list[Any], list[Any]]:
+        ids, types, datas, metas = [], [], [], []
+        for e in events:
+            data = registry.validate(e.type, e.data, e.meta.schema_version)
+            size = len(json.dumps(data))
+            if size > self.max_event_bytes:
+                raise EventTooLarge(size, self.max_event_bytes)
+            ids.append(e.id)
+            types.append(e.type)
+            datas.append(data)
+            metas.append(e.meta.model_dump(mode="json", exclude_none=True))
+        return ids, types, datas, metas
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected: ExpectedVersion = ANY,
+        *,
+        idempotency_key: str | None = None,
+        checkpoint: Checkpoint | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> AppendResult:
+        """Append atomically. Raises ``WrongExpectedVersion``, ``EventTooLarge``, ``UnknownEventType``,
+        ``StoreUnavailable``. With ``idempotency_key``, a retry returns the original positions."""
+        validate_stream(stream)
+        if not events:
+            raise ValueError("append needs at least one event")
+        ids, types, datas, metas = self._prepare(events)
+        if expected is ANY:
+            mode, exp = "any", 0
+        elif expected is NO_STREAM:
+            mode, exp = "no_stream", 0
+        else:
+            mode, exp = "exact", int(expected)
+        cp_sub, cp_tx, cp_pos = (checkpoint.subscriber, *checkpoint.cursor) if checkpoint else (None, None, None)
+        args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos)
+        sql = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11)"
+        try:
+            if conn is not None:
+                with translate_errors():
+                    rows = await conn.fetch(sql, *args)
+            else:
+                async with self.connection() as c:
+                    rows = await c.fetch(sql, *args)
+        except asyncpg.PostgresError as e:
+            if e.sqlstate == "AH409":
+                if idempotency_key is not None:
+                    # A concurrent retry of the same command won the race: return what it wrote.
+                    original = await self._idempotent_lookup(idempotency_key)
+                    if original is not None:
+                        return original
+                raise WrongExpectedVersion(stream, expected if mode == "exact" else mode, int(e.detail)) from None
+            if isinstance(e, asyncpg.UniqueViolationError) and idempotency_key is not None:
+                original = await self._idempotent_lookup(idempotency_key)
+                if original is not None:
+                    return original
+            raise
+        rows = sorted(rows, key=lambda r: r[1])
+        result = AppendResult([r[0] for r in rows], [r[1] for r in rows], bool(rows and rows[0][2]))
+        if not result.replayed:
+            metrics.EVENTS_APPENDED.inc(len(rows))
+        return result
+
+    async def _idempotent_lookup(self, key: str) -> AppendResult | None:
+        async with self.connection() as c:
+            rows = await c.fetch(
+                "SELECT position, version FROM events WHERE idem_key = $1 ORDER BY idem_seq", key
+            )
+        if not rows:
+            return None
+        return AppendResult([r[0] for r in rows], [r[1] for r in rows], True)
+
+    # ---- reading -------------------------------------------------------------------------------------
+
+    async def read_stream(self, stream: str, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
+        async with self.connection() as c:
+            rows = await c.fetch(
+                f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3",
+                stream, from_version, limit,
+            )
+        return [_row_to_event(r) for r in rows]
+
+    async def stream_version(self, stream: str) -> int:
+        async with self.connection() as c:
+            v = await c.fetchval("SELECT version FROM streams WHERE stream = $1", stream)
+        return int(v or 0)
+
+    async def read_all(
+        self,
+        from_position: int = 0,
+        *,
+        types: Sequence[str] | None = None,
+        stream: str | None = None,
+        category: str | None = None,
+        limit: int = 1000,
+    ) -> list[RecordedEvent]:
+        """Events after ``from_position`` in position order (for queries; subscriptions use commit order)."""
+        where, args = ["position > $1"], [from_position]
+        if types:
+            args.append(list(types))
+            where.append(f"type = ANY(${len(args)})")
+        if stream:
+            args.append(stream)
+            where.append(f"stream = ${len(args)}")
+        if category:
+            args.append(category + "-%")
+            where.append(f"stream LIKE ${len(args)}")
+        args.append(limit)
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT ${len(args)}"
+        async with self.connection() as c:
+            rows = await c.fetch(sql, *args)
+        return [_row_to_event(r) for r in rows]
+
+    async def read_committed(self, after: Cursor, limit: int = 500) -> list[RecordedEvent]:
+        """Events after ``after`` in commit order, only from transactions that can no longer be overtaken."""
+        async with self.connection() as c:
+            rows = await c.fetch(
+                f"SELECT {_COLUMNS} FROM events WHERE (tx_id, position) > ($1::xid8, $2) "
+                "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT $3",
+                after[0], after[1], limit,
+            )
+        return [_row_to_event(r) for r in rows]
+
+    async def cursor_at(self, position: int) -> Cursor:
+        """The commit-order cursor of the event at ``position`` (``START`` for 0)."""
+        if position <= 0:
+            return START
+        async with self.connection() as c:
+            tx = await c.fetchval("SELECT tx_id FROM events WHERE position = $1", position)
+        if tx is None:
+            raise ValueError(f"no event at position {position}")
+        return (int(tx), position)
+
+    async def head(self) -> int:
+        async with self.connection() as c:
+            return int(await c.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+
+    async def head_cursor(self) -> Cursor:
+        """Cursor of the newest visible event: a subscriber starting here sees only what comes next."""
+        async with self.connection() as c:
+            r = await c.fetchrow(
+                "SELECT tx_id, position FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+                "ORDER BY tx_id DESC, position DESC LIMIT 1"
+            )
+        return (int(r[0]), int(r[1])) if r else START
+
+    async def subscribe(
+        self,
+        after: Cursor = START,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        subscription: Subscription | None = None,
+    ) -> AsyncIterator[tuple[list[RecordedEvent], Cursor]]:
+        """Catch up from ``after``, then follow live. Yields ``(matching events, cursor after the batch)``;
+        the cursor advances even when no event of a batch matches, so callers can checkpoint it."""
+        wake = asyncio.Event()
+        listener = Listener(self.url, wake)
+        await listener.start()
+        cursor = after
+        try:
+            while True:
+                wake.clear()
+                try:
+                    batch = await self.read_committed(cursor, batch_size)
+                except StoreUnavailable as e:
+                    log.warning("subscription read failed, retrying", error=str(e))
+                    await asyncio.sleep(min(poll_interval, 0.5))
+                    continue
+                if batch:
+                    cursor = batch[-1].cursor
+                    matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
+                    yield matching, cursor
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+        finally:
+            await listener.close()
+
+    # ---- snapshots and checkpoints ------------------------------------------------------------------
+
+    async def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
+        async with self.connection() as c:
+            await c.execute(
+                "INSERT INTO snapshots (stream, version, state) VALUES ($1, $2, $3) ON CONFLICT (stream) DO "
+                "UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state, updated_at = now() "
+                "WHERE snapshots.version < EXCLUDED.version",
+                stream, version, state,
+            )
+
+    async def load_snapshot(self, stream: str) -> tuple[int, dict[str, Any]] | None:
+        async with self.connection() as c:
+            r = await c.fetchrow("SELECT version, state FROM snapshots WHERE stream = $1", stream)
+        return (int(r[0]), r[1]) if r else None
+
+    async def load_checkpoint(self, subscriber: str) -> Cursor:
+        async with self.connection() as c:
+            r = await c.fetchrow("SELECT tx_id, position FROM checkpoints WHERE subscriber = $1", subscriber)
+        return (int(r[0]), int(r[1])) if r else START
+
+    async def save_checkpoint(self, subscriber: str, cursor: Cursor, conn: asyncpg.Connection | None = None) -> None:
+        sql = (
+            "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
+            "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, "
+            "updated_at = now()"
+        )
+        if conn is not None:
+            with translate_errors():
+                await conn.execute(sql, subscriber, cursor[0], cursor[1])
+            return
+        async with self.connection() as c:
+            await c.execute(sql, subscriber, cursor[0], cursor[1])
+
+
+class Listener:
+    """LISTEN on a dedicated connection; reconnects in the background when the connection drops."""
+
+    def __init__(self, url: str, wake: asyncio.Event) -> None:
+        self.url, self.wake = url, wake
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _notified(self, *_: object) -> None:
+        self.wake.set()
+
+    def _lost(self, *_: object) -> None:
+        if not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self.url, timeout=5)
+        await conn.add_listener(CHANNEL, self._notified)
+        conn.add_termination_listener(self._lost)
+        self._conn = conn
+        self.wake.set()  # anything may have committed while we were not listening
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self._connect()
+                return
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def start(self) -> None:
+        try:
+            await self._connect()
+        except Exception as e:  # polling still works; keep trying to listen in the background
+            log.warning("listen connection failed, polling until it is back", error=str(e))
+            self._task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+        if self._conn is not None and not self._conn.is_closed():
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
