@@ -1,0 +1,106 @@
+"""A chat between one agent and one chat id: the entity the agent runner hosts (stream ``chat-<agent>/<chat>``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from actors.entity import Context, Entity
+from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError
+from events import NewEvent, RecordedEvent
+from events.hub import AgentSettings, LLMCompleted, ReplyFailed, ReplySent
+
+HISTORY_TURNS = 40
+Complete = Callable[[CompletionRequest], Awaitable[Completion]]
+
+
+def chat_stream(agent_id: str, chat_id: str) -> str:
+    return f"chat-{agent_id}/{chat_id}"
+
+
+class Turn(BaseModel):
+    id: str
+    role: str
+    text: str
+
+
+class ChatState(BaseModel):
+    turns: list[Turn] = Field(default_factory=list)
+    completions: dict[str, str] = Field(default_factory=dict)
+    messages: int = 0
+    replies: int = 0
+
+
+class Conversation(Entity[ChatState]):
+    """Message → ``llm.completed`` → ``chat.reply_sent``, each step durable before the next."""
+
+    category = "chat"
+
+    def __init__(self, settings: Callable[[], AgentSettings], complete: Complete) -> None:
+        self.settings = settings
+        self.complete = complete
+
+    def initial(self) -> ChatState:
+        return ChatState()
+
+    def evolve(self, state: ChatState, event: RecordedEvent) -> ChatState:
+        d = event.data
+        if event.type == "chat.message_received":
+            state.turns.append(Turn(id=str(event.id), role="user", text=d["text"]))
+            state.messages += 1
+        elif event.type == "llm.completed":
+            state.completions[str(event.meta.causation_id)] = d["text"]
+        elif event.type == "chat.reply_sent":
+            state.turns.append(Turn(id=str(event.id), role="assistant", text=d["response"]))
+            state.completions.pop(str(event.meta.causation_id), None)
+            state.replies += 1
+        elif event.type == "chat.reply_failed":
+            state.completions.pop(str(event.meta.causation_id), None)
+        del state.turns[: max(0, len(state.turns) - 2 * HISTORY_TURNS)]
+        return state
+
+    def request_for(self, state: ChatState, message: RecordedEvent, settings: AgentSettings) -> CompletionRequest:
+        history: list[ChatMessage] = [ChatMessage(role="system", content=settings.system_prompt)]
+        for turn in state.turns:
+            history.append(ChatMessage(role=turn.role, content=turn.text))
+            if turn.id == str(message.id):
+                break
+        return CompletionRequest(
+            provider=settings.provider, model=settings.model_id, messages=history,
+            temperature=settings.temperature, max_tokens=settings.max_tokens, base_url=settings.base_url,
+        )
+
+    async def decide(self, state: ChatState, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
+        if message.type != "chat.message_received":
+            return []
+        done = ctx.effects_of(message)
+        if "chat.reply_sent" in done or "chat.reply_failed" in done:
+            return []
+        d = message.data
+        agent_id, chat_id = d["agent_id"], d["chat_id"]
+        recorded = state.completions.get(str(message.id))
+        if recorded is not None:
+            return [NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=recorded, channel=d["channel"]))]
+        request = self.request_for(state, message, self.settings())
+        try:
+            c = await self.complete(request)
+        except ProviderError as e:
+            return [NewEvent.of(ReplyFailed(agent_id=agent_id, chat_id=chat_id, error=str(e)))]
+        return [
+            NewEvent.of(
+                LLMCompleted(
+                    agent_id=agent_id, provider=c.provider, model=c.model, text=c.text,
+                    prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                    total_tokens=c.total_tokens, latency_ms=c.latency_ms, cost_usd=c.cost_usd,
+                    request_hash=request.digest(),
+                )
+            )
+        ]
+
+    def to_snapshot(self, state: ChatState) -> dict[str, Any]:
+        return state.model_dump()
+
+    def from_snapshot(self, data: dict[str, Any]) -> ChatState:
+        return ChatState.model_validate(data)

@@ -1,0 +1,18 @@
+"""What every actor process needs to know to join the system: passed to Ray actors at creation."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, SecretStr
+
+
+class RuntimeConfig(BaseModel):
+    database_url: str
+    namespace: str = "agenthub"
+    max_event_bytes: int = 256 * 1024
+    heartbeat_interval_s: float = 5.0
+    max_restart_attempts: int = 5
+    max_active_entities: int = 1000
+    snapshot_every: int = 200
+    poll_interval_s: float = 1.0
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None

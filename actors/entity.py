@@ -1,0 +1,174 @@
+"""Event-sourced entities and the host that activates, drives and passivates them.
+
+An entity type is addressed as ``(actor type, key)`` and lives in stream ``<category>-<key>``. It is activated
+on first use by folding its snapshot and events, handled with ``decide``/``evolve``, and passivated when the
+host holds more than ``max_active`` entities. ``decide`` is called repeatedly for one message until it returns
+nothing, so a multi-step reaction (say: record the LLM completion, then the reply) is durable step by step and
+a redelivered message resumes where it stopped instead of repeating its effects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import structlog
+
+from actors import metrics
+from events import NewEvent, RecordedEvent
+from storage.errors import WrongExpectedVersion
+from storage.eventlog import EventLog
+
+log = structlog.get_logger(__name__)
+S = TypeVar("S")
+
+MAX_STEPS = 16
+MAX_CONFLICT_RETRIES = 10
+
+
+@dataclass
+class Context:
+    """What the host knows about an entity besides its state: version and which events caused its events."""
+
+    stream: str
+    version: int = 0
+    caused: dict[str, list[str]] = field(default_factory=dict)
+
+    def effects_of(self, event: RecordedEvent) -> list[str]:
+        """Types of the events this entity already emitted in reaction to ``event``."""
+        return self.caused.get(str(event.id), [])
+
+
+class Entity(Generic[S]):
+    """Subclass with a ``category``, ``initial``, ``evolve`` and ``decide``; optionally snapshot hooks."""
+
+    category: ClassVar[str]
+
+    def initial(self) -> S:
+        raise NotImplementedError
+
+    def evolve(self, state: S, event: RecordedEvent) -> S:
+        raise NotImplementedError
+
+    async def decide(self, state: S, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
+        raise NotImplementedError
+
+    def key_of(self, message: RecordedEvent) -> str:
+        """Which entity a routed message is for; by default the one whose stream it was appended to."""
+        return message.stream_id
+
+    def to_snapshot(self, state: S) -> dict[str, Any] | None:
+        return None
+
+    def from_snapshot(self, data: dict[str, Any]) -> S:
+        raise NotImplementedError
+
+
+@dataclass
+class Active(Generic[S]):
+    state: S
+    ctx: Context
+    since_snapshot: int = 0
+
+
+class EntityHost(Generic[S]):
+    """Hosts the entities of one type inside one process (a Ray actor)."""
+
+    def __init__(self, entity: Entity[S], store: EventLog, *, max_active: int = 1000, snapshot_every: int = 0):
+        self.entity = entity
+        self.store = store
+        self.max_active = max_active
+        self.snapshot_every = snapshot_every
+        self.active: OrderedDict[str, Active[S]] = OrderedDict()
+        self.handled = 0
+        self.activations = 0
+
+    def stream_of(self, key: str) -> str:
+        return f"{self.entity.category}-{key}"
+
+    def _apply(self, a: Active[S], event: RecordedEvent) -> None:
+        a.state = self.entity.evolve(a.state, event)
+        a.ctx.version = event.version
+        if event.meta.causation_id is not None:
+            a.ctx.caused.setdefault(str(event.meta.causation_id), []).append(event.type)
+        a.since_snapshot += 1
+
+    async def load(self, key: str) -> Active[S]:
+        """Fold snapshot + events into a fresh in-memory entity."""
+        stream = self.stream_of(key)
+        a: Active[S] = Active(self.entity.initial(), Context(stream))
+        snap = await self.store.load_snapshot(stream)
+        if snap is not None:
+            a.ctx.version = snap[0]
+            a.state = self.entity.from_snapshot(snap[1]["state"])
+            a.ctx.caused = snap[1]["caused"]
+        for event in await self.store.read_stream(stream, a.ctx.version + 1):
+            self._apply(a, event)
+        a.since_snapshot = 0
+        self.activations += 1
+        return a
+
+    async def get(self, key: str) -> Active[S]:
+        a = self.active.get(key)
+        if a is None:
+            a = await self.load(key)
+            self.active[key] = a
+            while len(self.active) > self.max_active:
+                self.active.popitem(last=False)  # passivate the least recently used
+            metrics.ACTIVE_ENTITIES.labels(self.entity.category).set(len(self.active))
+        else:
+            self.active.move_to_end(key)
+        return a
+
+    async def catch_up(self, a: Active[S]) -> None:
+        for event in await self.store.read_stream(a.ctx.stream, a.ctx.version + 1):
+            self._apply(a, event)
+
+    async def handle(self, message: RecordedEvent) -> list[RecordedEvent]:
+        """Run ``decide`` to completion for ``message``; returns the events appended."""
+        started = time.perf_counter()
+        key = self.entity.key_of(message)
+        a = await self.get(key)
+        if message.stream == a.ctx.stream and message.version > a.ctx.version:
+            await self.catch_up(a)
+        appended: list[RecordedEvent] = []
+        correlation = message.meta.correlation_id or message.id
+        conflicts = 0
+        for _ in range(MAX_STEPS):
+            new = await self.entity.decide(a.state, message, a.ctx)
+            if not new:
+                break
+            for e in new:
+                e.meta.causation_id = message.id
+                e.meta.correlation_id = correlation
+                e.meta.actor = e.meta.actor or self.entity.category
+            try:
+                res = await self.store.append(a.ctx.stream, new, a.ctx.version)
+            except WrongExpectedVersion:
+                conflicts += 1
+                if conflicts > MAX_CONFLICT_RETRIES:
+                    raise
+                await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
+                continue
+            for e, pos, ver in zip(new, res.positions, res.versions, strict=True):
+                rec = RecordedEvent(
+                    id=e.id, stream=a.ctx.stream, version=ver, position=pos, tx_id=0, type=e.type,
+                    data=e.data, meta=e.meta, recorded_at=e.meta.occurred_at,
+                )
+                self._apply(a, rec)
+                appended.append(rec)
+        else:
+            log.error("decide did not settle", entity=a.ctx.stream, message=str(message.id))
+        self.handled += 1
+        if self.snapshot_every and a.since_snapshot >= self.snapshot_every:
+            await self.snapshot(a)
+        metrics.HANDLER_LATENCY.labels(self.entity.category).observe(time.perf_counter() - started)
+        return appended
+
+    async def snapshot(self, a: Active[S]) -> None:
+        data = self.entity.to_snapshot(a.state)
+        if data is not None:
+            await self.store.save_snapshot(a.ctx.stream, a.ctx.version, {"state": data, "caused": a.ctx.caused})
+            a.since_snapshot = 0
