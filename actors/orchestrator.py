@@ -1,0 +1,374 @@
+"""The orchestrator: tails the log, routes events to subscribed actors, supervises them, fires timers.
+
+One reader fans out to every subscriber. Each subscriber has its own cursor; a batch is delivered to all
+subscribers concurrently and the next batch is read when every delivery has finished (back-pressure, and
+per-subscriber order). A subscriber whose actor died is restarted and its cursor reset to its stored
+checkpoint, so the reader rewinds and redelivers what was not recorded as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import ray
+import structlog
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+from actors import metrics
+from actors.agents.agent import agent_stream
+from actors.agents.runner import AgentRunner, runner_name, runner_subscription
+from actors.config import RuntimeConfig
+from actors.llm.actor import LLMActor
+from actors.observability import configure_logging, export_metrics
+from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
+from events import NewEvent, RecordedEvent, Subscription
+from events.hub import AgentFailed, AgentRestarted
+from events.system import TimerFired
+from storage.errors import StoreUnavailable
+from storage.eventlog import START, Cursor, EventLog, Listener
+
+log = structlog.get_logger(__name__)
+
+DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
+
+
+@dataclass
+class Sub:
+    subscription: Subscription
+    factory: Callable[[], Any]
+    handle: Any = None
+    cursor: Cursor = START
+    persisted: Cursor = START
+    attempts: int = 0
+    dead: bool = False
+    agent_id: str | None = None
+
+
+@dataclass(order=True)
+class Timer:
+    fire_at: float
+    timer_id: str = field(compare=False)
+    event: RecordedEvent = field(compare=False)
+
+
+class OrchestratorImpl:
+    def __init__(self, config: RuntimeConfig) -> None:
+        configure_logging()
+        self.config = config
+        self.ns = config.namespace
+        self.subs: dict[str, Sub] = {}
+        self.timers: list[Timer] = []
+        self.fired: set[str] = set()
+        self.cursor: Cursor = START
+        self.wake = asyncio.Event()
+        self.timer_wake = asyncio.Event()
+        self.routed = 0
+        self.started_at = time.time()
+        self.ready = asyncio.Event()
+        self._main = asyncio.get_running_loop().create_task(self._run())
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.store = await EventLog.connect(
+                    self.config.database_url, max_size=6, max_event_bytes=self.config.max_event_bytes
+                )
+                break
+            except StoreUnavailable as e:
+                log.warning("orchestrator waiting for the event store", error=str(e))
+                await asyncio.sleep(1)
+        self.llm = LLMActor.options(name="llm", namespace=self.ns, get_if_exists=True).remote(self.config)
+        await self._restore()
+        self.listener = Listener(self.config.database_url, self.wake)
+        await self.listener.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._supervise()), loop.create_task(self._fire_timers())]
+        self.ready.set()
+        await self._route_forever()
+
+    async def _restore(self) -> None:
+        """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints."""
+        self.cursor = await self.store.head_cursor()
+        running: dict[str, RecordedEvent] = {}
+        for e in await self._read_types(LIFECYCLE):
+            if e.type == "agent.started":
+                running[e.stream_id] = e
+            elif e.type in ("agent.stopped", "agent.deleted", "agent.failed"):
+                running.pop(e.stream_id, None)
+        for agent_id, started in running.items():
+            await self._add_agent(agent_id, started)
+        await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
+        for e in await self._read_types(("timer.scheduled", "timer.fired")):
+            self._track_timer(e)
+
+    async def _read_types(self, types: tuple[str, ...]) -> list[RecordedEvent]:
+        out: list[RecordedEvent] = []
+        pos = 0
+        while batch := await self.store.read_all(pos, types=types, limit=5000):
+            out.extend(batch)
+            pos = batch[-1].position
+        return out
+
+    def _projector_factory(self) -> Any:
+        return Projector.options(name=PROJECTOR, namespace=self.ns, get_if_exists=True).remote(self.config)
+
+    async def _add_sub(self, subscription: Subscription, factory: Callable[[], Any], start: Cursor = START,
+                       agent_id: str | None = None) -> Sub:
+        sub = Sub(subscription, factory, agent_id=agent_id)
+        sub.handle = factory()
+        stored = await self.store.load_checkpoint(subscription.name)
+        sub.cursor = sub.persisted = stored if stored != START else start
+        self.subs[subscription.name] = sub
+        self.wake.set()
+        return sub
+
+    async def _add_agent(self, agent_id: str, started: RecordedEvent) -> None:
+        name = runner_name(agent_id)
+        if name in self.subs:
+            return
+
+        def factory() -> Any:
+            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(
+                self.config, agent_id
+            )
+
+        # A new agent's messages all come after its start event: begin there, not at the start of the log.
+        before = (started.tx_id, started.position - 1) if started.tx_id else START
+        await self._add_sub(runner_subscription(agent_id), factory, before, agent_id)
+
+    async def _remove_sub(self, name: str) -> None:
+        sub = self.subs.pop(name, None)
+        if sub is not None and sub.handle is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(sub.handle, no_restart=True)
+
+    # ---- routing -----------------------------------------------------------------------------------
+
+    async def _route_forever(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            self.wake.clear()
+            low = min([self.cursor, *(s.cursor for s in self.subs.values() if not s.dead)])
+            try:
+                batch = await self.store.read_committed(low, 500)
+            except StoreUnavailable as e:
+                log.warning("routing paused: event store unavailable", error=str(e))
+                await asyncio.sleep(0.5)
+                continue
+            if batch:
+                await self._own(batch)
+                await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))
+            if time.monotonic() - last_flush > 1.0:
+                await self._flush_idle_cursors()
+                last_flush = time.monotonic()
+            if not batch or any(s.dead for s in self.subs.values()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.config.poll_interval_s)
+
+    async def _own(self, batch: list[RecordedEvent]) -> None:
+        """The orchestrator's own subscription: agent lifecycle and timers."""
+        for e in batch:
+            if e.cursor <= self.cursor:
+                continue
+            if e.type == "agent.started":
+                await self._add_agent(e.stream_id, e)
+            elif e.type in ("agent.stopped", "agent.deleted"):
+                await self._remove_sub(runner_name(e.stream_id))
+            elif e.type == "agent.updated":
+                sub = self.subs.get(runner_name(e.stream_id))
+                if sub is not None and not sub.dead:
+                    with contextlib.suppress(*DEAD):
+                        await sub.handle.reload_config.remote()
+            elif e.type in ("timer.scheduled", "timer.fired"):
+                self._track_timer(e)
+        self.cursor = max(self.cursor, batch[-1].cursor)
+
+    async def _deliver(self, sub: Sub, batch: list[RecordedEvent]) -> None:
+        if sub.dead:
+            return
+        end = batch[-1].cursor
+        events = [e for e in batch if e.cursor > sub.cursor and sub.subscription.matches(e)]
+        if not events:
+            sub.cursor = max(sub.cursor, end)
+            return
+        try:
+            await sub.handle.deliver.remote(events, end)
+        except DEAD as e:
+            log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
+            sub.dead = True
+            asyncio.get_running_loop().create_task(self._restart(sub, f"died during delivery: {type(e).__name__}"))
+            return
+        except Exception as e:  # the store was down inside the actor: retry from the same cursor
+            log.warning("delivery failed, will retry", subscriber=sub.subscription.name, error=str(e))
+            await asyncio.sleep(0.2)
+            return
+        sub.cursor = sub.persisted = end
+        sub.attempts = 0
+        self.routed += len(events)
+        metrics.ROUTING_LAG.labels(sub.subscription.name).set(
+            max(0.0, time.time() - events[-1].recorded_at.timestamp())
+        )
+
+    async def _flush_idle_cursors(self) -> None:
+        """Persist the cursors of subscribers that had nothing to handle, so a restart need not reread."""
+        for name, sub in self.subs.items():
+            if not sub.dead and sub.cursor > sub.persisted:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.save_checkpoint(name, sub.cursor)
+                    sub.persisted = sub.cursor
+
+    # ---- supervision -------------------------------------------------------------------------------
+
+    async def _restart(self, sub: Sub, reason: str) -> None:
+        name = sub.subscription.name
+        sub.attempts += 1
+        metrics.ACTOR_RESTARTS.labels(name).inc()
+        with contextlib.suppress(Exception):
+            ray.kill(sub.handle, no_restart=True)
+        if sub.agent_id is not None:
+            stream = agent_stream(sub.agent_id)
+            if sub.attempts > self.config.max_restart_attempts:
+                await self.store.append(stream, [NewEvent.of(AgentFailed(reason=f"gave up after {reason}"))])
+                self.subs.pop(name, None)
+                return
+            await self.store.append(stream, [NewEvent.of(AgentRestarted(attempt=sub.attempts, reason=reason))])
+        for _ in range(50):  # the name is released asynchronously after a kill
+            try:
+                sub.handle = sub.factory()
+                await asyncio.wait_for(sub.handle.ping.remote(), 30)
+                break
+            except (*DEAD, TimeoutError, ValueError):
+                await asyncio.sleep(0.2)
+        sub.cursor = sub.persisted = await self.store.load_checkpoint(name)
+        sub.dead = False
+        log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
+        self.wake.set()
+
+    async def _supervise(self) -> None:
+        """Ping every subscriber each heartbeat interval; restart the ones that do not answer."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            for sub in list(self.subs.values()):
+                if sub.dead:
+                    continue
+                try:
+                    await asyncio.wait_for(sub.handle.ping.remote(), max(5.0, self.config.heartbeat_interval_s))
+                except (*DEAD, TimeoutError, GetTimeoutError) as e:
+                    if sub.dead or self.subs.get(sub.subscription.name) is not sub:
+                        continue
+                    sub.dead = True
+                    await self._restart(sub, f"missed heartbeat: {type(e).__name__}")
+
+    # ---- timers ------------------------------------------------------------------------------------
+
+    def _track_timer(self, e: RecordedEvent) -> None:
+        tid = e.data["timer_id"]
+        if e.type == "timer.fired":
+            self.fired.add(tid)
+        elif tid not in self.fired:
+            fire_at = datetime.fromisoformat(e.data["fire_at"]).timestamp()
+            heapq.heappush(self.timers, Timer(fire_at, tid, e))
+            self.timer_wake.set()
+
+    async def _fire_timers(self) -> None:
+        while True:
+            self.timer_wake.clear()
+            while self.timers and self.timers[0].timer_id in self.fired:
+                heapq.heappop(self.timers)
+            delay = (self.timers[0].fire_at - time.time()) if self.timers else 3600.0
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.timer_wake.wait(), delay)
+                continue
+            t = self.timers[0]
+            fired = NewEvent.of(
+                TimerFired(timer_id=t.timer_id, scheduled_position=t.event.position, payload=t.event.data["payload"]),
+                causation_id=t.event.id, correlation_id=t.event.meta.correlation_id or t.event.id,
+                actor="orchestrator",
+            )
+            try:
+                # the idempotency key makes a timer fire once, even if a restart fires it again
+                await self.store.append(t.event.data["target_stream"], [fired], idempotency_key=f"timer:{t.timer_id}")
+            except StoreUnavailable:
+                await asyncio.sleep(0.5)
+                continue
+            heapq.heappop(self.timers)
+            self.fired.add(t.timer_id)
+
+    # ---- API ---------------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        await self.ready.wait()
+        return {
+            "cursor": list(self.cursor),
+            "routed": self.routed,
+            "pending_timers": sum(1 for t in self.timers if t.timer_id not in self.fired),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "subscribers": {
+                n: {"position": s.cursor[1], "dead": s.dead, "restarts": s.attempts} for n, s in self.subs.items()
+            },
+        }
+
+    async def wait_routed(self, subscriber: str, position: int, timeout: float = 10.0) -> bool:
+        """True once ``subscriber`` has handled everything up to ``position`` (for read-your-writes)."""
+        await self.ready.wait()
+        target = await self.store.cursor_at(position)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sub = self.subs.get(subscriber)
+            if sub is not None and sub.cursor >= target and not sub.dead:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def register(self, subscription: Subscription, actor_class: Any, *args: Any) -> None:
+        """Route ``subscription`` to a Ray actor of ``actor_class`` (a ``ray.remote`` class), created here."""
+        await self.ready.wait()
+        if subscription.name in self.subs:
+            return
+
+        def factory() -> Any:
+            return actor_class.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(*args)
+
+        await self._add_sub(subscription, factory)
+
+    async def rebuild_projection(self) -> int:
+        """Empty the hub's read models and replay the whole log into them; returns events projected."""
+        await self.ready.wait()
+        sub = self.subs[PROJECTOR]
+        sub.dead = True  # pause deliveries while the tables are emptied
+        await sub.handle.rebuild.remote()
+        sub.cursor = sub.persisted = START
+        sub.dead = False
+        self.wake.set()
+        head = await self.store.head()
+        if head:
+            await self.wait_routed(PROJECTOR, head, timeout=300)
+        return int((await sub.handle.ping.remote())["projected"])
+
+    async def actor_metrics(self) -> dict[str, bytes]:
+        out = {"orchestrator": export_metrics()}
+        for name, sub in list(self.subs.items()):
+            if sub.dead:
+                continue
+            with contextlib.suppress(Exception):
+                out[name] = await asyncio.wait_for(sub.handle.metrics.remote(), 2)
+        with contextlib.suppress(Exception):
+            out["llm"] = await asyncio.wait_for(self.llm.metrics.remote(), 2)
+        return out
+
+    async def ping(self) -> dict[str, Any]:
+        return {"ready": self.ready.is_set(), "subscribers": len(self.subs)}
+
+
+Orchestrator = ray.remote(num_cpus=0, max_restarts=-1)(OrchestratorImpl)

@@ -1,0 +1,119 @@
+"""Projections of the agent hub (chat history, token usage, agent status) kept in Postgres tables.
+
+A batch is applied in one transaction together with the projector's checkpoint, so each event is projected
+exactly once even though delivery is at-least-once. ``rebuild`` empties the tables and the checkpoint; the
+orchestrator then replays the whole log into them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import asyncpg
+import ray
+import structlog
+
+from actors import metrics
+from actors.config import RuntimeConfig
+from actors.observability import configure_logging, export_metrics
+from events import RecordedEvent, Subscription
+from storage.errors import translate_errors
+from storage.eventlog import Cursor, EventLog
+
+log = structlog.get_logger(__name__)
+
+PROJECTOR = "projector"
+TABLES = ("proj_agents", "proj_chat_messages", "proj_token_usage")
+SUBSCRIPTION = Subscription(name=PROJECTOR, categories=frozenset({"agent", "chat"}))
+
+
+async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
+    d: dict[str, Any] = e.data
+    t = e.type
+    if t == "agent.created":
+        await conn.execute(
+            "INSERT INTO proj_agents (agent_id, name, settings, status, created_at, updated_at) "
+            "VALUES ($1, $2, $3, 'stopped', $4, $4) ON CONFLICT (agent_id) DO UPDATE SET name = EXCLUDED.name, "
+            "settings = EXCLUDED.settings, status = 'stopped', restarts = 0, last_error = NULL, "
+            "created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
+            d["agent_id"], d["name"], d["settings"], e.recorded_at,
+        )
+    elif t == "agent.updated":
+        await conn.execute(
+            "UPDATE proj_agents SET name = coalesce($2, name), settings = coalesce($3, settings), updated_at = $4 "
+            "WHERE agent_id = $1",
+            e.stream_id, d.get("name"), d.get("settings"), e.recorded_at,
+        )
+    elif t in ("agent.started", "agent.stopped", "agent.failed", "agent.deleted", "agent.restarted"):
+        status = {"agent.started": "running", "agent.stopped": "stopped", "agent.failed": "error",
+                  "agent.deleted": "deleted"}.get(t)
+        await conn.execute(
+            "UPDATE proj_agents SET status = coalesce($2, status), updated_at = $3, "
+            "restarts = CASE WHEN $4::int IS NOT NULL THEN $4::int WHEN $2 = 'running' THEN 0 ELSE restarts END, "
+            "last_error = CASE WHEN $2 = 'error' THEN $5 WHEN $2 = 'running' THEN NULL ELSE last_error END "
+            "WHERE agent_id = $1",
+            e.stream_id, status, e.recorded_at, d.get("attempt"), d.get("reason"),
+        )
+    elif t == "chat.message_received":
+        await conn.execute(
+            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'user', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            e.position, d["agent_id"], d["chat_id"], d["text"], d.get("platform_user_id"), d["channel"],
+            e.recorded_at,
+        )
+    elif t == "chat.reply_sent":
+        await conn.execute(
+            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'assistant', $4, NULL, $5, $6) "
+            "ON CONFLICT DO NOTHING",
+            e.position, d["agent_id"], d["chat_id"], d["response"], d["channel"], e.recorded_at,
+        )
+    elif t == "llm.completed":
+        await conn.execute(
+            "INSERT INTO proj_token_usage VALUES ($1, $2, $3, 1, $4, $5, $6, $7) "
+            "ON CONFLICT (agent_id, provider, model) DO UPDATE SET calls = proj_token_usage.calls + 1, "
+            "prompt_tokens = proj_token_usage.prompt_tokens + EXCLUDED.prompt_tokens, "
+            "completion_tokens = proj_token_usage.completion_tokens + EXCLUDED.completion_tokens, "
+            "total_tokens = proj_token_usage.total_tokens + EXCLUDED.total_tokens, "
+            "cost_usd = proj_token_usage.cost_usd + EXCLUDED.cost_usd",
+            d["agent_id"], d["provider"], d["model"], d["prompt_tokens"], d["completion_tokens"],
+            d["total_tokens"], d["cost_usd"],
+        )
+
+
+class ProjectorImpl:
+    def __init__(self, config: RuntimeConfig) -> None:
+        configure_logging()
+        self.config = config
+        self.projected = 0
+        self.store: EventLog | None = None
+
+    async def _store(self) -> EventLog:
+        if self.store is None:
+            self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
+        return self.store
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
+        store = await self._store()
+        async with store.connection() as conn, conn.transaction():
+            with translate_errors():
+                for e in events:
+                    await project(conn, e)
+            await store.save_checkpoint(PROJECTOR, cursor, conn)
+        self.projected += len(events)
+        metrics.ROUTED.labels(PROJECTOR).inc(len(events))
+        return cursor
+
+    async def rebuild(self) -> None:
+        store = await self._store()
+        async with store.connection() as conn, conn.transaction():
+            await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+            await conn.execute("DELETE FROM checkpoints WHERE subscriber = $1", PROJECTOR)
+        self.projected = 0
+
+    async def ping(self) -> dict[str, Any]:
+        return {"subscriber": PROJECTOR, "pid": os.getpid(), "projected": self.projected}
+
+    def metrics(self) -> bytes:
+        return export_metrics()
+
+
+Projector = ray.remote(num_cpus=0, max_restarts=-1)(ProjectorImpl)

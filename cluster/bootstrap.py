@@ -1,0 +1,106 @@
+"""Start the system: Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and Ray Serve."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import asyncpg
+import ray
+from ray import serve
+
+from actors.config import RuntimeConfig
+from actors.orchestrator import Orchestrator
+from cluster.settings import Settings
+from serve.deployment import ApiIngress, IngressConfig
+from storage.embedded import EmbeddedPostgres
+from storage.migrate import migrate
+
+
+@dataclass
+class System:
+    settings: Settings
+    database_url: str
+    embedded: EmbeddedPostgres | None
+    api_token: str
+    token_generated: bool
+    orchestrator: object
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        ctx = ray.get_runtime_context()
+        url = getattr(ctx, "dashboard_url", None) or f"127.0.0.1:{self.settings.dashboard_port}"
+        return url if url.startswith("http") else f"http://{url}"
+
+
+def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """``DATABASE_URL`` if set, else the embedded server under the data dir; migrations applied."""
+    embedded = None
+    url = settings.database_url
+    if not url:
+        embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
+        url = embedded.start()
+
+    async def _migrate() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(_migrate())
+    return url, embedded
+
+
+def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
+    return RuntimeConfig(
+        database_url=database_url, namespace=settings.ray_namespace, max_event_bytes=settings.max_event_bytes,
+        heartbeat_interval_s=settings.heartbeat_interval_s, max_restart_attempts=settings.max_restart_attempts,
+        max_active_entities=settings.max_active_entities, snapshot_every=settings.snapshot_every,
+        openai_api_key=settings.openai_api_key, openai_base_url=settings.openai_base_url,
+    )
+
+
+def start_ray(settings: Settings) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=settings.num_cpus, namespace=settings.ray_namespace, include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port, log_to_driver=False,
+        )
+
+
+def up(settings: Settings) -> System:
+    """Bring everything up (idempotent: reuses a running orchestrator and Serve app)."""
+    url, embedded = start_database(settings)
+    start_ray(settings)
+    token, generated = settings.resolve_api_token()
+    orchestrator = Orchestrator.options(
+        name="orchestrator", namespace=settings.ray_namespace, get_if_exists=True,
+        lifetime="detached" if settings.ray_address else None,
+    ).remote(runtime_config(settings, url))
+    ray.get(orchestrator.status.remote(), timeout=120)
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    ingress = IngressConfig(
+        database_url=url, api_token=token, namespace=settings.ray_namespace,
+        reply_timeout_s=settings.reply_timeout_s, max_body_bytes=settings.max_event_bytes + 16 * 1024,
+        max_event_bytes=settings.max_event_bytes,
+    )
+    serve.run(ApiIngress.bind(ingress), name="agenthub", route_prefix="/")
+    return System(settings, url, embedded, token, generated, orchestrator)
+
+
+def down(system: System) -> None:
+    serve.shutdown()
+    ray.shutdown()
+    if system.embedded is not None:
+        system.embedded.stop()

@@ -1,0 +1,357 @@
+"""The HTTP API (FastAPI), served by Ray Serve (serve/deployment.py) or any ASGI server."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from actors.agents.agent import AgentState, agent_stream, fold_agent
+from actors.agents.conversation import chat_stream
+from events import ANY, NO_STREAM, Meta, NewEvent, UnknownEventType
+from events.hub import AgentCreated, AgentDeleted, AgentSettings, AgentStarted, AgentStopped, AgentUpdated, MessageReceived
+from serve.hub import Hub
+from serve.metrics import merge_expositions
+from serve.schemas import Accepted, AgentCreate, AgentOut, AgentPatch, AppendIn, AppendOut, MessageIn, MessageOut
+from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion
+
+app = FastAPI(title="agenthub", version="0.1.0")
+bearer = HTTPBearer(auto_error=False)
+
+
+class IngressState:
+    """Set by the replica that hosts this app (module-level: Ray Serve copies the FastAPI object)."""
+
+    ingress: Any = None
+    api_token: str = ""
+    max_body_bytes: int = 256 * 1024
+
+
+state = IngressState()
+
+
+async def hub() -> Hub:
+    """The replica's connections, opened on first use (503 while the database is down)."""
+    return await state.ingress.hub()
+
+
+HubDep = Annotated[Hub, Depends(hub)]
+
+
+async def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    token = state.api_token
+    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+api = [Depends(authorized)]
+
+
+# ---- errors: JSON {"detail": ...} with the right status ------------------------------------------------
+
+@app.exception_handler(StoreUnavailable)
+async def _unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": f"{e}; retry later, nothing was recorded"}, 503, headers={"Retry-After": "1"})
+
+
+@app.exception_handler(WrongExpectedVersion)
+async def _conflict(_: Request, e: WrongExpectedVersion) -> JSONResponse:
+    return JSONResponse({"detail": str(e), "actual_version": e.actual}, 409)
+
+
+@app.exception_handler(EventTooLarge)
+async def _too_large(_: Request, e: EventTooLarge) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, 413)
+
+
+@app.exception_handler(UnknownEventType)
+async def _unknown_type(_: Request, e: UnknownEventType) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, 422)
+
+
+@app.exception_handler(ValidationError)
+async def _invalid(_: Request, e: ValidationError) -> JSONResponse:
+    return JSONResponse({"detail": json.loads(e.json(include_url=False))}, 422)
+
+
+@app.exception_handler(asyncpg.PostgresError)
+async def _pg(_: Request, e: asyncpg.PostgresError) -> JSONResponse:
+    return JSONResponse({"detail": f"database error: {type(e).__name__}"}, 500)
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next: Any) -> Response:
+    """Reject bodies over the limit with 413 before parsing them."""
+    limit = state.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse({"detail": f"request body over the {limit}-byte limit"}, 413)
+    if request.method in ("POST", "PUT", "PATCH") and length is None:
+        body = await request.body()
+        if len(body) > limit:
+            return JSONResponse({"detail": f"request body over the {limit}-byte limit"}, 413)
+    return await call_next(request)
+
+
+# ---- health and metrics -------------------------------------------------------------------------------
+
+@app.get("/healthz")
+async def healthz(h: HubDep) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        async with h.store.connection() as c:
+            await c.fetchval("SELECT 1")
+        checks["database"] = "ok"
+    except StoreUnavailable as e:
+        checks["database"] = str(e)
+    try:
+        await asyncio.wait_for(h.orchestrator.ping.remote(), 2)
+        checks["orchestrator"] = "ok"
+    except Exception as e:
+        checks["orchestrator"] = f"unavailable: {type(e).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, 200 if ok else 503)
+
+
+@app.get("/metrics")
+async def prometheus(h: HubDep) -> PlainTextResponse:
+    pages = await h.actor_metrics()
+    return PlainTextResponse(merge_expositions(pages), media_type="text/plain; version=0.0.4")
+
+
+# ---- agents -------------------------------------------------------------------------------------------
+
+async def load_agent(h: Hub, agent_id: str) -> AgentState:
+    state = fold_agent(await h.store.read_stream(agent_stream(agent_id)))
+    if not state.exists:
+        raise HTTPException(404, f"unknown agent {agent_id!r}")
+    return state
+
+
+async def agent_out(h: Hub, s: AgentState) -> AgentOut:
+    async with h.store.connection() as c:
+        hb = await c.fetchval("SELECT at FROM agent_heartbeats WHERE agent_id = $1", s.agent_id)
+    return AgentOut(
+        id=s.agent_id, name=s.name, settings=s.settings, status=s.status, restarts=s.restarts, version=s.version,
+        last_error=s.last_error, last_heartbeat=hb, created_at=s.created_at, updated_at=s.updated_at,
+    )
+
+
+async def change_agent(h: Hub, agent_id: str, event: NewEvent, state: AgentState) -> AgentOut:
+    event.meta.actor = "api"
+    await h.store.append(agent_stream(agent_id), [event], state.version)
+    return await agent_out(h, await load_agent(h, agent_id) if event.type != "agent.deleted" else state)
+
+
+@app.post("/api/v1/agents", status_code=201, dependencies=api)
+async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
+    agent_id = body.id or h.new_agent_id()
+    existing = fold_agent(await h.store.read_stream(agent_stream(agent_id)))
+    if existing.exists:
+        raise HTTPException(409, f"agent {agent_id!r} already exists")
+    settings = await h.secrets.mask_settings(agent_id, body.settings)
+    event = NewEvent.of(AgentCreated(agent_id=agent_id, name=body.name, settings=settings), actor="api")
+    await h.store.append(agent_stream(agent_id), [event], existing.version if existing.version else NO_STREAM)
+    return await agent_out(h, await load_agent(h, agent_id))
+
+
+@app.get("/api/v1/agents", dependencies=api)
+async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, Any]]:
+    async with h.store.connection() as c:
+        rows = await c.fetch(
+            "SELECT a.*, hb.at AS last_heartbeat FROM proj_agents a LEFT JOIN agent_heartbeats hb USING (agent_id) "
+            "WHERE a.status <> 'deleted' AND ($1::text IS NULL OR a.status = $1) ORDER BY a.created_at",
+            status,
+        )
+    return [
+        {"id": r["agent_id"], "name": r["name"], "settings": r["settings"], "status": r["status"],
+         "restarts": r["restarts"], "last_error": r["last_error"], "last_heartbeat": r["last_heartbeat"],
+         "created_at": r["created_at"], "updated_at": r["updated_at"]}
+        for r in rows
+    ]
+
+
+@app.get("/api/v1/agents/{agent_id}", dependencies=api)
+async def get_agent(agent_id: str, h: HubDep) -> AgentOut:
+    return await agent_out(h, await load_agent(h, agent_id))
+
+
+@app.patch("/api/v1/agents/{agent_id}", dependencies=api)
+async def patch_agent(agent_id: str, body: AgentPatch, h: HubDep) -> AgentOut:
+    state = await load_agent(h, agent_id)
+    settings = None
+    if body.settings is not None:
+        merged = AgentSettings.model_validate({**state.settings.model_dump(), **body.settings})
+        settings = await h.secrets.mask_settings(agent_id, merged)
+    return await change_agent(h, agent_id, NewEvent.of(AgentUpdated(name=body.name, settings=settings)), state)
+
+
+@app.delete("/api/v1/agents/{agent_id}", status_code=204, dependencies=api)
+async def delete_agent(agent_id: str, h: HubDep) -> Response:
+    state = await load_agent(h, agent_id)
+    await change_agent(h, agent_id, NewEvent.of(AgentDeleted()), state)
+    return Response(status_code=204)
+
+
+@app.post("/api/v1/agents/{agent_id}/start", dependencies=api)
+async def start_agent(agent_id: str, h: HubDep) -> AgentOut:
+    state = await load_agent(h, agent_id)
+    if state.status == "running":
+        return await agent_out(h, state)
+    return await change_agent(h, agent_id, NewEvent.of(AgentStarted()), state)
+
+
+@app.post("/api/v1/agents/{agent_id}/stop", dependencies=api)
+async def stop_agent(agent_id: str, h: HubDep) -> AgentOut:
+    state = await load_agent(h, agent_id)
+    if state.status != "running":
+        return await agent_out(h, state)
+    return await change_agent(h, agent_id, NewEvent.of(AgentStopped()), state)
+
+
+@app.post("/api/v1/agents/{agent_id}/messages", dependencies=api, response_model=None)
+async def send_message(
+    agent_id: str,
+    body: MessageIn,
+    h: HubDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    timeout: Annotated[float | None, Query(gt=0, le=300)] = None,
+) -> MessageOut | JSONResponse:
+    """Append the message, then wait for the reply with the same correlation id (202 on timeout)."""
+    state = await load_agent(h, agent_id)
+    if state.status != "running":
+        raise HTTPException(409, f"agent {agent_id!r} is {state.status}; start it first")
+    event = NewEvent.of(MessageReceived(agent_id=agent_id, **body.model_dump()), actor="api")
+    event.meta.correlation_id = event.id
+    key = f"msg:{agent_id}:{idempotency_key}" if idempotency_key else None
+    fut = h.waiter.expect(str(event.id))
+    try:
+        res = await h.store.append(chat_stream(agent_id, body.chat_id), [event], ANY, idempotency_key=key)
+        if res.replayed:  # a retried request: answer with the original message's reply
+            h.waiter.forget(str(event.id))
+            original = await h.original_of(res.positions[0])
+            event = NewEvent(id=original.id, type=original.type, data=original.data, meta=original.meta)
+            fut = h.waiter.expect(str(original.id))
+            recorded = await h.find_reply(original)
+            if recorded is not None:
+                h.waiter.forget(str(original.id))
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(recorded)
+        reply = await asyncio.wait_for(fut, timeout or h.reply_timeout_s)
+    except TimeoutError:
+        h.waiter.forget(str(event.id))
+        return JSONResponse(
+            Accepted(event_id=event.id, correlation_id=event.id,
+                     detail="message recorded; the reply will arrive in the log").model_dump(mode="json"),
+            202,
+        )
+    except BaseException:
+        h.waiter.forget(str(event.id))
+        raise
+    if reply.type == "chat.reply_failed":
+        raise HTTPException(502, f"agent failed to reply: {reply.data['error']}")
+    return MessageOut(
+        chat_id=reply.data["chat_id"], response=reply.data["response"], channel=reply.data["channel"],
+        event_id=event.id, reply_event_id=reply.id,
+    )
+
+
+@app.get("/api/v1/agents/{agent_id}/chats/{chat_id}/messages", dependencies=api)
+async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+    await load_agent(h, agent_id)
+    async with h.store.connection() as c:
+        rows = await c.fetch(
+            "SELECT position, role, text, platform_user_id, channel, at FROM proj_chat_messages "
+            "WHERE agent_id = $1 AND chat_id = $2 ORDER BY position DESC LIMIT $3",
+            agent_id, chat_id, limit,
+        )
+    return [dict(r) for r in reversed(rows)]
+
+
+@app.get("/api/v1/agents/{agent_id}/usage", dependencies=api)
+async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
+    await load_agent(h, agent_id)
+    async with h.store.connection() as c:
+        rows = await c.fetch(
+            "SELECT provider, model, calls, prompt_tokens, completion_tokens, total_tokens, cost_usd "
+            "FROM proj_token_usage WHERE agent_id = $1 ORDER BY provider, model",
+            agent_id,
+        )
+    models = [dict(r) for r in rows]
+    return {
+        "agent_id": agent_id,
+        "total_tokens": sum(m["total_tokens"] for m in models),
+        "cost_usd": sum(m["cost_usd"] for m in models),
+        "models": models,
+    }
+
+
+# ---- events -------------------------------------------------------------------------------------------
+
+@app.get("/api/v1/events", dependencies=api)
+async def list_events(
+    h: HubDep,
+    stream: str | None = None,
+    from_: Annotated[int, Query(alias="from", ge=0)] = 0,
+    type: Annotated[list[str] | None, Query()] = None,
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    events = await h.store.read_all(from_, types=type, stream=stream, limit=limit)
+    return [e.model_dump(mode="json") for e in events]
+
+
+@app.get("/api/v1/events/stream", dependencies=api)
+async def stream_events(
+    h: HubDep, from_: Annotated[int | None, Query(alias="from", ge=0)] = None
+) -> EventSourceResponse:
+    """Server-sent events: catch up from ``from`` (a position; default: only new events), then live."""
+    start = await (h.store.head_cursor() if from_ is None else h.store.cursor_at(from_))
+
+    async def gen() -> AsyncIterator[dict[str, str]]:
+        async for batch, _ in h.store.subscribe(start, poll_interval=0.5):
+            for e in batch:
+                yield {"id": str(e.position), "event": e.type, "data": e.model_dump_json()}
+
+    return EventSourceResponse(gen(), ping=15)
+
+
+@app.post("/api/v1/streams/{stream}/events", status_code=201, dependencies=api)
+async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
+    expected = {"any": ANY, "no_stream": NO_STREAM}.get(body.expected_version, body.expected_version)  # type: ignore[arg-type]
+    try:
+        events = [NewEvent(type=e.type, data=e.data, meta=Meta.model_validate({**e.meta, "actor": "api"}))
+                  for e in body.events]
+        res = await h.store.append(stream, events, expected, idempotency_key=body.idempotency_key)
+    except ValueError as e:
+        if isinstance(e, ValidationError):
+            raise
+        raise HTTPException(422, str(e)) from None
+    return AppendOut(positions=res.positions, versions=res.versions, replayed=res.replayed)
+
+
+# ---- system -------------------------------------------------------------------------------------------
+
+@app.get("/api/v1/system/status", dependencies=api)
+async def system_status(h: HubDep) -> dict[str, Any]:
+    return await h.orchestrator.status.remote()
+
+
+@app.post("/api/v1/projections/rebuild", dependencies=api)
+async def rebuild_projections(h: HubDep) -> dict[str, int]:
+    return {"projected": await h.orchestrator.rebuild_projection.remote()}
+
+
+@app.get("/api/v1/streams/{stream}", dependencies=api)
+async def read_stream(stream: str, h: HubDep, from_version: int = Query(1, ge=1)) -> dict[str, Any]:
+    events = await h.store.read_stream(stream, from_version)
+    return {"stream": stream, "version": await h.store.stream_version(stream),
+            "events": [e.model_dump(mode="json") for e in events]}

@@ -1,0 +1,62 @@
+"""The Ray Serve deployment that hosts the FastAPI app (HTTP API, SSE, webhooks, /metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from fastapi import FastAPI
+from pydantic import BaseModel
+from ray import serve
+
+from actors.observability import configure_logging
+from serve.hub import Hub
+from storage.eventlog import EventLog
+
+
+class IngressConfig(BaseModel):
+    database_url: str
+    api_token: str
+    namespace: str = "agenthub"
+    reply_timeout_s: float = 10.0
+    max_body_bytes: int = 256 * 1024
+    max_event_bytes: int = 256 * 1024
+
+
+@serve.deployment(name="api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class ApiIngress:
+    """Connects lazily on the first request, so a replica starts even while Postgres is down."""
+
+    def __init__(self, config: IngressConfig) -> None:
+        configure_logging()
+        self.config = config
+        self._hub: Hub | None = None
+        self._lock = asyncio.Lock()
+        # Imported here, not at module level: Ray pickles this class by value, and module globals would
+        # travel as copies instead of the replica's own modules.
+        from serve.app import state
+
+        state.ingress = self
+        state.api_token = config.api_token
+        state.max_body_bytes = config.max_body_bytes
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The app is imported in the replica, not pickled, so it shares the replica's ``state``."""
+        from serve.app import app
+
+        return app
+
+    async def hub(self) -> Hub:
+        if self._hub is None:
+            async with self._lock:
+                if self._hub is None:
+                    c = self.config
+                    store = await EventLog.connect(
+                        c.database_url, max_size=10, max_event_bytes=c.max_event_bytes, run_migrations=False
+                    )
+                    orchestrator = ray.get_actor("orchestrator", namespace=c.namespace)
+                    hub = Hub(store, orchestrator, reply_timeout_s=c.reply_timeout_s)
+                    await hub.waiter.start()
+                    self._hub = hub
+        return self._hub

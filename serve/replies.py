@@ -1,0 +1,63 @@
+"""Request/reply over the log: wait for the event whose correlation id matches a request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from events import RecordedEvent
+from storage.eventlog import EventLog
+
+log = structlog.get_logger(__name__)
+REPLY_TYPES = frozenset({"chat.reply_sent", "chat.reply_failed"})
+
+
+class ReplyWaiter:
+    """One subscription per ingress replica, started at the head of the log; futures keyed by correlation id.
+
+    A request registers its future *before* appending, so the reply cannot slip past unseen."""
+
+    def __init__(self, store: EventLog, poll_interval: float = 0.5) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.pending: dict[str, asyncio.Future[RecordedEvent]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._follow())
+        await self._started.wait()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                head = await self.store.head_cursor()
+                self._started.set()
+                async for batch, _ in self.store.subscribe(head, poll_interval=self.poll_interval):
+                    for e in batch:
+                        if e.type in REPLY_TYPES and e.meta.correlation_id is not None:
+                            fut = self.pending.pop(str(e.meta.correlation_id), None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(e)
+            except Exception as e:  # the store went away: wait and follow again from the new head
+                log.warning("reply follower restarting", error=str(e))
+                await asyncio.sleep(0.5)
+
+    def expect(self, correlation_id: str) -> asyncio.Future[RecordedEvent]:
+        fut: asyncio.Future[RecordedEvent] = asyncio.get_running_loop().create_future()
+        self.pending[correlation_id] = fut
+        return fut
+
+    def forget(self, correlation_id: str) -> None:
+        fut = self.pending.pop(correlation_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
