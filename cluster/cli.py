@@ -1,0 +1,149 @@
+"""The ``agenthub`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from actors.observability import configure_logging
+from cluster.settings import Settings, get_settings
+
+app = typer.Typer(help="Event-sourced actor system on Ray: agents, browsers and integrations over one log.",
+                  no_args_is_help=True)
+events_app = typer.Typer(help="Read the event log.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+console = Console()
+
+
+def _settings(address: str | None = None, port: int | None = None) -> Settings:
+    s = get_settings()
+    updates = {k: v for k, v in {"ray_address": address, "http_port": port}.items() if v is not None}
+    return s.model_copy(update=updates) if updates else s
+
+
+async def _open_store(s: Settings):  # noqa: ANN202 - EventLog
+    from cluster.bootstrap import start_database
+    from storage.eventlog import EventLog
+
+    url, _ = await asyncio.to_thread(start_database, s)
+    return await EventLog.connect(url, run_migrations=False)
+
+
+@app.command()
+def up(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
+) -> None:
+    """Start Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and the HTTP API; run until Ctrl-C."""
+    from cluster.bootstrap import down, up as bring_up
+
+    configure_logging()
+    system = bring_up(_settings(address, port))
+    console.print(f"[bold green]agenthub is up[/]  API {system.api_url}  dashboard {system.dashboard_url}")
+    if system.token_generated:
+        console.print(f"API token (generated, kept in {system.settings.data_dir / 'api_token'}): {system.api_token}")
+    stop = asyncio.Event()
+
+    async def wait() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+    asyncio.run(wait())
+    down(system)
+
+
+@app.command()
+def demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None) -> None:
+    """The main job: start everything, talk to an agent over HTTP, kill it, recover it, replay it."""
+    from cluster.demo import run_demo
+
+    configure_logging()
+    raise typer.Exit(run_demo(_settings(port=port), console))
+
+
+@events_app.command("tail")
+def events_tail(
+    from_position: Annotated[int | None, typer.Option("--from", help="start after this position")] = None,
+    stream: Annotated[str | None, typer.Option(help="only this stream")] = None,
+    follow: Annotated[bool, typer.Option(help="keep following new events")] = True,
+) -> None:
+    """Print events as JSON lines: the history from --from, then live."""
+
+    async def run() -> None:
+        store = await _open_store(get_settings())
+        start = await (store.head_cursor() if from_position is None else store.cursor_at(from_position))
+        async for batch, _ in store.subscribe(start):
+            for e in batch:
+                if stream is None or e.stream == stream:
+                    console.print_json(e.model_dump_json())
+            if not batch and not follow:
+                break
+
+    asyncio.run(run())
+
+
+@app.command()
+def replay(stream: str) -> None:
+    """Rebuild a stream's state from the log (chat streams re-run the agent's decisions; no LLM is called)."""
+    from actors.agents.agent import fold_agent
+    from actors.agents.replay import replay_agent
+
+    async def run() -> int:
+        store = await _open_store(get_settings())
+        events = await store.read_stream(stream)
+        if not events:
+            console.print(f"[red]stream {stream!r} has no events[/]")
+            return 1
+        console.print(f"{stream}: {len(events)} events, version {events[-1].version}")
+        if stream.startswith("agent-"):
+            state = fold_agent(events)
+            console.print_json(state.model_dump_json())
+            report = await replay_agent(store, state.agent_id)
+            console.print(
+                f"replayed {report.streams} chats, {report.messages} messages, {report.verified_replies} replies "
+                f"verified, {len(report.mismatches)} mismatches, provider calls: {report.provider_calls}"
+            )
+            for m in report.mismatches:
+                console.print(f"[red]mismatch[/] {m}")
+            return 1 if report.mismatches else 0
+        counts: dict[str, int] = {}
+        for e in events:
+            counts[e.type] = counts.get(e.type, 0) + 1
+        console.print_json(json.dumps(counts))
+        return 0
+
+    raise typer.Exit(asyncio.run(run()))
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Parquet file to write")],
+    from_position: Annotated[int, typer.Option("--from-position", help="export events after this position")] = 0,
+) -> None:
+    """Write the event log to a Parquet file."""
+    from storage.export import export_parquet
+
+    async def run() -> int:
+        store = await _open_store(get_settings())
+        total = max(0, await store.head() - from_position)
+        with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("export", total=total)
+            n = await export_parquet(store, out, from_position, progress=lambda k: bar.advance(task, k))
+        console.print(f"wrote {n} events to {out}")
+        return n
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    app()
