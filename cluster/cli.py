@@ -76,17 +76,22 @@ def events_tail(
     stream: Annotated[str | None, typer.Option(help="only this stream")] = None,
     follow: Annotated[bool, typer.Option(help="keep following new events")] = True,
 ) -> None:
-    """Print events as JSON lines: the history from --from, then live."""
+    """Print events as JSON: the history after --from, then (with --follow) live."""
 
     async def run() -> None:
         store = await _open_store(get_settings())
+        if not follow:
+            pos = from_position or 0
+            while batch := await store.read_all(pos, stream=stream, limit=1000):
+                for e in batch:
+                    console.print_json(e.model_dump_json())
+                pos = batch[-1].position
+            return
         start = await (store.head_cursor() if from_position is None else store.cursor_at(from_position))
         async for batch, _ in store.subscribe(start):
             for e in batch:
                 if stream is None or e.stream == stream:
                     console.print_json(e.model_dump_json())
-            if not batch and not follow:
-                break
 
     asyncio.run(run())
 

@@ -1,0 +1,124 @@
+"""What the benchmark scripts share: a private Postgres, bench-only event types and a results table.
+
+The event types live here, not in the scripts, so that a script run as ``python -m bench.x`` (module
+``__main__``) and the same module imported by name in a Ray worker register each type exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from events.registry import EventData, event_type
+from storage.embedded import EmbeddedPostgres
+
+
+@event_type("bench.tick")
+class BenchTick(EventData):
+    """A small payload with a few typed fields, like most domain events."""
+
+    n: int
+    label: str
+    value: float
+
+
+@event_type("bench.ping")
+class BenchPing(EventData):
+    """An input message of the routing benchmark."""
+
+    n: int
+
+
+@event_type("bench.echo")
+class BenchEcho(EventData):
+    """The one event an actor appends per handled ``bench.ping``."""
+
+    n: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quiet_logs() -> None:
+    """Only warnings and errors from structlog, so the table is not drowned in info lines."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    return p
+
+
+@contextlib.contextmanager
+def embedded_postgres() -> Iterator[EmbeddedPostgres]:
+    """A throwaway server in a temp dir on a free port, stopped (and deleted) at the end."""
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "pg", free_port())
+        pg.start()
+        try:
+            yield pg
+        finally:
+            pg.stop("fast")
+
+
+def db_url(server_url: str, dbname: str) -> str:
+    return server_url.rsplit("/", 1)[0] + f"/{dbname}"
+
+
+@dataclass
+class Row:
+    name: str
+    measured: str
+    target: str = ""
+    verdict: str = ""
+
+
+def at_least(value: float, target: float) -> str:
+    return "ok" if value >= target else "below target"
+
+
+def at_most(value: float, target: float) -> str:
+    return "ok" if value <= target else "below target"
+
+
+def rate(n: float, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def fmt_rate(r: float, unit: str = "ev/s") -> str:
+    return f"{r:,.0f} {unit}"
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    headers = ("figure", "measured", "target", "verdict")
+    cols = [[r.name, r.measured, r.target, r.verdict] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cols)) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    print(f"\n{title}")
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print(line)
+    for c in cols:
+        cells = [v.rjust(w) if i == 1 else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+    print(line, flush=True)
