@@ -154,8 +154,15 @@ class EntityHost(Generic[S]):
                 continue
             for e, pos, ver in zip(new, res.positions, res.versions, strict=True):
                 rec = RecordedEvent(
-                    id=e.id, stream=a.ctx.stream, version=ver, position=pos, tx_id=0, type=e.type,
-                    data=e.data, meta=e.meta, recorded_at=e.meta.occurred_at,
+                    id=e.id,
+                    stream=a.ctx.stream,
+                    version=ver,
+                    position=pos,
+                    tx_id=0,
+                    type=e.type,
+                    data=e.data,
+                    meta=e.meta,
+                    recorded_at=e.meta.occurred_at,
                 )
                 self._apply(a, rec)
                 appended.append(rec)

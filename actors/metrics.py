@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 HANDLER_LATENCY = Histogram(
-    "agenthub_handler_latency_seconds", "Time to handle one routed event", ["actor_type"],
+    "agenthub_handler_latency_seconds",
+    "Time to handle one routed event",
+    ["actor_type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 ROUTED = Counter("agenthub_routed_events_total", "Events delivered to subscribers", ["subscriber"])

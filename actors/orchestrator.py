@@ -122,8 +122,13 @@ class OrchestratorImpl:
     def _projector_factory(self) -> Any:
         return Projector.options(name=PROJECTOR, namespace=self.ns, get_if_exists=True).remote(self.config)
 
-    async def _add_sub(self, subscription: Subscription, factory: Callable[[], Any], start: Cursor = START,
-                       agent_id: str | None = None) -> Sub:
+    async def _add_sub(
+        self,
+        subscription: Subscription,
+        factory: Callable[[], Any],
+        start: Cursor = START,
+        agent_id: str | None = None,
+    ) -> Sub:
         sub = Sub(subscription, factory, agent_id=agent_id)
         sub.handle = factory()
         stored = await self.store.load_checkpoint(subscription.name)
@@ -138,9 +143,7 @@ class OrchestratorImpl:
             return
 
         def factory() -> Any:
-            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(
-                self.config, agent_id
-            )
+            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(self.config, agent_id)
 
         # A new agent's messages all come after its start event: begin there, not at the start of the log.
         before = (started.tx_id, started.position - 1) if started.tx_id else START
@@ -293,7 +296,8 @@ class OrchestratorImpl:
             t = self.timers[0]
             fired = NewEvent.of(
                 TimerFired(timer_id=t.timer_id, scheduled_position=t.event.position, payload=t.event.data["payload"]),
-                causation_id=t.event.id, correlation_id=t.event.meta.correlation_id or t.event.id,
+                causation_id=t.event.id,
+                correlation_id=t.event.meta.correlation_id or t.event.id,
                 actor="orchestrator",
             )
             try:

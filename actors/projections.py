@@ -36,35 +36,58 @@ async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
             "VALUES ($1, $2, $3, 'stopped', $4, $4) ON CONFLICT (agent_id) DO UPDATE SET name = EXCLUDED.name, "
             "settings = EXCLUDED.settings, status = 'stopped', restarts = 0, last_error = NULL, "
             "created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
-            d["agent_id"], d["name"], d["settings"], e.recorded_at,
+            d["agent_id"],
+            d["name"],
+            d["settings"],
+            e.recorded_at,
         )
     elif t == "agent.updated":
         await conn.execute(
             "UPDATE proj_agents SET name = coalesce($2, name), settings = coalesce($3, settings), updated_at = $4 "
             "WHERE agent_id = $1",
-            e.stream_id, d.get("name"), d.get("settings"), e.recorded_at,
+            e.stream_id,
+            d.get("name"),
+            d.get("settings"),
+            e.recorded_at,
         )
     elif t in ("agent.started", "agent.stopped", "agent.failed", "agent.deleted", "agent.restarted"):
-        status = {"agent.started": "running", "agent.stopped": "stopped", "agent.failed": "error",
-                  "agent.deleted": "deleted"}.get(t)
+        status = {
+            "agent.started": "running",
+            "agent.stopped": "stopped",
+            "agent.failed": "error",
+            "agent.deleted": "deleted",
+        }.get(t)
         await conn.execute(
             "UPDATE proj_agents SET status = coalesce($2, status), updated_at = $3, "
             "restarts = CASE WHEN $4::int IS NOT NULL THEN $4::int WHEN $2 = 'running' THEN 0 ELSE restarts END, "
             "last_error = CASE WHEN $2 = 'error' THEN $5 WHEN $2 = 'running' THEN NULL ELSE last_error END "
             "WHERE agent_id = $1",
-            e.stream_id, status, e.recorded_at, d.get("attempt"), d.get("reason"),
+            e.stream_id,
+            status,
+            e.recorded_at,
+            d.get("attempt"),
+            d.get("reason"),
         )
     elif t == "chat.message_received":
         await conn.execute(
             "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'user', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-            e.position, d["agent_id"], d["chat_id"], d["text"], d.get("platform_user_id"), d["channel"],
+            e.position,
+            d["agent_id"],
+            d["chat_id"],
+            d["text"],
+            d.get("platform_user_id"),
+            d["channel"],
             e.recorded_at,
         )
     elif t == "chat.reply_sent":
         await conn.execute(
-            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'assistant', $4, NULL, $5, $6) "
-            "ON CONFLICT DO NOTHING",
-            e.position, d["agent_id"], d["chat_id"], d["response"], d["channel"], e.recorded_at,
+            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'assistant', $4, NULL, $5, $6) ON CONFLICT DO NOTHING",
+            e.position,
+            d["agent_id"],
+            d["chat_id"],
+            d["response"],
+            d["channel"],
+            e.recorded_at,
         )
     elif t == "llm.completed":
         await conn.execute(
@@ -74,8 +97,13 @@ async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
             "completion_tokens = proj_token_usage.completion_tokens + EXCLUDED.completion_tokens, "
             "total_tokens = proj_token_usage.total_tokens + EXCLUDED.total_tokens, "
             "cost_usd = proj_token_usage.cost_usd + EXCLUDED.cost_usd",
-            d["agent_id"], d["provider"], d["model"], d["prompt_tokens"], d["completion_tokens"],
-            d["total_tokens"], d["cost_usd"],
+            d["agent_id"],
+            d["provider"],
+            d["model"],
+            d["prompt_tokens"],
+            d["completion_tokens"],
+            d["total_tokens"],
+            d["cost_usd"],
         )
 
 

@@ -33,7 +33,10 @@ class EntityActor:
 
     async def _start(self) -> None:
         self.store = await EventLog.connect(
-            self.config.database_url, max_size=4, max_event_bytes=self.config.max_event_bytes, run_migrations=False
+            self.config.database_url,
+            max_size=4,
+            max_event_bytes=self.config.max_event_bytes,
+            run_migrations=False,
         )
         await self.setup()
 

@@ -59,10 +59,15 @@ def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
     return RuntimeConfig(
-        database_url=database_url, namespace=settings.ray_namespace, max_event_bytes=settings.max_event_bytes,
-        heartbeat_interval_s=settings.heartbeat_interval_s, max_restart_attempts=settings.max_restart_attempts,
-        max_active_entities=settings.max_active_entities, snapshot_every=settings.snapshot_every,
-        openai_api_key=settings.openai_api_key, openai_base_url=settings.openai_base_url,
+        database_url=database_url,
+        namespace=settings.ray_namespace,
+        max_event_bytes=settings.max_event_bytes,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        max_restart_attempts=settings.max_restart_attempts,
+        max_active_entities=settings.max_active_entities,
+        snapshot_every=settings.snapshot_every,
+        openai_api_key=settings.openai_api_key,
+        openai_base_url=settings.openai_base_url,
     )
 
 
@@ -74,8 +79,12 @@ def start_ray(settings: Settings) -> None:
         ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
     else:
         ray.init(
-            num_cpus=settings.num_cpus, namespace=settings.ray_namespace, include_dashboard=True,
-            dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port, log_to_driver=False,
+            num_cpus=settings.num_cpus,
+            namespace=settings.ray_namespace,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=settings.dashboard_port,
+            log_to_driver=False,
         )
 
 
@@ -85,14 +94,19 @@ def up(settings: Settings) -> System:
     start_ray(settings)
     token, generated = settings.resolve_api_token()
     orchestrator = Orchestrator.options(
-        name="orchestrator", namespace=settings.ray_namespace, get_if_exists=True,
+        name="orchestrator",
+        namespace=settings.ray_namespace,
+        get_if_exists=True,
         lifetime="detached" if settings.ray_address else None,
     ).remote(runtime_config(settings, url))
     ray.get(orchestrator.status.remote(), timeout=120)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     ingress = IngressConfig(
-        database_url=url, api_token=token, namespace=settings.ray_namespace,
-        reply_timeout_s=settings.reply_timeout_s, max_body_bytes=settings.max_event_bytes + 16 * 1024,
+        database_url=url,
+        api_token=token,
+        namespace=settings.ray_namespace,
+        reply_timeout_s=settings.reply_timeout_s,
+        max_body_bytes=settings.max_event_bytes + 16 * 1024,
         max_event_bytes=settings.max_event_bytes,
     )
     serve.run(ApiIngress.bind(ingress), name="agenthub", route_prefix="/")

@@ -15,8 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from actors.observability import configure_logging
 from cluster.settings import Settings, get_settings
 
-app = typer.Typer(help="Event-sourced actor system on Ray: agents, browsers and integrations over one log.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Event-sourced actor system on Ray: agents, browsers and integrations over one log.",
+    no_args_is_help=True,
+)
 events_app = typer.Typer(help="Read the event log.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 console = Console()
@@ -28,7 +30,7 @@ def _settings(address: str | None = None, port: int | None = None) -> Settings:
     return s.model_copy(update=updates) if updates else s
 
 
-async def _open_store(s: Settings):  # noqa: ANN202 - EventLog
+async def _open_store(s: Settings):
     from cluster.bootstrap import start_database
     from storage.eventlog import EventLog
 
@@ -42,7 +44,8 @@ def up(
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
 ) -> None:
     """Start Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and the HTTP API; run until Ctrl-C."""
-    from cluster.bootstrap import down, up as bring_up
+    from cluster.bootstrap import down
+    from cluster.bootstrap import up as bring_up
 
     configure_logging()
     system = bring_up(_settings(address, port))
@@ -140,8 +143,9 @@ def export(
     async def run() -> int:
         store = await _open_store(get_settings())
         total = max(0, await store.head() - from_position)
-        with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
+        with Progress(
+            TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as bar:
             task = bar.add_task("export", total=total)
             n = await export_parquet(store, out, from_position, progress=lambda k: bar.advance(task, k))
         console.print(f"wrote {n} events to {out}")

@@ -16,11 +16,13 @@ from cluster.bootstrap import down, up
 from cluster.settings import Settings
 from storage.eventlog import EventLog
 
-CHATS = {"alice": ["Hi, I need a car for Friday", "A convertible, please", "How much is it?"],
-         "bob": ["Where is my invoice?", "Thanks!"]}
+CHATS = {
+    "alice": ["Hi, I need a car for Friday", "A convertible, please", "How much is it?"],
+    "bob": ["Where is my invoice?", "Thanks!"],
+}
 
 
-def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
+def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -39,14 +41,24 @@ def run_demo(settings: Settings, console: Console) -> int:
         down(system)
 
 
-def _converse(system, console: Console) -> int:  # noqa: ANN001, PLR0915
-    http = httpx.Client(base_url=system.api_url, headers={"Authorization": f"Bearer {system.api_token}"},
-                        timeout=60)
-    agent = http.post("/api/v1/agents", json={
-        "name": "Rental desk",
-        "settings": {"system_prompt": "You are the rental desk assistant.", "provider": "scripted",
-                     "model_id": "scripted-1", "temperature": 0},
-    }).raise_for_status().json()
+def _converse(system, console: Console) -> int:
+    http = httpx.Client(base_url=system.api_url, headers={"Authorization": f"Bearer {system.api_token}"}, timeout=60)
+    agent = (
+        http.post(
+            "/api/v1/agents",
+            json={
+                "name": "Rental desk",
+                "settings": {
+                    "system_prompt": "You are the rental desk assistant.",
+                    "provider": "scripted",
+                    "model_id": "scripted-1",
+                    "temperature": 0,
+                },
+            },
+        )
+        .raise_for_status()
+        .json()
+    )
     aid = agent["id"]
     http.post(f"/api/v1/agents/{aid}/start").raise_for_status()
     console.print(f"agent [bold]{aid}[/] created on the scripted provider and started")
@@ -55,8 +67,10 @@ def _converse(system, console: Console) -> int:  # noqa: ANN001, PLR0915
     for chat, texts in CHATS.items():
         for text in texts:
             t = time.perf_counter()
-            r = http.post(f"/api/v1/agents/{aid}/messages",
-                          json={"text": text, "chat_id": chat, "platform_user_id": chat, "channel": "api"})
+            r = http.post(
+                f"/api/v1/agents/{aid}/messages",
+                json={"text": text, "chat_id": chat, "platform_user_id": chat, "channel": "api"},
+            )
             r.raise_for_status()
             table.add_row(chat, text, escape(r.json()["response"]), f"{(time.perf_counter() - t) * 1000:.0f}")
     console.print(table)
@@ -72,15 +86,19 @@ def _converse(system, console: Console) -> int:  # noqa: ANN001, PLR0915
     ray.kill(runner, no_restart=True)
     r = http.post(f"/api/v1/agents/{aid}/messages", json={"text": "Are you still there?", "chat_id": "alice"})
     r.raise_for_status()
-    console.print(f"after the kill, alice gets: [bold]{escape(r.json()['response'])}[/]  (turn 4: history came from the log)")
+    console.print(
+        f"after the kill, alice gets: [bold]{escape(r.json()['response'])}[/]  (turn 4: history came from the log)"
+    )
     after = ray.get(ray.get_actor(f"agent:{aid}", namespace=system.settings.ray_namespace).ping.remote())
     status = http.get(f"/api/v1/agents/{aid}").json()
-    console.print(f"agent restarted by the orchestrator: new pid {after['pid']}, status {status['status']}, "
-                  f"restarts {status['restarts']}")
+    console.print(
+        f"agent restarted by the orchestrator: new pid {after['pid']}, status {status['status']}, "
+        f"restarts {status['restarts']}"
+    )
 
     calls_before = ray.get(llm.provider_calls.remote())
 
-    async def do_replay():  # noqa: ANN202
+    async def do_replay():
         store = await EventLog.connect(system.database_url, run_migrations=False)
         try:
             return await replay_agent(store, aid)

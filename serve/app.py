@@ -18,10 +18,27 @@ from sse_starlette.sse import EventSourceResponse
 from actors.agents.agent import AgentState, agent_stream, fold_agent
 from actors.agents.conversation import chat_stream
 from events import ANY, NO_STREAM, Meta, NewEvent, UnknownEventType
-from events.hub import AgentCreated, AgentDeleted, AgentSettings, AgentStarted, AgentStopped, AgentUpdated, MessageReceived
+from events.hub import (
+    AgentCreated,
+    AgentDeleted,
+    AgentSettings,
+    AgentStarted,
+    AgentStopped,
+    AgentUpdated,
+    MessageReceived,
+)
 from serve.hub import Hub
 from serve.metrics import merge_expositions
-from serve.schemas import Accepted, AgentCreate, AgentOut, AgentPatch, AppendIn, AppendOut, MessageIn, MessageOut
+from serve.schemas import (
+    Accepted,
+    AgentCreate,
+    AgentOut,
+    AgentPatch,
+    AppendIn,
+    AppendOut,
+    MessageIn,
+    MessageOut,
+)
 from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion
 
 app = FastAPI(title="agenthub", version="0.1.0")
@@ -57,6 +74,7 @@ api = [Depends(authorized)]
 
 
 # ---- errors: JSON {"detail": ...} with the right status ------------------------------------------------
+
 
 @app.exception_handler(StoreUnavailable)
 async def _unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
@@ -104,6 +122,7 @@ async def limit_body(request: Request, call_next: Any) -> Response:
 
 # ---- health and metrics -------------------------------------------------------------------------------
 
+
 @app.get("/healthz")
 async def healthz(h: HubDep) -> JSONResponse:
     checks: dict[str, str] = {}
@@ -130,6 +149,7 @@ async def prometheus(h: HubDep) -> PlainTextResponse:
 
 # ---- agents -------------------------------------------------------------------------------------------
 
+
 async def load_agent(h: Hub, agent_id: str) -> AgentState:
     state = fold_agent(await h.store.read_stream(agent_stream(agent_id)))
     if not state.exists:
@@ -141,8 +161,16 @@ async def agent_out(h: Hub, s: AgentState) -> AgentOut:
     async with h.store.connection() as c:
         hb = await c.fetchval("SELECT at FROM agent_heartbeats WHERE agent_id = $1", s.agent_id)
     return AgentOut(
-        id=s.agent_id, name=s.name, settings=s.settings, status=s.status, restarts=s.restarts, version=s.version,
-        last_error=s.last_error, last_heartbeat=hb, created_at=s.created_at, updated_at=s.updated_at,
+        id=s.agent_id,
+        name=s.name,
+        settings=s.settings,
+        status=s.status,
+        restarts=s.restarts,
+        version=s.version,
+        last_error=s.last_error,
+        last_heartbeat=hb,
+        created_at=s.created_at,
+        updated_at=s.updated_at,
     )
 
 
@@ -173,9 +201,17 @@ async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, An
             status,
         )
     return [
-        {"id": r["agent_id"], "name": r["name"], "settings": r["settings"], "status": r["status"],
-         "restarts": r["restarts"], "last_error": r["last_error"], "last_heartbeat": r["last_heartbeat"],
-         "created_at": r["created_at"], "updated_at": r["updated_at"]}
+        {
+            "id": r["agent_id"],
+            "name": r["name"],
+            "settings": r["settings"],
+            "status": r["status"],
+            "restarts": r["restarts"],
+            "last_error": r["last_error"],
+            "last_heartbeat": r["last_heartbeat"],
+            "created_at": r["created_at"],
+            "updated_at": r["updated_at"],
+        }
         for r in rows
     ]
 
@@ -250,8 +286,11 @@ async def send_message(
     except TimeoutError:
         h.waiter.forget(str(event.id))
         return JSONResponse(
-            Accepted(event_id=event.id, correlation_id=event.id,
-                     detail="message recorded; the reply will arrive in the log").model_dump(mode="json"),
+            Accepted(
+                event_id=event.id,
+                correlation_id=event.id,
+                detail="message recorded; the reply will arrive in the log",
+            ).model_dump(mode="json"),
             202,
         )
     except BaseException:
@@ -260,8 +299,11 @@ async def send_message(
     if reply.type == "chat.reply_failed":
         raise HTTPException(502, f"agent failed to reply: {reply.data['error']}")
     return MessageOut(
-        chat_id=reply.data["chat_id"], response=reply.data["response"], channel=reply.data["channel"],
-        event_id=event.id, reply_event_id=reply.id,
+        chat_id=reply.data["chat_id"],
+        response=reply.data["response"],
+        channel=reply.data["channel"],
+        event_id=event.id,
+        reply_event_id=reply.id,
     )
 
 
@@ -272,7 +314,9 @@ async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Quer
         rows = await c.fetch(
             "SELECT position, role, text, platform_user_id, channel, at FROM proj_chat_messages "
             "WHERE agent_id = $1 AND chat_id = $2 ORDER BY position DESC LIMIT $3",
-            agent_id, chat_id, limit,
+            agent_id,
+            chat_id,
+            limit,
         )
     return [dict(r) for r in reversed(rows)]
 
@@ -296,6 +340,7 @@ async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
 
 
 # ---- events -------------------------------------------------------------------------------------------
+
 
 @app.get("/api/v1/events", dependencies=api)
 async def list_events(
@@ -328,8 +373,10 @@ async def stream_events(
 async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
     expected = {"any": ANY, "no_stream": NO_STREAM}.get(body.expected_version, body.expected_version)  # type: ignore[arg-type]
     try:
-        events = [NewEvent(type=e.type, data=e.data, meta=Meta.model_validate({**e.meta, "actor": "api"}))
-                  for e in body.events]
+        events = [
+            NewEvent(type=e.type, data=e.data, meta=Meta.model_validate({**e.meta, "actor": "api"}))
+            for e in body.events
+        ]
         res = await h.store.append(stream, events, expected, idempotency_key=body.idempotency_key)
     except ValueError as e:
         if isinstance(e, ValidationError):
@@ -339,6 +386,7 @@ async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
 
 
 # ---- system -------------------------------------------------------------------------------------------
+
 
 @app.get("/api/v1/system/status", dependencies=api)
 async def system_status(h: HubDep) -> dict[str, Any]:
@@ -353,5 +401,8 @@ async def rebuild_projections(h: HubDep) -> dict[str, int]:
 @app.get("/api/v1/streams/{stream}", dependencies=api)
 async def read_stream(stream: str, h: HubDep, from_version: int = Query(1, ge=1)) -> dict[str, Any]:
     events = await h.store.read_stream(stream, from_version)
-    return {"stream": stream, "version": await h.store.stream_version(stream),
-            "events": [e.model_dump(mode="json") for e in events]}
+    return {
+        "stream": stream,
+        "version": await h.store.stream_version(stream),
+        "events": [e.model_dump(mode="json") for e in events],
+    }

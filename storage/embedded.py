@@ -94,8 +94,18 @@ class EmbeddedPostgres:
                 "-c max_connections=300 -c shared_buffers=256MB -c fsync=on"
             )
             res = self._run(
-                "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata),
-                "-l", str(self.pgdata / "server.log"), "-o", opts, check=False,
+                "pg_ctl",
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.pgdata / "server.log"),
+                "-o",
+                opts,
+                check=False,
             )
             if res.returncode != 0:
                 tail = (self.pgdata / "server.log").read_text()[-2000:] if (self.pgdata / "server.log").exists() else ""

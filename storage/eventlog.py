@@ -61,7 +61,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 def _row_to_event(r: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(
-        position=r[0], tx_id=r[1], id=r[2], stream=r[3], version=r[4], type=r[5], data=r[6], meta=r[7],
+        position=r[0],
+        tx_id=r[1],
+        id=r[2],
+        stream=r[3],
+        version=r[4],
+        type=r[5],
+        data=r[6],
+        meta=r[7],
         recorded_at=r[8],
     )
 
@@ -76,7 +83,12 @@ class EventLog:
 
     @classmethod
     async def connect(
-        cls, url: str, *, min_size: int = 1, max_size: int = 10, max_event_bytes: int = 256 * 1024,
+        cls,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        max_event_bytes: int = 256 * 1024,
         run_migrations: bool = True,
     ) -> EventLog:
         with translate_errors():
@@ -87,7 +99,12 @@ class EventLog:
                 finally:
                     await conn.close()
             pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, init=_init_connection, timeout=5, command_timeout=60,
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                timeout=5,
+                command_timeout=60,
             )
         return cls(pool, url, max_event_bytes)
 
@@ -173,9 +190,7 @@ class EventLog:
 
     async def _idempotent_lookup(self, key: str) -> AppendResult | None:
         async with self.connection() as c:
-            rows = await c.fetch(
-                "SELECT position, version FROM events WHERE idem_key = $1 ORDER BY idem_seq", key
-            )
+            rows = await c.fetch("SELECT position, version FROM events WHERE idem_key = $1 ORDER BY idem_seq", key)
         if not rows:
             return None
         return AppendResult([r[0] for r in rows], [r[1] for r in rows], True)
@@ -186,7 +201,9 @@ class EventLog:
         async with self.connection() as c:
             rows = await c.fetch(
                 f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3",
-                stream, from_version, limit,
+                stream,
+                from_version,
+                limit,
             )
         return [_row_to_event(r) for r in rows]
 
@@ -227,7 +244,9 @@ class EventLog:
             rows = await c.fetch(
                 f"SELECT {_COLUMNS} FROM events WHERE (tx_id, position) > ($1::xid8, $2) "
                 "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT $3",
-                after[0], after[1], limit,
+                after[0],
+                after[1],
+                limit,
             )
         return [_row_to_event(r) for r in rows]
 
@@ -295,7 +314,9 @@ class EventLog:
                 "INSERT INTO snapshots (stream, version, state) VALUES ($1, $2, $3) ON CONFLICT (stream) DO "
                 "UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state, updated_at = now() "
                 "WHERE snapshots.version < EXCLUDED.version",
-                stream, version, state,
+                stream,
+                version,
+                state,
             )
 
     async def load_snapshot(self, stream: str) -> tuple[int, dict[str, Any]] | None:

@@ -11,20 +11,25 @@ import pyarrow.parquet as pq
 
 from storage.eventlog import EventLog
 
-SCHEMA = pa.schema([
-    ("position", pa.int64()),
-    ("stream", pa.string()),
-    ("version", pa.int64()),
-    ("type", pa.string()),
-    ("id", pa.string()),
-    ("data", pa.string()),
-    ("meta", pa.string()),
-    ("recorded_at", pa.timestamp("us", tz="UTC")),
-])
+SCHEMA = pa.schema(
+    [
+        ("position", pa.int64()),
+        ("stream", pa.string()),
+        ("version", pa.int64()),
+        ("type", pa.string()),
+        ("id", pa.string()),
+        ("data", pa.string()),
+        ("meta", pa.string()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 async def export_parquet(
-    store: EventLog, out: Path, from_position: int = 0, page: int = 10_000,
+    store: EventLog,
+    out: Path,
+    from_position: int = 0,
+    page: int = 10_000,
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write events after ``from_position`` to ``out``; returns how many were written."""

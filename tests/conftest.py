@@ -14,7 +14,6 @@ import pytest
 
 from cluster.bootstrap import System, down, up
 from cluster.settings import Settings
-
 from storage.embedded import EmbeddedPostgres
 from storage.eventlog import EventLog
 from storage.migrate import migrate
@@ -66,12 +65,19 @@ async def eventlog(db_url: str) -> AsyncIterator[EventLog]:
 
 # ---- the whole system: Ray, the orchestrator and Ray Serve over real HTTP, on its own embedded Postgres ----
 
+
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     settings = Settings(
-        data_dir=Path(tmp_path_factory.mktemp("hub")), pg_port=free_port(), http_port=free_port(),
-        dashboard_port=free_port(), api_token="test-token", heartbeat_interval_s=1.0, reply_timeout_s=15.0,
-        max_event_bytes=16 * 1024, max_restart_attempts=20,
+        data_dir=Path(tmp_path_factory.mktemp("hub")),
+        pg_port=free_port(),
+        http_port=free_port(),
+        dashboard_port=free_port(),
+        api_token="test-token",
+        heartbeat_interval_s=1.0,
+        reply_timeout_s=15.0,
+        max_event_bytes=16 * 1024,
+        max_restart_attempts=20,
     )
     sys_ = up(settings)
     yield sys_

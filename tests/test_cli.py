@@ -50,7 +50,9 @@ def agent_with_messages(client: httpx.Client, chat: str, texts: list[str]) -> st
     agent_id = client.post("/api/v1/agents", json={"name": "cli"}).json()["id"]
     client.post(f"/api/v1/agents/{agent_id}/start").raise_for_status()
     for text in texts:
-        assert client.post(f"/api/v1/agents/{agent_id}/messages", json={"text": text, "chat_id": chat}).status_code == 200
+        assert (
+            client.post(f"/api/v1/agents/{agent_id}/messages", json={"text": text, "chat_id": chat}).status_code == 200
+        )
     return agent_id
 
 
@@ -76,8 +78,12 @@ def test_replay_rebuilds_an_agent_with_no_provider_calls(cli_env: None, client: 
 
 def test_replay_detects_a_tampered_reply(cli_env: None, system: System, client: httpx.Client) -> None:
     agent_id = agent_with_messages(client, "t", ["x"])
-    sql(system, "UPDATE events SET data = jsonb_set(data, '{response}', '\"forged\"') "
-                "WHERE stream = $1 AND type = 'chat.reply_sent'", f"chat-{agent_id}/t")
+    sql(
+        system,
+        "UPDATE events SET data = jsonb_set(data, '{response}', '\"forged\"') "
+        "WHERE stream = $1 AND type = 'chat.reply_sent'",
+        f"chat-{agent_id}/t",
+    )
     result = runner.invoke(app, ["replay", f"agent-{agent_id}"])
     assert result.exit_code == 1 and "mismatch" in result.output
 

@@ -19,7 +19,9 @@ def started() -> NewEvent:
 
 
 async def test_append_assigns_versions_and_positions(eventlog: EventLog) -> None:
-    r1 = await eventlog.append("agent-a", [NewEvent.of(AgentCreated(agent_id="a", name="A", settings=AgentSettings()))], NO_STREAM)
+    r1 = await eventlog.append(
+        "agent-a", [NewEvent.of(AgentCreated(agent_id="a", name="A", settings=AgentSettings()))], NO_STREAM
+    )
     r2 = await eventlog.append("agent-a", [started(), started()], 1)
     assert r1.versions == [1] and r2.versions == [2, 3]
     assert r2.positions[0] > r1.positions[0]
@@ -103,7 +105,10 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
     await slow.fetch(
         "SELECT * FROM agenthub_append('agent-slow', 'any', 0, $1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], "
         "NULL, NULL, NULL, NULL)",
-        [started().id], ["agent.started"], ["{}"], ['{"schema_version": 1}'],
+        [started().id],
+        ["agent.started"],
+        ["{}"],
+        ['{"schema_version": 1}'],
     )
     for _ in range(4):
         await eventlog.append("agent-h", [started()])

@@ -41,6 +41,7 @@ async def test_agent_killed_with_messages_in_flight_answers_each_once(
     async def all_answered() -> bool:
         messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/k")
         return len(messages) == 13 and all(replies[m] >= 1 for m in messages)
+
     await eventually(all_answered, what="every message answered")
     messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/k")
     assert all(replies[m] == 1 for m in messages), replies  # exactly once: no duplicate replies
@@ -54,12 +55,17 @@ async def test_orchestrator_killed_resumes_from_checkpoints(
     system: System, http: httpx.AsyncClient, hub_log: EventLog
 ) -> None:
     agent_id = await new_agent(http)
-    assert (await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "a", "chat_id": "o"})).status_code == 200
+    assert (
+        await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "a", "chat_id": "o"})
+    ).status_code == 200
     orch = ray.get_actor("orchestrator", namespace=system.settings.ray_namespace)
     ray.kill(orch, no_restart=False)  # Ray restarts it; it must rebuild its routing state from the log
     # messages written while it is down are in the log and must be answered once it is back
-    r = await http.post(f"/api/v1/agents/{agent_id}/messages", params={"timeout": 60},
-                        json={"text": "while down", "chat_id": "o"})
+    r = await http.post(
+        f"/api/v1/agents/{agent_id}/messages",
+        params={"timeout": 60},
+        json={"text": "while down", "chat_id": "o"},
+    )
     assert r.status_code == 200 and r.json()["response"].endswith("turn 2: you said 'while down'")
     status = await orch.status.remote()
     assert f"agent:{agent_id}" in status["subscribers"]
@@ -71,8 +77,22 @@ async def test_durable_timer_fires_once_across_an_orchestrator_restart(
     system: System, http: httpx.AsyncClient, hub_log: EventLog
 ) -> None:
     fire_at = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
-    r = await http.post("/api/v1/streams/timer-t1/events", json={"events": [{"type": "timer.scheduled", "data": {
-        "timer_id": "t1", "fire_at": fire_at, "target_stream": "reminder-t1", "payload": {"say": "wake up"}}}]})
+    r = await http.post(
+        "/api/v1/streams/timer-t1/events",
+        json={
+            "events": [
+                {
+                    "type": "timer.scheduled",
+                    "data": {
+                        "timer_id": "t1",
+                        "fire_at": fire_at,
+                        "target_stream": "reminder-t1",
+                        "payload": {"say": "wake up"},
+                    },
+                }
+            ]
+        },
+    )
     assert r.status_code == 201
     orch = ray.get_actor("orchestrator", namespace=system.settings.ray_namespace)
     await asyncio.sleep(0.5)
@@ -80,9 +100,13 @@ async def test_durable_timer_fires_once_across_an_orchestrator_restart(
 
     async def fired() -> bool:
         return bool(await hub_log.read_stream("reminder-t1"))
+
     await eventually(fired, timeout=60, what="timer.fired")
     await asyncio.sleep(2)
     events = await hub_log.read_stream("reminder-t1")
     assert [e.type for e in events] == ["timer.fired"]
-    assert events[0].data["payload"] == {"say": "wake up"} and events[0].data["scheduled_position"] == r.json()["positions"][0]
+    assert (
+        events[0].data["payload"] == {"say": "wake up"}
+        and events[0].data["scheduled_position"] == r.json()["positions"][0]
+    )
     assert events[0].recorded_at >= datetime.fromisoformat(fire_at)

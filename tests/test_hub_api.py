@@ -21,13 +21,25 @@ async def test_every_api_route_needs_the_bearer_token(system: System, http: http
         r = await anon.get("/api/v1/agents", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json() == {"detail": "missing or wrong bearer token"}
         health = await anon.get("/healthz")
-        assert health.status_code == 200 and health.json()["checks"] == {"database": "ok", "orchestrator": "ok"}
+        assert health.status_code == 200 and health.json()["checks"] == {
+            "database": "ok",
+            "orchestrator": "ok",
+        }
     assert (await http.get("/api/v1/agents")).status_code == 200
 
 
 async def test_agent_crud_follows_the_seed_config(http: httpx.AsyncClient) -> None:
-    seed_form = {"simple": {"settings": {"system_prompt": "Ты помощник", "model_id": "gpt-4", "provider": "openai",
-                                          "temperature": 0.2, "integrations": []}}}
+    seed_form = {
+        "simple": {
+            "settings": {
+                "system_prompt": "Ты помощник",
+                "model_id": "gpt-4",
+                "provider": "openai",
+                "temperature": 0.2,
+                "integrations": [],
+            }
+        }
+    }
     r = await http.post("/api/v1/agents", json={"id": "crud_1", "name": "CRUD", "settings": seed_form})
     assert r.status_code == 201, r.text
     body = r.json()
@@ -39,8 +51,12 @@ async def test_agent_crud_follows_the_seed_config(http: httpx.AsyncClient) -> No
     listed = await eventually_listed(http, "crud_1", "Renamed")
     assert listed["status"] == "stopped"
     assert (await http.delete("/api/v1/agents/crud_1")).status_code == 204
-    for method, path in [("GET", "/api/v1/agents/crud_1"), ("POST", "/api/v1/agents/crud_1/start"),
-                         ("PATCH", "/api/v1/agents/crud_1"), ("DELETE", "/api/v1/agents/crud_1")]:
+    for method, path in [
+        ("GET", "/api/v1/agents/crud_1"),
+        ("POST", "/api/v1/agents/crud_1/start"),
+        ("PATCH", "/api/v1/agents/crud_1"),
+        ("DELETE", "/api/v1/agents/crud_1"),
+    ]:
         r = await http.request(method, path, json={} if method == "PATCH" else None)
         assert r.status_code == 404 and "unknown agent" in r.json()["detail"]
 
@@ -82,8 +98,10 @@ async def test_conversation_history_usage_and_events(http: httpx.AsyncClient) ->
     agent_id = await new_agent(http, system_prompt="be brief", model_id="m1")
     replies = []
     for text in ["first", "second", "third"]:
-        r = await http.post(f"/api/v1/agents/{agent_id}/messages",
-                            json={"text": text, "chat_id": "chat-1", "platform_user_id": "u1", "channel": "telegram"})
+        r = await http.post(
+            f"/api/v1/agents/{agent_id}/messages",
+            json={"text": text, "chat_id": "chat-1", "platform_user_id": "u1", "channel": "telegram"},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["chat_id"] == "chat-1" and r.json()["channel"] == "telegram"
         replies.append(r.json()["response"])
@@ -92,6 +110,7 @@ async def test_conversation_history_usage_and_events(http: httpx.AsyncClient) ->
     async def projected() -> bool:
         hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/chat-1/messages")).json()
         return len(hist) == 6
+
     await eventually(projected, what="chat history projection")
     hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/chat-1/messages")).json()
     assert [h["role"] for h in hist] == ["user", "assistant"] * 3 and hist[-1]["text"] == replies[2]
@@ -119,16 +138,22 @@ async def test_idempotency_key_answers_a_retry_once(http: httpx.AsyncClient, hub
     assert types == ["chat.message_received", "llm.completed", "chat.reply_sent"]
 
 
-async def test_reply_timeout_returns_202_and_the_reply_still_arrives(http: httpx.AsyncClient, hub_log: EventLog) -> None:
+async def test_reply_timeout_returns_202_and_the_reply_still_arrives(
+    http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
     agent_id = await new_agent(http)
-    r = await http.post(f"/api/v1/agents/{agent_id}/messages", params={"timeout": 0.001},
-                        json={"text": "slow", "chat_id": "late"})
+    r = await http.post(
+        f"/api/v1/agents/{agent_id}/messages",
+        params={"timeout": 0.001},
+        json={"text": "slow", "chat_id": "late"},
+    )
     assert r.status_code == 202 and r.json()["status"] == "accepted"
     event_id = r.json()["event_id"]
 
     async def replied() -> bool:
         events = await hub_log.read_stream(f"chat-{agent_id}/late")
         return any(e.type == "chat.reply_sent" and str(e.meta.correlation_id) == event_id for e in events)
+
     await eventually(replied, what="the late reply in the log")
 
 
@@ -152,8 +177,15 @@ async def test_append_endpoint_enforces_versions_types_and_size(http: httpx.Asyn
 
 
 async def test_integration_secrets_never_reach_the_log(http: httpx.AsyncClient, hub_log: EventLog) -> None:
-    r = await http.post("/api/v1/agents", json={"name": "tg", "settings": {
-        "integrations": [{"type": "telegram", "settings": {"enabled": True, "bot_token": "123:SECRET"}}]}})
+    r = await http.post(
+        "/api/v1/agents",
+        json={
+            "name": "tg",
+            "settings": {
+                "integrations": [{"type": "telegram", "settings": {"enabled": True, "bot_token": "123:SECRET"}}]
+            },
+        },
+    )
     agent_id = r.json()["id"]
     ref = r.json()["settings"]["integrations"][0]["settings"]["bot_token"]
     assert ref.startswith("secret://")
@@ -186,10 +218,17 @@ async def test_sse_stream_delivers_new_events(http: httpx.AsyncClient) -> None:
 
 async def test_metrics_cover_appends_routing_handlers_and_tokens(http: httpx.AsyncClient) -> None:
     agent_id = await new_agent(http)
-    assert (await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "m", "chat_id": "m"})).status_code == 200
+    assert (
+        await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "m", "chat_id": "m"})
+    ).status_code == 200
     text = (await http.get("/metrics")).text
-    for name in ["agenthub_events_appended_total", "agenthub_routing_lag_seconds", "agenthub_routed_events_total",
-                 "agenthub_handler_latency_seconds_bucket", "agenthub_llm_tokens_total"]:
+    for name in [
+        "agenthub_events_appended_total",
+        "agenthub_routing_lag_seconds",
+        "agenthub_routed_events_total",
+        "agenthub_handler_latency_seconds_bucket",
+        "agenthub_llm_tokens_total",
+    ]:
         assert name in text, name
     assert f'actor="agent:{agent_id}"' in text
     assert text.count("# TYPE agenthub_events_appended counter") == 1  # merged into one family
@@ -204,14 +243,19 @@ async def test_actors_have_readable_names_in_the_dashboard(system: System, http:
 
 async def test_openai_compatible_provider_over_http(http: httpx.AsyncClient, hub_log: EventLog) -> None:
     with FakeOpenAI(free_port(), reply="Здравствуйте! Чем помочь?") as fake:
-        agent_id = await new_agent(http, provider="openai_compatible", model_id="llama-3-8b",
-                                   base_url=fake.base_url, system_prompt="sys")
+        agent_id = await new_agent(
+            http,
+            provider="openai_compatible",
+            model_id="llama-3-8b",
+            base_url=fake.base_url,
+            system_prompt="sys",
+        )
         r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "привет", "chat_id": "oa"})
         assert r.status_code == 200 and r.json()["response"] == "Здравствуйте! Чем помочь?"
         sent = fake.requests[0]
         assert sent["model"] == "llama-3-8b" and sent["messages"][0] == {"role": "system", "content": "sys"}
         assert sent["messages"][-1] == {"role": "user", "content": "привет"}
-    done = [e for e in await hub_log.read_stream(f"chat-{agent_id}/oa") if e.type == "llm.completed"][0]
+    (done,) = [e for e in await hub_log.read_stream(f"chat-{agent_id}/oa") if e.type == "llm.completed"]
     assert done.data["provider"] == "openai_compatible" and done.data["total_tokens"] == done.data["prompt_tokens"] + 6
 
 
@@ -230,7 +274,7 @@ async def test_projection_rebuild_replays_the_log(http: httpx.AsyncClient) -> No
     r = await http.post("/api/v1/projections/rebuild")
     assert r.status_code == 200 and r.json()["projected"] > 0
     hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/rb/messages")).json()
-    assert [h["text"] for h in hist][0] == "keep me" and len(hist) == 2
+    assert hist[0]["text"] == "keep me" and len(hist) == 2
 
 
 async def _history_len(http: httpx.AsyncClient, agent_id: str, chat: str, n: int) -> bool:

@@ -36,9 +36,11 @@ async def test_database_outage_gives_503_loses_nothing_and_recovers(system: Syst
 
     async def api_back() -> bool:
         return (await http.get(f"/api/v1/agents/{agent_id}")).status_code == 200
+
     await eventually(api_back, what="the API to recover")
-    r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "after", "chat_id": "db"},
-                        params={"timeout": 60})
+    r = await http.post(
+        f"/api/v1/agents/{agent_id}/messages", json={"text": "after", "chat_id": "db"}, params={"timeout": 60}
+    )
     assert r.status_code == 200 and r.json()["response"].endswith("turn 4: you said 'after'")
     assert (await runner.ping.remote())["pid"] == pid  # recovered without restarting the agent
     events = (await http.get("/api/v1/events", params={"stream": f"chat-{agent_id}/db"})).json()

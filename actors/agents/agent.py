@@ -38,8 +38,11 @@ def evolve_agent(state: AgentState, event: RecordedEvent) -> AgentState:
     t = event.type
     if t == "agent.created":
         state = AgentState(
-            agent_id=d["agent_id"], name=d["name"], settings=AgentSettings.model_validate(d["settings"]),
-            status="stopped", created_at=event.recorded_at,
+            agent_id=d["agent_id"],
+            name=d["name"],
+            settings=AgentSettings.model_validate(d["settings"]),
+            status="stopped",
+            created_at=event.recorded_at,
         )
     elif t == "agent.updated":
         if d.get("name") is not None:

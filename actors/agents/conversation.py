@@ -68,8 +68,12 @@ class Conversation(Entity[ChatState]):
             if turn.id == str(message.id):
                 break
         return CompletionRequest(
-            provider=settings.provider, model=settings.model_id, messages=history,
-            temperature=settings.temperature, max_tokens=settings.max_tokens, base_url=settings.base_url,
+            provider=settings.provider,
+            model=settings.model_id,
+            messages=history,
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            base_url=settings.base_url,
         )
 
     async def decide(self, state: ChatState, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
@@ -91,9 +95,15 @@ class Conversation(Entity[ChatState]):
         return [
             NewEvent.of(
                 LLMCompleted(
-                    agent_id=agent_id, provider=c.provider, model=c.model, text=c.text,
-                    prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                    total_tokens=c.total_tokens, latency_ms=c.latency_ms, cost_usd=c.cost_usd,
+                    agent_id=agent_id,
+                    provider=c.provider,
+                    model=c.model,
+                    text=c.text,
+                    prompt_tokens=c.prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                    total_tokens=c.total_tokens,
+                    latency_ms=c.latency_ms,
+                    cost_usd=c.cost_usd,
                     request_hash=request.digest(),
                 )
             )

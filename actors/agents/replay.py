@@ -33,9 +33,13 @@ class ReplayReport:
 def _recorded_completions(events: list[RecordedEvent]) -> dict[str, Completion]:
     return {
         e.data["request_hash"]: Completion(
-            text=e.data["text"], provider=e.data["provider"], model=e.data["model"],
-            prompt_tokens=e.data["prompt_tokens"], completion_tokens=e.data["completion_tokens"],
-            latency_ms=e.data["latency_ms"], cost_usd=e.data["cost_usd"],
+            text=e.data["text"],
+            provider=e.data["provider"],
+            model=e.data["model"],
+            prompt_tokens=e.data["prompt_tokens"],
+            completion_tokens=e.data["completion_tokens"],
+            latency_ms=e.data["latency_ms"],
+            cost_usd=e.data["cost_usd"],
         )
         for e in events
         if e.type == "llm.completed"
@@ -75,8 +79,15 @@ async def replay_chat(conv: Conversation, events: list[RecordedEvent], report: R
                     break
                 for n in new:
                     rec = RecordedEvent(
-                        id=n.id, stream=ctx.stream, version=0, position=0, tx_id=0, type=n.type, data=n.data,
-                        meta=n.meta.model_copy(update={"causation_id": e.id}), recorded_at=n.meta.occurred_at,
+                        id=n.id,
+                        stream=ctx.stream,
+                        version=0,
+                        position=0,
+                        tx_id=0,
+                        type=n.type,
+                        data=n.data,
+                        meta=n.meta.model_copy(update={"causation_id": e.id}),
+                        recorded_at=n.meta.occurred_at,
                     )
                     replay_state = conv.evolve(replay_state, rec)
                     replay_ctx.caused.setdefault(str(e.id), []).append(n.type)
@@ -98,9 +109,12 @@ async def replay_agent(store: EventLog, agent_id: str) -> ReplayReport:
     agent = fold_agent(await store.read_stream(agent_stream(agent_id)))
     report = ReplayReport()
     async with store.connection() as c:
-        streams = [r[0] for r in await c.fetch(
-            "SELECT stream FROM streams WHERE stream LIKE $1 ORDER BY stream", f"chat-{agent_id}/%"
-        )]
+        streams = [
+            r[0]
+            for r in await c.fetch(
+                "SELECT stream FROM streams WHERE stream LIKE $1 ORDER BY stream", f"chat-{agent_id}/%"
+            )
+        ]
     for stream in streams:
         conv = Conversation(lambda: agent.settings, _no_provider)
         await replay_chat(conv, await store.read_stream(stream), report)

@@ -28,7 +28,9 @@ def runner_name(agent_id: str) -> str:
 
 def runner_subscription(agent_id: str) -> Subscription:
     return Subscription(
-        name=runner_name(agent_id), types=frozenset({"chat.message_received"}), stream_prefix=f"chat-{agent_id}/"
+        name=runner_name(agent_id),
+        types=frozenset({"chat.message_received"}),
+        stream_prefix=f"chat-{agent_id}/",
     )
 
 
@@ -42,8 +44,10 @@ class AgentRunnerImpl(EntityActor):
         await self.reload_config()
         self.llm = ray.get_actor("llm", namespace=self.config.namespace)
         self.host = EntityHost(
-            Conversation(lambda: self.settings, self._complete), self.store,
-            max_active=self.config.max_active_entities, snapshot_every=self.config.snapshot_every,
+            Conversation(lambda: self.settings, self._complete),
+            self.store,
+            max_active=self.config.max_active_entities,
+            snapshot_every=self.config.snapshot_every,
         )
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
 
@@ -64,7 +68,10 @@ class AgentRunnerImpl(EntityActor):
                         "INSERT INTO agent_heartbeats (agent_id, at, pid, active_chats, handled) "
                         "VALUES ($1, now(), $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET at = now(), "
                         "pid = EXCLUDED.pid, active_chats = EXCLUDED.active_chats, handled = EXCLUDED.handled",
-                        self.agent_id, os.getpid(), len(self.host.active), self.host.handled,
+                        self.agent_id,
+                        os.getpid(),
+                        len(self.host.active),
+                        self.host.handled,
                     )
             await asyncio.sleep(self.config.heartbeat_interval_s)
 

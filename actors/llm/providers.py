@@ -72,8 +72,12 @@ class ScriptedProvider:
         text = f"[{request.model}] turn {len(user_turns)}: you said {last!r}"
         prompt = sum(count_tokens(m.content) for m in request.messages)
         return Completion(
-            text=text, provider=self.name, model=request.model, prompt_tokens=prompt,
-            completion_tokens=count_tokens(text), latency_ms=(time.perf_counter() - started) * 1000,
+            text=text,
+            provider=self.name,
+            model=request.model,
+            prompt_tokens=prompt,
+            completion_tokens=count_tokens(text),
+            latency_ms=(time.perf_counter() - started) * 1000,
         )
 
 
@@ -88,7 +92,7 @@ class OpenAICompatibleProvider:
         self.timeout = timeout
         self._clients: dict[str | None, object] = {}
 
-    def _client(self, base_url: str | None):  # noqa: ANN202 - openai.AsyncOpenAI, imported lazily
+    def _client(self, base_url: str | None):
         url = base_url or self.base_url
         if url not in self._clients:
             from openai import AsyncOpenAI

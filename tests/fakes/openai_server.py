@@ -28,8 +28,13 @@ class FakeOpenAI:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": self.reply}}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": self.reply},
+                    }
+                ],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": 6, "total_tokens": prompt + 6},
             }
 

@@ -1,0 +1,31 @@
+# One command each: `make demo` (sets up and runs the end-to-end demo), `make test` (sets up and runs the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench up
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/agenthub demo
+
+up: setup
+	$(BIN)/agenthub up
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench.bench_eventlog
+	$(BIN)/python -m bench.bench_routing
+	$(BIN)/python -m bench.bench_http
