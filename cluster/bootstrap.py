@@ -58,17 +58,11 @@ def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 
 def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
-    return RuntimeConfig(
-        database_url=database_url,
-        namespace=settings.ray_namespace,
-        max_event_bytes=settings.max_event_bytes,
-        heartbeat_interval_s=settings.heartbeat_interval_s,
-        max_restart_attempts=settings.max_restart_attempts,
-        max_active_entities=settings.max_active_entities,
-        snapshot_every=settings.snapshot_every,
-        openai_api_key=settings.openai_api_key,
-        openai_base_url=settings.openai_base_url,
+    """The settings every actor needs, taken from the process settings by name."""
+    shared = settings.model_dump(
+        include=(set(RuntimeConfig.model_fields) & set(Settings.model_fields)) - {"database_url"}
     )
+    return RuntimeConfig(database_url=database_url, namespace=settings.ray_namespace, **shared)
 
 
 def start_ray(settings: Settings) -> None:

@@ -127,8 +127,7 @@ async def limit_body(request: Request, call_next: Any) -> Response:
 async def healthz(h: HubDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        async with h.store.connection() as c:
-            await c.fetchval("SELECT 1")
+        await h.store.fetchval("SELECT 1")
         checks["database"] = "ok"
     except StoreUnavailable as e:
         checks["database"] = str(e)
@@ -158,8 +157,7 @@ async def load_agent(h: Hub, agent_id: str) -> AgentState:
 
 
 async def agent_out(h: Hub, s: AgentState) -> AgentOut:
-    async with h.store.connection() as c:
-        hb = await c.fetchval("SELECT at FROM agent_heartbeats WHERE agent_id = $1", s.agent_id)
+    hb = await h.store.fetchval("SELECT at FROM agent_heartbeats WHERE agent_id = $1", s.agent_id)
     return AgentOut(
         id=s.agent_id,
         name=s.name,
@@ -194,12 +192,11 @@ async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
 
 @app.get("/api/v1/agents", dependencies=api)
 async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, Any]]:
-    async with h.store.connection() as c:
-        rows = await c.fetch(
-            "SELECT a.*, hb.at AS last_heartbeat FROM proj_agents a LEFT JOIN agent_heartbeats hb USING (agent_id) "
-            "WHERE a.status <> 'deleted' AND ($1::text IS NULL OR a.status = $1) ORDER BY a.created_at",
-            status,
-        )
+    rows = await h.store.fetch(
+        "SELECT a.*, hb.at AS last_heartbeat FROM proj_agents a LEFT JOIN agent_heartbeats hb USING (agent_id) "
+        "WHERE a.status <> 'deleted' AND ($1::text IS NULL OR a.status = $1) ORDER BY a.created_at",
+        status,
+    )
     return [
         {
             "id": r["agent_id"],
@@ -310,26 +307,24 @@ async def send_message(
 @app.get("/api/v1/agents/{agent_id}/chats/{chat_id}/messages", dependencies=api)
 async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
     await load_agent(h, agent_id)
-    async with h.store.connection() as c:
-        rows = await c.fetch(
-            "SELECT position, role, text, platform_user_id, channel, at FROM proj_chat_messages "
-            "WHERE agent_id = $1 AND chat_id = $2 ORDER BY position DESC LIMIT $3",
-            agent_id,
-            chat_id,
-            limit,
-        )
+    rows = await h.store.fetch(
+        "SELECT position, role, text, platform_user_id, channel, at FROM proj_chat_messages "
+        "WHERE agent_id = $1 AND chat_id = $2 ORDER BY position DESC LIMIT $3",
+        agent_id,
+        chat_id,
+        limit,
+    )
     return [dict(r) for r in reversed(rows)]
 
 
 @app.get("/api/v1/agents/{agent_id}/usage", dependencies=api)
 async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
     await load_agent(h, agent_id)
-    async with h.store.connection() as c:
-        rows = await c.fetch(
-            "SELECT provider, model, calls, prompt_tokens, completion_tokens, total_tokens, cost_usd "
-            "FROM proj_token_usage WHERE agent_id = $1 ORDER BY provider, model",
-            agent_id,
-        )
+    rows = await h.store.fetch(
+        "SELECT provider, model, calls, prompt_tokens, completion_tokens, total_tokens, cost_usd "
+        "FROM proj_token_usage WHERE agent_id = $1 ORDER BY provider, model",
+        agent_id,
+    )
     models = [dict(r) for r in rows]
     return {
         "agent_id": agent_id,

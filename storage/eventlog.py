@@ -122,6 +122,19 @@ class EventLog:
             self.pool.expire_connections()
             raise
 
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a query on a pooled connection (read models, telemetry): errors as in ``connection``."""
+        async with self.connection() as c:
+            return await c.fetch(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.connection() as c:
+            return await c.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.connection() as c:
+            return await c.execute(sql, *args)
+
     # ---- writing -------------------------------------------------------------------------------------
 
     def _prepare(self, events: Sequence[NewEvent]) -> tuple[list[Any], list[str], list[Any], list[Any]]:

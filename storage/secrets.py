@@ -18,13 +18,11 @@ class SecretStore:
 
     async def put(self, value: str) -> str:
         ref = PREFIX + _secrets.token_hex(16)
-        async with self.store.connection() as c:
-            await c.execute("INSERT INTO secrets (ref, value) VALUES ($1, $2)", ref, value)
+        await self.store.execute("INSERT INTO secrets (ref, value) VALUES ($1, $2)", ref, value)
         return ref
 
     async def get(self, ref: str) -> str | None:
-        async with self.store.connection() as c:
-            return await c.fetchval("SELECT value FROM secrets WHERE ref = $1", ref)
+        return await self.store.fetchval("SELECT value FROM secrets WHERE ref = $1", ref)
 
     async def mask_settings(self, agent_id: str, settings: AgentSettings) -> AgentSettings:
         """Replace every secret-looking integration setting by a reference before it goes into an event."""

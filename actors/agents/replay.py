@@ -108,13 +108,8 @@ async def replay_agent(store: EventLog, agent_id: str) -> ReplayReport:
     """Replay every chat of an agent from the log."""
     agent = fold_agent(await store.read_stream(agent_stream(agent_id)))
     report = ReplayReport()
-    async with store.connection() as c:
-        streams = [
-            r[0]
-            for r in await c.fetch(
-                "SELECT stream FROM streams WHERE stream LIKE $1 ORDER BY stream", f"chat-{agent_id}/%"
-            )
-        ]
+    rows = await store.fetch("SELECT stream FROM streams WHERE stream LIKE $1 ORDER BY stream", f"chat-{agent_id}/%")
+    streams = [r[0] for r in rows]
     for stream in streams:
         conv = Conversation(lambda: agent.settings, _no_provider)
         await replay_chat(conv, await store.read_stream(stream), report)

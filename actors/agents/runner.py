@@ -63,16 +63,15 @@ class AgentRunnerImpl(EntityActor):
         """Liveness telemetry (not events: see docs/architecture.md) for the status projection."""
         while True:
             with contextlib.suppress(Exception):
-                async with self.store.connection() as c:
-                    await c.execute(
-                        "INSERT INTO agent_heartbeats (agent_id, at, pid, active_chats, handled) "
-                        "VALUES ($1, now(), $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET at = now(), "
-                        "pid = EXCLUDED.pid, active_chats = EXCLUDED.active_chats, handled = EXCLUDED.handled",
-                        self.agent_id,
-                        os.getpid(),
-                        len(self.host.active),
-                        self.host.handled,
-                    )
+                await self.store.execute(
+                    "INSERT INTO agent_heartbeats (agent_id, at, pid, active_chats, handled) "
+                    "VALUES ($1, now(), $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET at = now(), "
+                    "pid = EXCLUDED.pid, active_chats = EXCLUDED.active_chats, handled = EXCLUDED.handled",
+                    self.agent_id,
+                    os.getpid(),
+                    len(self.host.active),
+                    self.host.handled,
+                )
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
 

@@ -1,0 +1,158 @@
+"""HTTP message → reply latency through Ray Serve, the log, the agent runner and the scripted provider.
+
+Why: this is what a user of the API waits for; it crosses every component (ingress, log append, routing,
+the agent's entity host, the LLM actor, the reply waiter), so it is the figure the others add up to. Each
+client is its own ``httpx.AsyncClient`` and its own chat, sending its next message when the last reply
+came. Run from the repository root (not while another Ray job is using this machine):
+
+    python -m bench.bench_http [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from bench.common import Row, at_least, at_most, fmt_rate, free_port, parser, percentile, print_table, quiet_logs
+
+if TYPE_CHECKING:
+    from cluster.bootstrap import System
+
+TOKEN = "bench-token"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    clients: int = 20
+    messages: int = 50
+    warmup: int = 20
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(clients=10, messages=10, warmup=10)
+
+
+@dataclass
+class Results:
+    latencies: list[float]
+    statuses: Counter[int]
+    elapsed: float
+
+
+async def create_agent(http: httpx.AsyncClient) -> str:
+    r = await http.post("/api/v1/agents", json={"name": "bench agent", "settings": {"provider": "scripted"}})
+    r.raise_for_status()
+    agent_id: str = r.json()["id"]
+    r = await http.post(f"/api/v1/agents/{agent_id}/start")
+    r.raise_for_status()
+    if r.json()["status"] != "running":
+        raise RuntimeError(f"agent did not start: {r.text}")
+    return agent_id
+
+
+async def send(http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
+    params = {"timeout": timeout} if timeout else None
+    r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": text, "chat_id": chat}, params=params)
+    return r.status_code
+
+
+async def warm_up(system: System, agent_id: str, sizes: Sizes) -> float:
+    """One message first (the orchestrator starts the agent's runner), then one per remaining chat."""
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=120) as http:
+        deadline = time.perf_counter() + 90
+        while await send(http, agent_id, "c0", "hello", timeout=60) != 200:
+            if time.perf_counter() > deadline:
+                raise RuntimeError("warm-up: no reply from the agent within 90 s")
+        rest = [f"c{i % sizes.clients}" for i in range(1, sizes.warmup)]
+        statuses = await asyncio.gather(*(send(http, agent_id, chat, "hello", timeout=60) for chat in rest))
+    if any(s != 200 for s in statuses):
+        print(f"warning: warm-up statuses {Counter(statuses)}")
+    return time.perf_counter() - t0
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def run_clients(system: System, agent_id: str, sizes: Sizes) -> Results:
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    go = asyncio.Event()
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=60) as http:
+            await http.get("/healthz")  # open the connection before the clock starts
+            await go.wait()
+            for k in range(sizes.messages):
+                t = time.perf_counter()
+                status = await send(http, agent_id, f"c{i}", f"message {k} from client {i}")
+                latencies.append(time.perf_counter() - t)
+                statuses[status] += 1
+
+    tasks = [asyncio.create_task(client(i)) for i in range(sizes.clients)]
+    await asyncio.sleep(0.5)
+    t0 = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    return Results(latencies, statuses, time.perf_counter() - t0)
+
+
+async def measure(system: System, sizes: Sizes) -> list[Row]:
+    async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=60) as http:
+        agent_id = await create_agent(http)
+    warm_s = await warm_up(system, agent_id, sizes)
+    res = await run_clients(system, agent_id, sizes)
+    lat = sorted(res.latencies)
+    p50, p95, p99 = (percentile(lat, q) * 1000 for q in (50, 95, 99))
+    ok = res.statuses.get(200, 0)
+    total = sizes.clients * sizes.messages
+    other = ", ".join(f"{s}: {c}" for s, c in sorted(res.statuses.items()) if s != 200) or "none"
+    return [
+        Row(f"HTTP message -> reply, {sizes.clients} clients x {sizes.messages} messages: p50",
+            f"{p50:.1f} ms", "<= 30 ms", at_most(p50, 30)),
+        Row("   p95", f"{p95:.1f} ms"),
+        Row("   p99", f"{p99:.1f} ms", "<= 150 ms", at_most(p99, 150)),
+        Row("   max", f"{lat[-1] * 1000:.1f} ms"),
+        Row(f"   throughput ({ok:,} replies in {res.elapsed:.1f} s)", fmt_rate(ok / res.elapsed, "msg/s")),
+        Row(f"   replies with status 200 (other statuses: {other})", f"{ok:,} of {total:,}",
+            f"{total:,}", at_least(ok, total)),
+        Row(f"   warm-up ({sizes.warmup} messages, runner start included)", f"{warm_s:.1f} s"),
+    ]
+
+
+def main() -> None:
+    from cluster.bootstrap import down, up
+    from cluster.settings import Settings
+
+    args = parser(__doc__).parse_args()
+    quiet_logs()
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for var in ("DATABASE_URL", "AGENTHUB_DATABASE_URL"):  # always a private, throwaway database
+        os.environ.pop(var, None)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        settings = Settings(
+            data_dir=Path(tmp), pg_port=free_port(), http_port=8100, dashboard_port=free_port(), num_cpus=2,
+            ray_address=None, api_token=TOKEN,
+        )
+        system = up(settings)
+        try:
+            started_s = time.perf_counter() - t0
+            rows = asyncio.run(measure(system, sizes))
+        finally:
+            down(system)
+    rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
+    print_table(f"HTTP API with the scripted provider ({time.perf_counter() - t0:.0f} s in all)", rows)
+
+
+if __name__ == "__main__":
+    main()
