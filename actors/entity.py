@@ -24,8 +24,18 @@ from storage.eventlog import EventLog
 log = structlog.get_logger(__name__)
 S = TypeVar("S")
 
-MAX_STEPS = 16
 MAX_CONFLICT_RETRIES = 10
+
+
+@dataclass
+class Spawn:
+    """Events for another (usually new) stream, e.g. the tasks a CEO creates. Appended before the entity's own
+    events with an idempotency key derived from the message, so a redelivered message spawns nothing twice."""
+
+    stream: str
+    events: list[NewEvent]
+
+    # A decision returning only spawns would be decided again forever: it must record an event of its own.
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Entity(Generic[S]):
     """Subclass with a ``category``, ``initial``, ``evolve`` and ``decide``; optionally snapshot hooks."""
 
     category: ClassVar[str]
+    max_steps: ClassVar[int] = 16
 
     def initial(self) -> S:
         raise NotImplementedError
@@ -52,7 +63,7 @@ class Entity(Generic[S]):
     def evolve(self, state: S, event: RecordedEvent) -> S:
         raise NotImplementedError
 
-    async def decide(self, state: S, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
+    async def decide(self, state: S, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
         raise NotImplementedError
 
     def key_of(self, message: RecordedEvent) -> str:
@@ -136,14 +147,19 @@ class EntityHost(Generic[S]):
         appended: list[RecordedEvent] = []
         correlation = message.meta.correlation_id or message.id
         conflicts = 0
-        for _ in range(MAX_STEPS):
-            new = await self.entity.decide(a.state, message, a.ctx)
-            if not new:
+        for _ in range(self.entity.max_steps):
+            decided = await self.entity.decide(a.state, message, a.ctx)
+            if not decided:
                 break
-            for e in new:
+            new = [e for e in decided if isinstance(e, NewEvent)]
+            for e in new + [e for sp in decided if isinstance(sp, Spawn) for e in sp.events]:
                 e.meta.causation_id = message.id
                 e.meta.correlation_id = correlation
                 e.meta.actor = e.meta.actor or self.entity.category
+            for sp in (d for d in decided if isinstance(d, Spawn)):
+                await self.store.append(sp.stream, sp.events, idempotency_key=f"spawn:{message.id}:{sp.stream}")
+            if not new:
+                raise ValueError("a decision that spawns must also record an event of its own")
             try:
                 res = await self.store.append(a.ctx.stream, new, a.ctx.version)
             except WrongExpectedVersion:

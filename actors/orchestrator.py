@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
 from events import NewEvent, RecordedEvent, Subscription
 from events.hub import AgentFailed, AgentRestarted
-from events.system import TimerFired
+from events.system import SubscriberRegistered, TimerFired
 from storage.errors import StoreUnavailable
 from storage.eventlog import START, Cursor, EventLog, Listener
 
@@ -108,6 +109,8 @@ class OrchestratorImpl:
         for agent_id, started in running.items():
             await self._add_agent(agent_id, started)
         await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
+        for e in await self._read_types(("subscriber.registered",)):
+            await self._add_registered(SubscriberRegistered.model_validate(e.data))
         for e in await self._read_types(("timer.scheduled", "timer.fired")):
             self._track_timer(e)
 
@@ -335,14 +338,31 @@ class OrchestratorImpl:
             await asyncio.sleep(0.01)
         return False
 
-    async def register(self, subscription: Subscription, actor_class: Any, *args: Any) -> None:
-        """Route ``subscription`` to a Ray actor of ``actor_class`` (a ``ray.remote`` class), created here."""
+    async def register(self, subscription: Subscription, actor: str, args: list[Any] | None = None) -> None:
+        """Route ``subscription`` to a Ray actor ``actor`` (``module:Class`` of a ``ray.remote`` class, built as
+        ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts."""
         await self.ready.wait()
         if subscription.name in self.subs:
             return
+        reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
+        await self.store.append(
+            "system-subscribers",
+            [NewEvent.of(reg, actor="orchestrator")],
+            idempotency_key=f"register:{subscription.name}",
+        )
+        await self._add_registered(reg)
+
+    async def _add_registered(self, reg: SubscriberRegistered) -> None:
+        subscription = Subscription.model_validate(reg.subscription)
+        if subscription.name in self.subs:
+            return
+        module, _, cls_name = reg.actor.partition(":")
+        actor_class = getattr(importlib.import_module(module), cls_name)
 
         def factory() -> Any:
-            return actor_class.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(*args)
+            return actor_class.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(
+                self.config, *reg.args
+            )
 
         await self._add_sub(subscription, factory)
 

@@ -20,14 +20,15 @@ log = structlog.get_logger(__name__)
 
 
 class EntityActor:
-    """Subclasses set ``self.host`` in ``setup``; the orchestrator calls ``deliver`` with batches in order."""
+    """Subclasses fill ``self.hosts`` (one entity host per stream category) in ``setup``; the orchestrator
+    calls ``deliver`` with batches in order, and each event goes to the host of its stream's category."""
 
     def __init__(self, config: RuntimeConfig, subscriber: str) -> None:
         configure_logging()
         self.config = config
         self.subscriber = subscriber
         self.store: EventLog
-        self.host: EntityHost[Any]
+        self.hosts: dict[str, EntityHost[Any]] = {}
         self.failures = 0
         self._ready = asyncio.get_running_loop().create_task(self._start())
 
@@ -52,7 +53,7 @@ class EntityActor:
         await self._ready
         for event in events:
             try:
-                await self.host.handle(event)
+                await self.handle(event)
             except StoreUnavailable:
                 raise
             except Exception:
@@ -62,14 +63,18 @@ class EntityActor:
         await self.store.save_checkpoint(self.subscriber, cursor)
         return cursor
 
+    async def handle(self, event: RecordedEvent) -> None:
+        """Route one event to the host of its category; subclasses may queue instead of handling at once."""
+        await self.hosts[event.category].handle(event)
+
     async def ping(self) -> dict[str, Any]:
         await self._ready
         return {
             "subscriber": self.subscriber,
             "pid": os.getpid(),
-            "active": len(self.host.active),
-            "handled": self.host.handled,
-            "activations": self.host.activations,
+            "active": sum(len(h.active) for h in self.hosts.values()),
+            "handled": sum(h.handled for h in self.hosts.values()),
+            "activations": sum(h.activations for h in self.hosts.values()),
             "failures": self.failures,
         }
 

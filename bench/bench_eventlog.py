@@ -10,6 +10,7 @@ tells whether a slowdown elsewhere is the log's fault. Run from the repository r
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import threading
@@ -38,8 +39,10 @@ from bench.common import (
 )
 from events import ANY, NewEvent, RecordedEvent
 from storage.eventlog import EventLog, _init_connection
+from storage.migrate import migration_files
 
 WRITERS = 32
+NOTIFY = "PERFORM pg_notify('agenthub_events', '');"
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,13 @@ async def bench_batched(url: str, sizes: Sizes) -> list[Row]:
 # ---- b. single-event appends from 32 concurrent writers -----------------------------------------------
 
 
-async def bench_single_agenthub(url: str, sizes: Sizes) -> tuple[list[Row], float]:
-    log = await EventLog.connect(url, min_size=WRITERS, max_size=WRITERS, run_migrations=False)
-    remaining = sizes.single_events
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (diagnostic only: it is one more round trip per append)."""
+
+
+async def single_appends(log: EventLog, events: int, seconds: float) -> tuple[float, list[float]]:
+    """32 writers, each appending one event at a time to its own stream; returns (seconds, latencies)."""
+    remaining = events
     latencies: list[float] = []
 
     async def writer(w: int, deadline: float) -> None:
@@ -151,12 +158,17 @@ async def bench_single_agenthub(url: str, sizes: Sizes) -> tuple[list[Row], floa
             await log.append(stream, [NewEvent.of(BenchTick(n=i, label="single", value=float(w)))], ANY)
             latencies.append(time.perf_counter() - t)
 
+    await asyncio.gather(*(writer(w, time.perf_counter() + 1.0) for w in range(WRITERS)))  # warm-up
+    remaining, latencies = events, []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w, t0 + seconds) for w in range(WRITERS)))
+    return time.perf_counter() - t0, latencies
+
+
+async def bench_single_agenthub(url: str, sizes: Sizes) -> list[Row]:
+    log = await EventLog.connect(url, min_size=WRITERS, max_size=WRITERS, run_migrations=False)
     try:
-        await asyncio.gather(*(writer(w, time.perf_counter() + 1.0) for w in range(WRITERS)))  # warm-up
-        remaining, latencies = sizes.single_events, []
-        t0 = time.perf_counter()
-        await asyncio.gather(*(writer(w, t0 + sizes.single_seconds) for w in range(WRITERS)))
-        elapsed = time.perf_counter() - t0
+        elapsed, latencies = await single_appends(log, sizes.single_events, sizes.single_seconds)
     finally:
         await log.close()
     r = rate(len(latencies), elapsed)
@@ -166,7 +178,32 @@ async def bench_single_agenthub(url: str, sizes: Sizes) -> tuple[list[Row], floa
         Row(f"b. agenthub append, 1 event, {WRITERS} writers ({len(latencies):,} ev in {elapsed:.1f} s)",
             fmt_rate(r), ">= 3,000 ev/s", at_least(r, 3000)),
         Row("   agenthub append latency p50 / p99", f"{p50:.1f} / {p99:.1f} ms"),
-    ], r
+    ]
+
+
+async def bench_single_diagnostics(url: str, sizes: Sizes) -> list[Row]:
+    """The same workload with the two costs found by profiling taken away, one after the other, in a
+    scratch database: asyncpg's reset query on every pool release, then the NOTIFY of every append (it
+    takes a lock held through commit, so notifying commits queue behind each other's WAL flush)."""
+    rows = []
+    events, seconds = sizes.single_events // 2, sizes.single_seconds / 2
+    pool = await asyncpg.create_pool(url, min_size=WRITERS, max_size=WRITERS, init=_init_connection, reset=_no_reset)
+    log = EventLog(pool, url)
+    try:
+        elapsed, latencies = await single_appends(log, events, seconds)
+        rows.append(Row("   diagnostic: same, pool without asyncpg's reset query",
+                        fmt_rate(rate(len(latencies), elapsed))))
+        fn = next(sql for _, _, sql in migration_files() if "FUNCTION agenthub_append" in sql)
+        fn = fn[fn.index("CREATE FUNCTION agenthub_append"):]
+        if NOTIFY not in fn:
+            return [*rows, Row("   diagnostic: ... and no NOTIFY per append", "n/a (function changed)")]
+        async with log.connection() as c:
+            await c.execute(fn.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION").replace(NOTIFY, ""))
+        elapsed, latencies = await single_appends(log, events, seconds)
+        rows.append(Row("   diagnostic: ... and no NOTIFY in agenthub_append", fmt_rate(rate(len(latencies), elapsed))))
+    finally:
+        await log.close()
+    return rows
 
 
 def eventsourcing_single(recorder: Any, total: int, seconds: float) -> tuple[int, float]:
@@ -274,7 +311,7 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
             "SELECT position, tx_id, id, stream, version, type, data, meta, recorded_at FROM events "
             "WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
         )
-        fetch_s = read_s = load_s = float("inf")
+        fetch_s = read_s = load_s = nogc_s = float("inf")
         expected = sum(i * 0.5 for i in range(n))
         for _ in range(sizes.fold_repeats):
             async with log.connection() as c:  # the SQL + jsonb decode part alone, for the breakdown
@@ -300,6 +337,17 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
             if active.state.count != n:
                 print(f"warning: EntityHost.load folded {active.state.count} events", file=sys.stderr)
             del host, active
+
+            gc.collect()
+            gc.disable()  # diagnostic: how much of the fold is the cyclic GC scanning 100k new objects
+            try:
+                t = time.perf_counter()
+                count = sum(1 for _ in await log.read_stream(stream))
+                nogc_s = min(nogc_s, time.perf_counter() - t)
+            finally:
+                gc.enable()
+            if count != n:
+                print(f"warning: read_stream with gc paused saw {count} events", file=sys.stderr)
     finally:
         await log.close()
     r_read, r_load = rate(n, read_s), rate(n, load_s)
@@ -311,6 +359,8 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
             ">= 100,000 ev/s", at_least(r_load, 100_000)),
         Row(f"   of which SQL fetch + jsonb decode, asyncpg rows ({fetch_s * 1000:,.0f} ms)",
             fmt_rate(rate(n, fetch_s))),
+        Row(f"   diagnostic: read_stream with the cyclic GC paused ({nogc_s * 1000:,.0f} ms)",
+            fmt_rate(rate(n, nogc_s))),
     ]
 
 
@@ -320,15 +370,15 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
 async def run(sizes: Sizes) -> list[Row]:
     with embedded_postgres() as pg:
         admin = await asyncpg.connect(pg.url)
-        for name in ("bench_a", "bench_b", "bench_c", "es_bench"):
+        for name in ("bench_a", "bench_b", "bench_b2", "bench_c", "es_bench"):
             await admin.execute(f"CREATE DATABASE {name}")
         await admin.close()
-        urls = {name: db_url(pg.url, name) for name in ("bench_a", "bench_b", "bench_c")}
+        urls = {name: db_url(pg.url, name) for name in ("bench_a", "bench_b", "bench_b2", "bench_c")}
         for url in urls.values():
             await (await EventLog.connect(url)).close()  # applies the migrations
         rows = await bench_batched(urls["bench_a"], sizes)
-        single, _ = await bench_single_agenthub(urls["bench_b"], sizes)
-        rows += single
+        rows += await bench_single_agenthub(urls["bench_b"], sizes)
+        rows += await bench_single_diagnostics(urls["bench_b2"], sizes)
         rows += await asyncio.to_thread(bench_single_eventsourcing, pg.url, pg.port, sizes)
         rows += await bench_fold(urls["bench_c"], sizes)
         return rows

@@ -116,7 +116,7 @@ def print_table(title: str, rows: list[Row]) -> None:
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}")
     print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     print(line)
     for c in cols:
         cells = [v.rjust(w) if i == 1 else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True))]

@@ -22,4 +22,4 @@ __all__ = [
 ]
 
 # Importing the catalogues registers every event type of the system.
-from events import hub, system  # noqa: F401
+from events import hub, system, team  # noqa: F401

@@ -127,6 +127,9 @@ class LLMCompleted(EventData):
     latency_ms: float
     cost_usd: float = 0.0
     request_hash: str
+    run_id: str | None = None
+    purpose: str | None = None
+    structured: dict[str, Any] | None = None
 
 
 @event_type("chat.reply_sent")

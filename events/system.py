@@ -32,3 +32,13 @@ class ActorRestarted(EventData):
     actor: str
     reason: str
     redeliver_from: int
+
+
+@event_type("subscriber.registered")
+class SubscriberRegistered(EventData):
+    """A durable route: the orchestrator recreates it after a restart. ``actor`` is ``module:Class`` of a
+    ``ray.remote`` class constructed as ``Class(runtime_config, *args)``."""
+
+    subscription: dict[str, Any]
+    actor: str
+    args: list[Any] = Field(default_factory=list)

@@ -43,7 +43,7 @@ class AgentRunnerImpl(EntityActor):
     async def setup(self) -> None:
         await self.reload_config()
         self.llm = ray.get_actor("llm", namespace=self.config.namespace)
-        self.host = EntityHost(
+        self.host = self.hosts["chat"] = EntityHost(
             Conversation(lambda: self.settings, self._complete),
             self.store,
             max_active=self.config.max_active_entities,
