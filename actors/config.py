@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, SecretStr
 
 
 class RuntimeConfig(BaseModel):
     database_url: str
+    data_dir: Path = Path(".agenthub")
     namespace: str = "agenthub"
     max_event_bytes: int = 256 * 1024
     heartbeat_interval_s: float = 5.0

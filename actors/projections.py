@@ -16,6 +16,7 @@ import structlog
 from actors import metrics
 from actors.config import RuntimeConfig
 from actors.observability import configure_logging, export_metrics
+from actors.team_projection import TEAM_CATEGORIES, TEAM_TABLES, project_team
 from events import RecordedEvent, Subscription
 from storage.errors import translate_errors
 from storage.eventlog import Cursor, EventLog
@@ -23,8 +24,8 @@ from storage.eventlog import Cursor, EventLog
 log = structlog.get_logger(__name__)
 
 PROJECTOR = "projector"
-TABLES = ("proj_agents", "proj_chat_messages", "proj_token_usage")
-SUBSCRIPTION = Subscription(name=PROJECTOR, categories=frozenset({"agent", "chat"}))
+TABLES = ("proj_agents", "proj_chat_messages", "proj_token_usage", *TEAM_TABLES)
+SUBSCRIPTION = Subscription(name=PROJECTOR, categories=frozenset({"agent", "chat"}) | TEAM_CATEGORIES)
 
 
 async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
@@ -125,6 +126,7 @@ class ProjectorImpl:
             with translate_errors():
                 for e in events:
                     await project(conn, e)
+                    await project_team(conn, e)
             await store.save_checkpoint(PROJECTOR, cursor, conn)
         self.projected += len(events)
         metrics.ROUTED.labels(PROJECTOR).inc(len(events))

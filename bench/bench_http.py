@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from bench.common import Row, at_least, at_most, fmt_rate, free_port, parser, percentile, print_table, quiet_logs
+from bench.common import (
+    Row,
+    at_least,
+    at_most,
+    fmt_rate,
+    free_port,
+    parser,
+    percentile,
+    print_table,
+    quiet_logs,
+)
 
 if TYPE_CHECKING:
     from cluster.bootstrap import System
@@ -58,9 +68,12 @@ async def create_agent(http: httpx.AsyncClient) -> str:
     return agent_id
 
 
-async def send(http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
+async def send(
+    http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None
+) -> int:
     params = {"timeout": timeout} if timeout else None
-    r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": text, "chat_id": chat}, params=params)
+    body = {"text": text, "chat_id": chat}
+    r = await http.post(f"/api/v1/agents/{agent_id}/messages", json=body, params=params)
     return r.status_code
 
 

@@ -1,4 +1,4 @@
-"""Log → actor routing throughput: the orchestrator tails the log and a Ray actor appends one event per message.
+"""Log → actor routing throughput: the orchestrator tails the log, a Ray actor appends one event per message.
 
 Why: every reaction in the system (an agent's reply, a timer, a projection) goes through this path, so its
 rate bounds what one subscriber can do. The inputs are committed in one transaction, so the clock starts
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from actors.entity import Context, Entity, EntityHost
+from actors.entity import Context, Entity, EntityHost, Spawn
 from actors.subscriber import EntityActor
 from bench.common import (
     BenchEcho,
@@ -57,7 +57,7 @@ class Echo(Entity[int]):
     def evolve(self, state: int, event: RecordedEvent) -> int:
         return state + 1 if event.type == "bench.echo" else state
 
-    async def decide(self, state: int, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
+    async def decide(self, state: int, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
         if message.type != "bench.ping" or ctx.effects_of(message):
             return []
         return [NewEvent.of(BenchEcho(n=message.data["n"]))]
@@ -67,10 +67,13 @@ class BenchEchoActorImpl(EntityActor):
     """The subscriber: the real actor base and entity host, with the trivial entity above."""
 
     async def setup(self) -> None:
-        self.host = EntityHost(Echo(), self.store, max_active=self.config.max_active_entities, snapshot_every=0)
+        max_active = self.config.max_active_entities
+        self.hosts[CATEGORY] = EntityHost(Echo(), self.store, max_active=max_active, snapshot_every=0)
 
 
 BenchEchoActor = ray.remote(num_cpus=0)(BenchEchoActorImpl)
+ACTOR = "bench.bench_routing:BenchEchoActor"
+"""What the orchestrator imports (``module:Class``) and builds as ``BenchEchoActor(config, *args)``."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,11 @@ async def append_pings(log: EventLog, prefix: str, streams: int, per_stream: int
 
 async def echoes(log: EventLog, prefix: str) -> int:
     async with log.connection() as conn:
-        return int(await conn.fetchval(
-            "SELECT count(*) FROM events WHERE type = 'bench.echo' AND stream LIKE $1", f"{CATEGORY}-{prefix}%"
-        ))
+        n = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE type = 'bench.echo' AND stream LIKE $1",
+            f"{CATEGORY}-{prefix}%",
+        )
+    return int(n)
 
 
 async def wait_for(log: EventLog, prefix: str, n: int, timeout: float) -> tuple[int, float]:
@@ -112,19 +117,19 @@ async def wait_for(log: EventLog, prefix: str, n: int, timeout: float) -> tuple[
 
 
 async def measure(system: System, settings: Settings, sizes: Sizes) -> list[Row]:
-    from cluster.bootstrap import runtime_config
-
-    config = runtime_config(settings, system.database_url)
-    subscription = Subscription(name=SUBSCRIBER, types=frozenset({"bench.ping"}), categories=frozenset({CATEGORY}))
-    await system.orchestrator.register.remote(subscription, BenchEchoActor, config, SUBSCRIBER)  # type: ignore[attr-defined]
+    subscription = Subscription(
+        name=SUBSCRIBER, types=frozenset({"bench.ping"}), categories=frozenset({CATEGORY})
+    )
+    orchestrator: Any = system.orchestrator
+    await orchestrator.register.remote(subscription, ACTOR, [SUBSCRIBER])
     log = await EventLog.connect(system.database_url, max_size=4, run_migrations=False)
     try:
         # warm-up: the actor starts, connects its pool and prepares its statements
         warm = 10
         await append_pings(log, WARM_PREFIX, warm, 5)
-        got, warm_s = await wait_for(log, WARM_PREFIX, warm * 5, 60)
+        got, warm_s = await wait_for(log, WARM_PREFIX, warm * 5, 120)
         if got < warm * 5:
-            raise RuntimeError(f"warm-up: only {got} of {warm * 5} echoes after {warm_s:.0f} s; is the actor up?")
+            raise RuntimeError(f"warm-up: {got} of {warm * 5} echoes after {warm_s:.0f} s; is the actor up?")
 
         per_stream = sizes.events // sizes.streams
         n = per_stream * sizes.streams
@@ -143,7 +148,7 @@ async def measure(system: System, settings: Settings, sizes: Sizes) -> list[Row]
         Row(f"routing: {n:,} pings over {sizes.streams} streams -> echoes ({done})", fmt_rate(r),
             ">= 2,000 ev/s", at_least(r, 2000) if count >= n else "below target"),
         Row("   commit of the inputs -> last echo recorded", f"{elapsed:.2f} s"),
-        Row(f"   inputs appended in one transaction ({append_s * 1000:,.0f} ms)", fmt_rate(rate(n, append_s))),
+        Row(f"   inputs appended, one transaction ({append_s * 1000:,.0f} ms)", fmt_rate(rate(n, append_s))),
         Row("   actor: handled / activations / failures",
             f"{stats['handled']:,} / {stats['activations']:,} / {stats['failures']:,}"),
         Row("   warm-up (actor start + 50 echoes)", f"{warm_s:.2f} s"),
@@ -176,8 +181,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as ``python -m bench.bench_routing``, this file is ``__main__``; Ray must pickle the actor class by
-    # reference to ``bench.bench_routing``, so run the copy imported under that name.
-    from bench import bench_routing
-
-    bench_routing.main()
+    main()

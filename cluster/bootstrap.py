@@ -62,6 +62,7 @@ def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
     shared = settings.model_dump(
         include=(set(RuntimeConfig.model_fields) & set(Settings.model_fields)) - {"database_url"}
     )
+    shared["data_dir"] = settings.data_dir.resolve()  # actor processes may not share the driver's cwd
     return RuntimeConfig(database_url=database_url, namespace=settings.ray_namespace, **shared)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 events_app = typer.Typer(help="Read the event log.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+team_app = typer.Typer(help="The autonomous role-agent team.", no_args_is_help=True)
+app.add_typer(team_app, name="team")
 console = Console()
 
 
@@ -73,6 +75,42 @@ def demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)
     raise typer.Exit(run_demo(_settings(port=port), console))
 
 
+@team_app.command("demo")
+def team_demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None) -> None:
+    """QA writes tests, the developer makes them pass in a real git repo, the tech lead reviews and merges;
+    the CEO loop makes more work when idle; the V-team votes on a decision."""
+    from cluster.team_demo import run_team_demo
+
+    configure_logging()
+    raise typer.Exit(run_team_demo(_settings(port=port), console))
+
+
+@app.command()
+def fork(
+    at: Annotated[int, typer.Option("--at", help="copy the run up to this log position")],
+    run: Annotated[str | None, typer.Option(help="the run to fork (default: the run of the event at --at)")] = None,
+    model: Annotated[str | None, typer.Option(help="model for the new run")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="ROLE=PROMPT: a role's system prompt in the new run")] = None,
+) -> None:
+    """Start a new team run from any point of an earlier one, with another model or prompt."""
+    from actors.agents.team.history import fork_run
+
+    prompts = dict(p.split("=", 1) for p in prompt or [])
+
+    async def go() -> str:
+        store = await _open_store(get_settings())
+        run_id = run
+        if run_id is None:
+            (event,) = await store.read_all(at - 1, limit=1) or [None]
+            if event is None or "run_id" not in event.data:
+                raise typer.BadParameter(f"no run event at position {at}; pass --run")
+            run_id = event.data["run_id"]
+        return await fork_run(store, run_id, at, model=model, prompts=prompts)
+
+    new_run = asyncio.run(go())
+    console.print(f"forked into run {new_run}; the team carries it on when agenthub is up")
+
+
 @events_app.command("tail")
 def events_tail(
     from_position: Annotated[int | None, typer.Option("--from", help="start after this position")] = None,
@@ -103,7 +141,6 @@ def events_tail(
 def replay(stream: str) -> None:
     """Rebuild a stream's state from the log (chat streams re-run the agent's decisions; no LLM is called)."""
     from actors.agents.agent import fold_agent
-    from actors.agents.replay import replay_agent
 
     async def run() -> int:
         store = await _open_store(get_settings())
@@ -113,16 +150,9 @@ def replay(stream: str) -> None:
             return 1
         console.print(f"{stream}: {len(events)} events, version {events[-1].version}")
         if stream.startswith("agent-"):
-            state = fold_agent(events)
-            console.print_json(state.model_dump_json())
-            report = await replay_agent(store, state.agent_id)
-            console.print(
-                f"replayed {report.streams} chats, {report.messages} messages, {report.verified_replies} replies "
-                f"verified, {len(report.mismatches)} mismatches, provider calls: {report.provider_calls}"
-            )
-            for m in report.mismatches:
-                console.print(f"[red]mismatch[/] {m}")
-            return 1 if report.mismatches else 0
+            return await _replay_agent(store, fold_agent(events))
+        if stream.startswith("run-"):
+            return await _replay_run(store, stream.removeprefix("run-"))
         counts: dict[str, int] = {}
         for e in events:
             counts[e.type] = counts.get(e.type, 0) + 1
@@ -130,6 +160,37 @@ def replay(stream: str) -> None:
         return 0
 
     raise typer.Exit(asyncio.run(run()))
+
+
+async def _replay_agent(store: Any, state: Any) -> int:
+    from actors.agents.replay import replay_agent
+
+    console.print_json(state.model_dump_json())
+    report = await replay_agent(store, state.agent_id)
+    console.print(
+        f"replayed {report.streams} chats, {report.messages} messages, {report.verified_replies} replies "
+        f"verified, {len(report.mismatches)} mismatches, provider calls: {report.provider_calls}"
+    )
+    for m in report.mismatches:
+        console.print(f"[red]mismatch[/] {m}")
+    return 1 if report.mismatches else 0
+
+
+async def _replay_run(store: Any, run_id: str) -> int:
+    from actors.agents.team.history import replay_run
+
+    report = await replay_run(store, run_id)
+    statuses: dict[str, int] = {}
+    for t in report.tasks.values():
+        statuses[t.status] = statuses.get(t.status, 0) + 1
+    console.print(
+        f"replayed run {run_id}: {report.events} events, {len(report.tasks)} tasks {statuses}, "
+        f"{len(report.decisions)} decisions, {len(report.memory)} memory notes, "
+        f"{len(report.mismatches)} mismatches, provider calls: 0"
+    )
+    for m in report.mismatches:
+        console.print(f"[red]mismatch[/] {m}")
+    return 1 if report.mismatches else 0
 
 
 @app.command()

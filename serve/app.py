@@ -39,6 +39,7 @@ from serve.schemas import (
     MessageIn,
     MessageOut,
 )
+from serve.team_routes import build_router
 from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion
 
 app = FastAPI(title="agenthub", version="0.1.0")
@@ -401,3 +402,6 @@ async def read_stream(stream: str, h: HubDep, from_version: int = Query(1, ge=1)
         "version": await h.store.stream_version(stream),
         "events": [e.model_dump(mode="json") for e in events],
     }
+
+
+app.include_router(build_router(hub, authorized))

@@ -251,6 +251,11 @@ class EventLog:
             rows = await c.fetch(sql, *args)
         return [_row_to_event(r) for r in rows]
 
+    async def read_where(self, condition: str, *args: Any) -> list[RecordedEvent]:
+        """Events matching a trusted SQL ``condition`` (never built from user input), in position order."""
+        rows = await self.fetch(f"SELECT {_COLUMNS} FROM events WHERE {condition} ORDER BY position", *args)
+        return [_row_to_event(r) for r in rows]
+
     async def read_committed(self, after: Cursor, limit: int = 500) -> list[RecordedEvent]:
         """Events after ``after`` in commit order, only from transactions that can no longer be overtaken."""
         async with self.connection() as c:

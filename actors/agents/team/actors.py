@@ -1,0 +1,195 @@
+"""The team's Ray actors: one per role (``role:<name>``, with its priority queue) and the CEO loop
+(``ceo:loop``: run ticks, task timeouts and group decisions)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from typing import Any
+
+import ray
+import structlog
+
+from actors.agents.team.decision import Decision
+from actors.agents.team.roles import ROLES, VERDICT_SCHEMA, role
+from actors.agents.team.run import Run
+from actors.agents.team.services import TeamServices
+from actors.agents.team.task import CEO_LOOP, TERMINAL, Task
+from actors.config import RuntimeConfig
+from actors.entity import EntityHost
+from actors.llm.providers import Completion, CompletionRequest
+from actors.subscriber import EntityActor
+from events import NewEvent, RecordedEvent, Subscription
+from events.team import DecisionVerdict
+
+log = structlog.get_logger(__name__)
+
+TASK_TRIGGERS = frozenset({"task.created", "task.assigned", "task.review_requested", "task.reviewed"})
+ACTOR_PATH = "actors.agents.team.actors"
+
+
+def role_subscription(name: str) -> Subscription:
+    return Subscription(name=f"role:{name}", types=TASK_TRIGGERS, data_match={"role": name, "owner": name})
+
+
+LOOP_SUBSCRIPTION = Subscription(
+    name=CEO_LOOP,
+    types=frozenset({"run.started", "run.forked", "timer.fired", "decision.requested"}),
+    categories=frozenset({"run", "task", "decision"}),
+)
+
+
+async def ensure_team(orchestrator: Any) -> None:
+    """Register the role actors and the CEO loop with the orchestrator (durable, idempotent)."""
+    await asyncio.gather(
+        *(orchestrator.register.remote(role_subscription(n), f"{ACTOR_PATH}:RoleActor", [n]) for n in ROLES),
+        orchestrator.register.remote(LOOP_SUBSCRIPTION, f"{ACTOR_PATH}:CeoLoopActor", []),
+    )
+
+
+class TeamActor(EntityActor):
+    async def setup(self) -> None:
+        self.llm = ray.get_actor("llm", namespace=self.config.namespace)
+        self.services = TeamServices(self.store, self._complete, self.config.data_dir / "workspaces")
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
+        return await self.llm.complete.remote(request)
+
+
+class RoleActorImpl(TeamActor):
+    """A role: tasks routed to it wait in a priority queue (1 = high first, then deadline, then arrival) and
+    are worked one at a time, so a long task never blocks routing."""
+
+    def __init__(self, config: RuntimeConfig, name: str) -> None:
+        self.name = name
+        self.queue: asyncio.PriorityQueue[tuple[int, float, int, str, RecordedEvent]] = asyncio.PriorityQueue()
+        self.queued: set[str] = set()
+        self.seq = itertools.count()
+        self.current: str | None = None
+        super().__init__(config, f"role:{name}")
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.hosts["task"] = EntityHost(Task(self.name, self.services), self.store, max_active=200)
+        await self._requeue_from_log()
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _requeue_from_log(self) -> None:
+        """After a restart, the queue is rebuilt from the log: every unfinished task this role must act on."""
+        latest: dict[str, tuple[RecordedEvent, dict[str, Any]]] = {}
+        pos = 0
+        types = [*TASK_TRIGGERS, *(f"task.{t}" for t in TERMINAL)]
+        while batch := await self.store.read_all(pos, types=types, limit=5000):
+            for e in batch:
+                tid = e.data["task_id"]
+                _, st = latest.get(tid, (e, {}))
+                if e.type in ("task.created", "task.assigned"):
+                    st = {
+                        **st,
+                        "role": e.data["role"],
+                        "status": "open",
+                        "priority": e.data.get("priority", st.get("priority", 5)),
+                    }
+                elif e.type == "task.review_requested":
+                    st = {**st, "status": "review", "reviewer": e.data["role"]}
+                elif e.type == "task.reviewed":
+                    st = {**st, "status": "open"}
+                else:
+                    st = {**st, "status": "done"}
+                latest[tid] = (e, st)
+            pos = batch[-1].position
+        for tid, (e, st) in latest.items():
+            mine = (st["status"] == "open" and st.get("role") == self.name) or (
+                st["status"] == "review" and st.get("reviewer") == self.name
+            )
+            if mine:
+                self._enqueue(tid, e, st.get("priority", 5), None)
+
+    def _enqueue(self, task_id: str, trigger: RecordedEvent, priority: int, deadline: str | None) -> None:
+        if task_id in self.queued:
+            return
+        self.queued.add(task_id)
+        due = datetime_ts(deadline)
+        self.queue.put_nowait((priority, due, next(self.seq), task_id, trigger))
+
+    async def handle(self, event: RecordedEvent) -> None:
+        self._enqueue(event.data["task_id"], event, int(event.data.get("priority", 5)), event.data.get("deadline"))
+
+    async def _work(self) -> None:
+        host = self.hosts["task"]
+        while True:
+            _, _, _, task_id, trigger = await self.queue.get()
+            self.queued.discard(task_id)
+            self.current = task_id
+            try:
+                await host.handle(trigger)
+            except Exception:
+                self.failures += 1
+                log.exception("task step failed", role=self.name, task=task_id)
+                host.active.pop(task_id, None)  # reload from the log next time
+            finally:
+                self.current = None
+
+    async def verdict(self, decision_id: str, run_id: str, question: str) -> list[dict[str, Any]]:
+        """This role's criteria and verdict on a group decision, with the LLM answer behind it."""
+        await self._ready
+        run = await self.services.run(run_id)
+        events, _ = await self.services.ask(
+            {}, f"verdict:{self.name}", self.name, run, role(self.name).verdict_prompt(question), VERDICT_SCHEMA
+        )
+        v = events[0].data.get("structured") or {}
+        verdict = v.get("verdict") if v.get("verdict") in ("approve", "reject", "conditional") else "conditional"
+        events.append(
+            NewEvent.of(
+                DecisionVerdict(
+                    decision_id=decision_id,
+                    run_id=run_id,
+                    role=self.name,
+                    criteria=[str(c) for c in v.get("criteria", [])],
+                    verdict=verdict,
+                    rationale=str(v.get("rationale", "")),
+                ),
+                actor=f"role:{self.name}",
+            )
+        )
+        return [e.model_dump(mode="json") for e in events]
+
+    async def ping(self) -> dict[str, Any]:
+        info = await super().ping()
+        return {**info, "role": self.name, "queued": self.queue.qsize(), "current": self.current}
+
+
+class CeoLoopActorImpl(TeamActor):
+    def __init__(self, config: RuntimeConfig) -> None:
+        super().__init__(config, CEO_LOOP)
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.hosts["run"] = EntityHost(Run(self.services), self.store)
+        self.hosts["task"] = EntityHost(Task(CEO_LOOP, self.services), self.store, max_active=200)
+        self.hosts["decision"] = EntityHost(Decision(self.services, self._ask_voter), self.store)
+
+    async def _ask_voter(self, voter: str, decision_id: str, run_id: str, question: str) -> list[dict[str, Any]]:
+        actor = ray.get_actor(f"role:{voter}", namespace=self.config.namespace)
+        return await actor.verdict.remote(decision_id, run_id, question)
+
+    async def handle(self, event: RecordedEvent) -> None:
+        host = self.hosts.get(event.category)
+        if host is not None:
+            await host.handle(event)
+
+
+def datetime_ts(value: str | None) -> float:
+    if not value:
+        return math.inf
+    from datetime import datetime
+
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(value).timestamp()
+    return math.inf
+
+
+RoleActor = ray.remote(num_cpus=0, max_restarts=0)(RoleActorImpl)
+CeoLoopActor = ray.remote(num_cpus=0, max_restarts=0)(CeoLoopActorImpl)

@@ -1,0 +1,110 @@
+"""Replay and fork of a team run.
+
+Replay folds every task, decision and memory of a run from the log (no actor, no provider) and checks the
+result against the read models. Fork copies a run's events up to a position into a new run (new stream names,
+ids mapped, causation kept) and adds ``run.forked`` with the new model or prompts; the team then carries the
+copy on from that point, while the original run's streams are never written."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from actors.agents.team.decision import DecisionState, evolve_decision
+from actors.agents.team.services import fold_run
+from actors.agents.team.task import TaskState, evolve_task
+from events import Meta, NewEvent, RecordedEvent
+from events.envelope import new_id
+from events.team import RunForked
+from storage.eventlog import EventLog
+
+
+async def run_events(store: EventLog, run_id: str, up_to: int | None = None) -> list[RecordedEvent]:
+    """Every event of a run (its run stream, tasks, decisions and memory notes), in position order."""
+    return await store.read_where(
+        "(stream = $1 OR stream LIKE $2 OR (stream LIKE 'decision-%' AND data->>'run_id' = $3) "
+        "OR (stream LIKE 'memory-%' AND data->>'run_id' = $3)) AND ($4::bigint IS NULL OR position <= $4)",
+        f"run-{run_id}",
+        f"task-{run_id}.%",
+        run_id,
+        up_to,
+    )
+
+
+@dataclass
+class RunReplay:
+    run_id: str
+    events: int = 0
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    decisions: dict[str, DecisionState] = field(default_factory=dict)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+
+
+async def replay_run(store: EventLog, run_id: str) -> RunReplay:
+    report = RunReplay(run_id)
+    for e in await run_events(store, run_id):
+        report.events += 1
+        if e.category == "task":
+            report.tasks[e.stream_id] = evolve_task(report.tasks.get(e.stream_id, TaskState()), e)
+        elif e.category == "decision":
+            report.decisions[e.stream_id] = evolve_decision(report.decisions.get(e.stream_id, DecisionState()), e)
+        elif e.type == "memory.noted":
+            report.memory.append(e.data)
+    for row in await store.fetch("SELECT task_id, status FROM team_tasks WHERE run_id = $1", run_id):
+        rebuilt = report.tasks.get(row["task_id"])
+        if rebuilt is None or rebuilt.status != row["status"]:
+            report.mismatches.append(
+                f"task {row['task_id']}: read model says {row['status']}, log says "
+                f"{rebuilt.status if rebuilt else 'nothing'}"
+            )
+    for row in await store.fetch("SELECT decision_id, decision FROM team_decisions WHERE run_id = $1", run_id):
+        rebuilt_d = report.decisions.get(row["decision_id"])
+        if rebuilt_d is None or rebuilt_d.decision != row["decision"]:
+            report.mismatches.append(f"decision {row['decision_id']}: read model {row['decision']}")
+    return report
+
+
+def _rename(value: Any, renames: dict[str, str]) -> Any:
+    """Apply the fork's id renames to every string inside ``value`` (stream names, ids, timer ids)."""
+    text = json.dumps(value)
+    for old, new in renames.items():
+        text = text.replace(old, new)
+    return json.loads(text)
+
+
+async def fork_run(
+    store: EventLog, run_id: str, at_position: int, *, model: str | None = None, prompts: dict[str, str] | None = None
+) -> str:
+    """Start a new run from the state of ``run_id`` at ``at_position``; returns the new run's id."""
+    events = await run_events(store, run_id, at_position)
+    if not events or events[0].type != "run.started":
+        raise ValueError(f"run {run_id!r} has no events up to position {at_position}")
+    if fold_run(await store.read_stream(f"run-{run_id}")) is None:
+        raise ValueError(f"unknown run {run_id!r}")
+    new_run = f"{run_id}_f{secrets.token_hex(3)}"
+    renames = {run_id: new_run}
+    for e in events:
+        if e.type == "decision.requested":
+            renames[e.data["decision_id"]] = f"{e.data['decision_id']}_{new_run}"
+    ids: dict[UUID, UUID] = {}
+    for e in events:
+        ids[e.id] = new_id()
+        meta = e.meta.model_dump()
+        for key in ("causation_id", "correlation_id"):
+            if meta.get(key) in ids:
+                meta[key] = ids[meta[key]]
+        meta.update(actor="fork", idempotency_key=None, forked_from=str(e.id))
+        data = _rename(e.data, renames)
+        copy = NewEvent(id=ids[e.id], type=e.type, data=data, meta=Meta.model_validate(meta))
+        stream = _rename(e.stream, renames)
+        await store.append(stream, [copy], idempotency_key=f"fork:{new_run}:{e.position}")
+        if e.type == "run.started":
+            forked = RunForked(
+                run_id=new_run, from_run=run_id, at_position=at_position, model=model, prompts=prompts or {}
+            )
+            await store.append(f"run-{new_run}", [NewEvent.of(forked, actor="fork")])
+    return new_run

@@ -1,0 +1,142 @@
+"""The CEO loop (stream ``run-<id>``): a durable timer ticks; when no task of the run is active or pending, the
+CEO turns its strategy into new tasks, never more than ``max_generated_tasks`` in a run, so a runaway loop
+cannot flood the queues. When it is idle and has nothing more to make, the run is completed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel, Field
+
+from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
+from actors.agents.team.services import BudgetExceededError, Completed, TeamServices, fold_run
+from actors.entity import Context, Entity, Spawn
+from events import NewEvent, RecordedEvent
+from events.system import TimerScheduled
+from events.team import BudgetExceeded, CeoChecked, RunCompleted, TaskCreated
+
+
+class RunState(BaseModel):
+    run_id: str = ""
+    status: str = "absent"
+    ticks: int = 0
+    scheduled: int = 0
+    generated: int = 0
+    completions: dict[str, Completed] = Field(default_factory=dict)
+
+
+def evolve_run(s: RunState, e: RecordedEvent) -> RunState:
+    d, t = e.data, e.type
+    if t in ("run.started", "run.forked"):
+        s.run_id, s.status = d["run_id"], "running"
+    elif t == "timer.scheduled":
+        s.scheduled += 1
+    elif t == "ceo.checked":
+        s.ticks += 1
+        s.generated += d["generated"]
+    elif t == "llm.completed" and d.get("purpose"):
+        s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
+    elif t == "run.completed":
+        s.status = "completed"
+    elif t == "run.budget_exceeded":
+        s.status = "budget_exceeded"
+    return s
+
+
+class Run(Entity[RunState]):
+    category = "run"
+    max_steps = 8
+
+    def __init__(self, services: TeamServices) -> None:
+        self.services = services
+
+    def initial(self) -> RunState:
+        return RunState()
+
+    def evolve(self, state: RunState, event: RecordedEvent) -> RunState:
+        return evolve_run(state, event)
+
+    def tick_timer(self, s: RunState, interval: float) -> NewEvent:
+        n = s.scheduled + 1
+        return NewEvent.of(
+            TimerScheduled(
+                timer_id=f"ceo:{s.run_id}:{n}",
+                fire_at=datetime.now(UTC) + timedelta(seconds=interval),
+                target_stream=f"run-{s.run_id}",
+                payload={"kind": "ceo_tick", "tick": n},
+            )
+        )
+
+    async def decide(self, s: RunState, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
+        if s.status != "running":
+            return []
+        run = await self.services.run(s.run_id)
+        if message.type in ("run.started", "run.forked"):
+            return [self.tick_timer(s, run.ceo_interval_s)] if s.scheduled == 0 else []
+        if (
+            message.type != "timer.fired"
+            or message.data["payload"].get("tick") != s.scheduled
+            or s.ticks >= s.scheduled
+        ):
+            return []  # not the current tick, or already handled
+        active, pending, done = await self.task_counts(s.run_id)
+        if active or pending:
+            return [
+                NewEvent.of(CeoChecked(run_id=s.run_id, active=active, pending=pending, generated=0)),
+                self.tick_timer(s, run.ceo_interval_s),
+            ]
+        room = run.max_generated_tasks - s.generated
+        tasks: list[dict] = []
+        if room > 0 and run.strategy:
+            ceo = role("ceo")
+            assert isinstance(ceo, CEO)
+            prompt = ceo.generate_prompt(run.goal, run.strategy, done, room)
+            try:
+                ev, answer = await self.services.ask(
+                    s.completions, f"generate:{s.scheduled}", "ceo", run, prompt, TASKS_SCHEMA
+                )
+            except BudgetExceededError as e:
+                return [NewEvent.of(BudgetExceeded(run_id=s.run_id, spent_usd=e.spent, budget_usd=e.budget))]
+            if ev:
+                return ev
+            assert answer is not None
+            tasks = [t for t in (answer.structured or {}).get("tasks", []) if t.get("role") in ROLES][:room]
+        checked = NewEvent.of(CeoChecked(run_id=s.run_id, active=0, pending=0, generated=len(tasks)))
+        if not tasks:
+            return [
+                checked,
+                NewEvent.of(RunCompleted(run_id=s.run_id, summary=f"{len(done)} tasks done; nothing left")),
+            ]
+        spawns = [
+            Spawn(
+                f"task-{s.run_id}.g{s.scheduled}.{i}",
+                [
+                    NewEvent.of(
+                        TaskCreated(
+                            task_id=f"{s.run_id}.g{s.scheduled}.{i}",
+                            run_id=s.run_id,
+                            title=t["title"],
+                            description=t.get("description", ""),
+                            role=t["role"],
+                            priority=_priority(t.get("priority")),
+                            created_by="ceo",
+                        )
+                    )
+                ],
+            )
+            for i, t in enumerate(tasks, 1)
+        ]
+        return [checked, self.tick_timer(s, run.ceo_interval_s), *spawns]
+
+    async def task_counts(self, run_id: str) -> tuple[int, int, list[str]]:
+        rows = await self.services.store.fetch("SELECT status, title FROM team_tasks WHERE run_id = $1", run_id)
+        active = sum(1 for r in rows if r["status"] in ("in_progress", "review"))
+        pending = sum(1 for r in rows if r["status"] == "pending")
+        return active, pending, [r["title"] for r in rows if r["status"] == "completed"]
+
+
+def _priority(v: object) -> int:
+    return v if isinstance(v, int) and v in (1, 5, 10) else 5
+
+
+__all__ = ["Run", "RunState", "evolve_run", "fold_run"]

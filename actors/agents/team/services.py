@@ -1,0 +1,162 @@
+"""What team entities need from their actor: run configs, the LLM, spending, and the run's git workspace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+from actors.agents.team.roles import role as role_of
+from actors.llm.providers import ChatMessage, Completion, CompletionRequest
+from events import NewEvent, RecordedEvent
+from events.hub import LLMCompleted
+from storage.eventlog import EventLog
+
+T = TypeVar("T")
+
+
+class BudgetExceededError(Exception):
+    def __init__(self, spent: float, budget: float) -> None:
+        super().__init__(f"run budget exceeded: spent ${spent:.4f} of ${budget:.4f}")
+        self.spent, self.budget = spent, budget
+
+
+class RunConfig(BaseModel):
+    """A run's settings, folded from ``run.started`` / ``run.forked`` (a fork overrides model and prompts)."""
+
+    run_id: str
+    goal: str = ""
+    strategy: list[str] = Field(default_factory=list)
+    budget_usd: float | None = None
+    model: str | None = None
+    provider: str = "scripted"
+    prompts: dict[str, str] = Field(default_factory=dict)
+    max_generated_tasks: int = 5
+    ceo_interval_s: float = 2.0
+    workspace: str | None = None
+    forked_from: str | None = None
+
+
+def fold_run(events: list[RecordedEvent]) -> RunConfig | None:
+    cfg: RunConfig | None = None
+    for e in events:
+        if e.type == "run.started":
+            cfg = RunConfig.model_validate({k: v for k, v in e.data.items() if k in RunConfig.model_fields})
+        elif e.type == "run.forked" and cfg is not None:
+            cfg.run_id, cfg.forked_from = e.data["run_id"], e.data["from_run"]
+            cfg.model = e.data.get("model") or cfg.model
+            cfg.prompts = {**cfg.prompts, **e.data.get("prompts", {})}
+    return cfg
+
+
+class Completed(BaseModel):
+    text: str
+    structured: dict[str, Any] | None = None
+
+
+class TeamServices:
+    def __init__(self, store: EventLog, complete: Callable[[CompletionRequest], Any], workspaces: Path) -> None:
+        self.store = store
+        self._complete = complete
+        self.workspaces = workspaces
+        self._runs: dict[str, RunConfig] = {}
+
+    async def run(self, run_id: str) -> RunConfig:
+        if run_id not in self._runs:
+            cfg = fold_run(await self.store.read_stream(f"run-{run_id}"))
+            if cfg is None:
+                raise LookupError(f"unknown run {run_id!r}")
+            self._runs[run_id] = cfg
+        return self._runs[run_id]
+
+    async def spent(self, run_id: str) -> float:
+        return float(
+            await self.store.fetchval(
+                "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
+                "WHERE type = 'llm.completed' AND data->>'run_id' = $1",
+                run_id,
+            )
+        )
+
+    async def ask(
+        self,
+        completions: dict[str, Completed],
+        purpose: str,
+        role_name: str,
+        run: RunConfig,
+        prompt: str,
+        schema: dict[str, Any] | None = None,
+    ) -> tuple[list[NewEvent], Completed | None]:
+        """The recorded answer for ``purpose``, or the ``llm.completed`` event to record first.
+
+        Answers are read from the entity's state (folded from the log), so a replayed or redelivered step never
+        calls the provider again."""
+        if purpose in completions:
+            return [], completions[purpose]
+        if run.budget_usd is not None:
+            spent = await self.spent(run.run_id)
+            if spent >= run.budget_usd:
+                raise BudgetExceededError(spent, run.budget_usd)
+        cfg = role_of(role_name).config
+        request = CompletionRequest(
+            provider=run.provider,
+            model=run.model or cfg.model,
+            messages=[
+                ChatMessage(role="system", content=run.prompts.get(role_name, cfg.system_prompt)),
+                ChatMessage(role="user", content=prompt),
+            ],
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            response_schema=schema,
+            agent_id=role_name,
+            run_id=run.run_id,
+        )
+        c: Completion = await self._complete(request)
+        event = NewEvent.of(
+            LLMCompleted(
+                agent_id=role_name,
+                provider=c.provider,
+                model=c.model,
+                text=c.text,
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                total_tokens=c.total_tokens,
+                latency_ms=c.latency_ms,
+                cost_usd=c.cost_usd,
+                request_hash=request.digest(),
+                run_id=run.run_id,
+                purpose=purpose,
+                structured=c.structured,
+            ),
+            actor=f"role:{role_name}",
+        )
+        return [event], None
+
+    def workspace_dir(self, run: RunConfig) -> Path:
+        return Path(run.workspace) if run.workspace else self.workspaces / run.run_id
+
+    async def in_workspace(self, run: RunConfig, fn: Callable[[Path], T]) -> T:
+        """Run blocking git/file/test work in a thread, one actor at a time per workspace (a file lock)."""
+        root = self.workspace_dir(run)
+
+        def locked() -> T:
+            root.mkdir(parents=True, exist_ok=True)
+            with _flock(root.parent / f".{root.name}.lock"):
+                return fn(root)
+
+        return await asyncio.to_thread(locked)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,378 @@
+"""A task (stream ``task-<id>``): created, started, attempted and self-validated, reviewed by a peer, completed.
+
+One class serves every role: the role actor hosting it decides only for tasks assigned to it (or to review),
+and the CEO loop decides only about timeouts. Every LLM answer is recorded (``llm.completed``) before it is
+used, so a restarted actor resumes a task where the log says it is, without asking again."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from actors.agents.team.roles import FILES_SCHEMA, QA, REVIEW_SCHEMA, VALIDATION_SCHEMA, Developer, role
+from actors.agents.team.services import BudgetExceededError, Completed, RunConfig, TeamServices
+from actors.entity import Context, Entity, Spawn
+from actors.tools import GitWorkspace, run_pytest
+from events import NewEvent, RecordedEvent
+from events.system import TimerScheduled
+from events.team import (
+    BudgetExceeded,
+    FilesWritten,
+    MemoryNoted,
+    ReviewRequested,
+    TaskAssigned,
+    TaskAttempted,
+    TaskCompleted,
+    TaskEscalated,
+    TaskFailed,
+    TaskMerged,
+    TaskPriorityRaised,
+    TaskReviewed,
+    TaskStarted,
+    TaskTimedOut,
+)
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+ATTEMPTS_PER_APPROACH = 3
+APPROACHES = 2
+PASS_SCORE = 7.0
+CEO_LOOP = "ceo:loop"
+
+
+class Attempt(BaseModel):
+    attempt: int
+    approach: int
+    output: str
+    valid: bool
+    score: float
+    issues: list[str] = Field(default_factory=list)
+
+
+class TaskState(BaseModel):
+    task_id: str = ""
+    run_id: str = ""
+    title: str = ""
+    description: str = ""
+    kind: str = "generic"
+    role: str = ""
+    owner: str = ""
+    priority: int = 5
+    deadline: datetime | None = None
+    timeout_s: float = 300.0
+    spec: dict[str, Any] = Field(default_factory=dict)
+    status: str = "absent"
+    phase: str = "work"
+    starts: int = 0
+    timer_id: str | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    completions: dict[str, Completed] = Field(default_factory=dict)
+    tests: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+    branch: str | None = None
+    reviewer: str | None = None
+    reviews: int = 0
+    reviewed_attempt: int = 0
+    approved_by: str | None = None
+    feedback: list[str] = Field(default_factory=list)
+    merged: str | None = None
+    result: str | None = None
+
+    def ids(self) -> dict[str, str]:
+        return {"task_id": self.task_id, "run_id": self.run_id}
+
+
+def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
+    d, t = e.data, e.type
+    if t == "task.created":
+        s = TaskState(status="pending", owner=d["role"], **{k: v for k, v in d.items() if k in TaskState.model_fields})
+    elif t == "task.assigned":
+        s.role, s.phase, s.status = d["role"], d["phase"], "pending"
+    elif t == "task.started":
+        s.status, s.timer_id, s.starts = "in_progress", d["timer_id"], s.starts + 1
+    elif t == "task.priority_raised":
+        s.priority = d["priority"]
+    elif t == "llm.completed" and d.get("purpose"):
+        s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
+    elif t == "task.files_written":
+        s.branch = d["branch"]
+        (s.tests if d["role"] == "qa" else s.files).update(d["files"])
+    elif t == "task.attempted":
+        s.attempts.append(Attempt.model_validate(d))
+    elif t == "task.review_requested":
+        s.status, s.reviewer = "review", d["role"]
+    elif t == "task.reviewed":
+        s.reviews += 1
+        s.reviewed_attempt = len(s.attempts)
+        s.status = "in_progress"
+        if d["approved"]:
+            s.approved_by = d["role"]
+        else:
+            s.feedback.append(f"review by {d['role']}: {d['comments']}")
+    elif t == "task.merged":
+        s.merged = d["commit"]
+    elif t == "task.completed":
+        s.status, s.result = "completed", d["result"]
+    elif t == "task.failed":
+        s.status, s.result = "failed", d["reason"]
+    elif t == "task.cancelled":
+        s.status = "cancelled"
+    elif t == "task.timed_out":
+        s.timer_id = None
+    return s
+
+
+class Task(Entity[TaskState]):
+    category = "task"
+    max_steps = 64
+
+    def __init__(self, me: str, services: TeamServices) -> None:
+        self.me = me
+        self.services = services
+
+    def initial(self) -> TaskState:
+        return TaskState()
+
+    def evolve(self, state: TaskState, event: RecordedEvent) -> TaskState:
+        return evolve_task(state, event)
+
+    async def decide(self, s: TaskState, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
+        if s.status in TERMINAL or s.status == "absent":
+            return []
+        if self.me == CEO_LOOP:
+            return self.on_timeout(s, message)
+        run = await self.services.run(s.run_id)
+        try:
+            if s.status == "review":
+                return await self.review(s, run) if s.reviewer == self.me else []
+            if s.role != self.me:
+                return []
+            if s.status == "pending":
+                return self.start(s)
+            if s.approved_by and s.reviewed_attempt == len(s.attempts):
+                return await self.finish(s, run)
+            if s.kind == "implement":
+                return await (self.write_tests(s, run) if s.phase == "tests" else self.code(s, run))
+            return await self.work(s, run)
+        except BudgetExceededError as e:
+            run_event = NewEvent.of(BudgetExceeded(run_id=s.run_id, spent_usd=e.spent, budget_usd=e.budget))
+            return [
+                NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=str(e))),
+                Spawn(f"run-{s.run_id}", [run_event]),
+            ]
+
+    # ---- steps -------------------------------------------------------------------------------------------
+
+    def start(self, s: TaskState) -> list[NewEvent | Spawn]:
+        out: list[NewEvent | Spawn] = []
+        now = datetime.now(UTC)
+        if s.deadline and s.priority > 1 and s.deadline - now < timedelta(seconds=2 * s.timeout_s):
+            out.append(NewEvent.of(TaskPriorityRaised(**s.ids(), priority=1, reason="deadline is near")))
+        timer_id = f"timeout:{s.task_id}:{s.starts + 1}"
+        fire_at = now + timedelta(seconds=s.timeout_s)
+        out.append(NewEvent.of(TaskStarted(**s.ids(), role=self.me, timer_id=timer_id)))
+        out.append(
+            NewEvent.of(
+                TimerScheduled(
+                    timer_id=timer_id,
+                    fire_at=fire_at,
+                    target_stream=f"task-{s.task_id}",
+                    payload={"kind": "task_timeout", "timer_id": timer_id},
+                )
+            )
+        )
+        return out
+
+    def on_timeout(self, s: TaskState, message: RecordedEvent) -> list[NewEvent | Spawn]:
+        """A task still running past its timeout is escalated to its role's escalation target."""
+        if message.type != "timer.fired" or message.data["payload"].get("timer_id") != s.timer_id:
+            return []
+        target = role(s.role).config.escalate_to if s.role != "developer" and s.role != "qa" else "tech_lead"
+        return [
+            NewEvent.of(TaskTimedOut(**s.ids(), role=s.role, timeout_s=s.timeout_s)),
+            NewEvent.of(
+                TaskEscalated(**s.ids(), from_role=s.role, to_role=target, reason=f"no result in {s.timeout_s:.0f}s")
+            ),
+            NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase)),
+        ]
+
+    def next_attempt(self, s: TaskState) -> tuple[int, int] | None:
+        n = len(s.attempts) + 1
+        if n > ATTEMPTS_PER_APPROACH * APPROACHES:
+            return None
+        return n, (n - 1) // ATTEMPTS_PER_APPROACH + 1
+
+    def ready_for_review(self, s: TaskState) -> bool:
+        last = s.attempts[-1] if s.attempts else None
+        return bool(last and last.valid and last.score >= PASS_SCORE and last.attempt != s.reviewed_attempt)
+
+    def request_review(self, s: TaskState) -> list[NewEvent | Spawn]:
+        reviewer = role(self.me).config.reviewer
+        return [NewEvent.of(ReviewRequested(**s.ids(), role=reviewer, owner=self.me))]
+
+    def give_up(self, s: TaskState) -> list[NewEvent | Spawn]:
+        reason = f"no attempt passed after {len(s.attempts)} attempts and {APPROACHES} approaches"
+        return [
+            NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason)),
+            NewEvent.of(
+                TaskEscalated(**s.ids(), from_role=self.me, to_role=role(self.me).config.escalate_to, reason=reason)
+            ),
+        ]
+
+    async def work(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
+        """Generic task: do it, score it yourself, fix it below 7 (3 tries), then change approach."""
+        if self.ready_for_review(s):
+            return self.request_review(s)
+        nxt = self.next_attempt(s)
+        if nxt is None:
+            return self.give_up(s)
+        n, approach = nxt
+        r = role(self.me)
+        feedback = s.feedback + [i for a in s.attempts[-1:] for i in a.issues]
+        ev, work = await self.services.ask(
+            s.completions, f"work:{n}", self.me, run, r.work_prompt(s, n, approach, feedback)
+        )
+        if ev:
+            return ev
+        assert work is not None
+        ev, check = await self.services.ask(
+            s.completions, f"validate:{n}", self.me, run, r.validate_prompt(s, work.text), VALIDATION_SCHEMA
+        )
+        if ev:
+            return ev
+        assert check is not None
+        v = check.structured or {}
+        return [
+            NewEvent.of(
+                TaskAttempted(
+                    **s.ids(),
+                    role=self.me,
+                    attempt=n,
+                    approach=approach,
+                    output=work.text,
+                    valid=bool(v.get("valid", False)),
+                    score=float(v.get("score", 0)),
+                    issues=[str(i) for i in v.get("issues", [])],
+                )
+            )
+        ]
+
+    async def review(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
+        output = s.attempts[-1].output if s.attempts else ""
+        if s.files:
+            output += "\n" + "\n".join(f"--- {p}\n{c}" for p, c in sorted(s.files.items()))
+        ev, answer = await self.services.ask(
+            s.completions,
+            f"review:{s.reviews + 1}",
+            self.me,
+            run,
+            role(self.me).review_prompt(s, output),
+            REVIEW_SCHEMA,
+        )
+        if ev:
+            return ev
+        assert answer is not None
+        v = answer.structured or {}
+        approved = bool(v.get("approved", False))
+        comments = str(v.get("comments", ""))
+        return [NewEvent.of(TaskReviewed(**s.ids(), role=self.me, owner=s.role, approved=approved, comments=comments))]
+
+    async def finish(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
+        out: list[NewEvent | Spawn] = []
+        if s.kind == "implement" and s.merged is None and s.branch:
+            branch, approver = s.branch, s.approved_by or ""
+            sha = await self.services.in_workspace(
+                run, lambda root: GitWorkspace(root).merge_to_main(branch, approver).sha
+            )
+            out.append(NewEvent.of(TaskMerged(**s.ids(), branch=branch, commit=sha, approved_by=approver)))
+            result = f"merged {branch} into main as {sha[:10]}, approved by {approver}"
+        else:
+            result = s.attempts[-1].output if s.attempts else ""
+        out.append(NewEvent.of(TaskCompleted(**s.ids(), role=self.me, result=result)))
+        note = NewEvent.of(MemoryNoted(role=self.me, run_id=s.run_id, key=s.title, content=result[:2000]))
+        out.append(Spawn(f"memory-{self.me}", [note]))
+        return out
+
+    # ---- the TDD flow: QA writes the tests, the developer makes them pass --------------------------------
+
+    async def write_tests(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
+        assert isinstance(role(self.me), QA)
+        ev, answer = await self.services.ask(
+            s.completions, "tests:1", self.me, run, role(self.me).tests_prompt(s), FILES_SCHEMA
+        )
+        if ev:
+            return ev
+        assert answer is not None
+        files = _files(answer)
+        branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, "tests"))
+        return [
+            NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
+            NewEvent.of(TaskAssigned(**s.ids(), role="developer", phase="code")),
+        ]
+
+    async def code(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
+        if self.ready_for_review(s):
+            return self.request_review(s)
+        nxt = self.next_attempt(s)
+        if nxt is None:
+            return self.give_up(s)
+        n, approach = nxt
+        dev = role(self.me)
+        assert isinstance(dev, Developer)
+        failures = s.feedback + [i for a in s.attempts[-1:] for i in a.issues]
+        prompt = dev.code_prompt(s, n, approach, s.tests, failures)
+        ev, answer = await self.services.ask(s.completions, f"code:{n}", self.me, run, prompt, FILES_SCHEMA)
+        if ev:
+            return ev
+        assert answer is not None
+        files = _files(answer)
+
+        def write_and_test(root: Path) -> tuple[str, str, dict[str, Any]]:
+            branch, sha = _commit(root, s.task_id, files, f"attempt {n}")
+            report = asyncio.run(run_pytest(root, timeout_s=float(s.spec.get("test_timeout_s", 60))))
+            return branch, sha, report.model_dump(mode="json")
+
+        branch, sha, report = await self.services.in_workspace(run, write_and_test)
+        count, passed = report["count"], report["passed"]
+        issues = [f"{f['name']}: {f['message']}" for f in report["failures"]]
+        if count == 0:
+            issues.append("no tests ran: " + report.get("output_tail", "")[-300:])
+        summary = f"attempt {n} (approach {approach}): {passed}/{count} tests passed"
+        return [
+            NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
+            NewEvent.of(
+                TaskAttempted(
+                    **s.ids(),
+                    role=self.me,
+                    attempt=n,
+                    approach=approach,
+                    output=summary,
+                    valid=bool(count and passed == count and not report["timed_out"]),
+                    score=round(10.0 * passed / count, 2) if count else 0.0,
+                    issues=issues,
+                    tests={k: report[k] for k in ("passed", "failed", "errors", "count", "timed_out")},
+                )
+            ),
+        ]
+
+
+def _files(answer: Completed) -> dict[str, str]:
+    files = (answer.structured or {}).get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("the answer has no files mapping")
+    return {str(k): v for k, v in files.items()}
+
+
+def _commit(root: Path, task_id: str, files: dict[str, str], what: str) -> tuple[str, str]:
+    """Write ``files`` on the task's branch and commit them (a no-op commit keeps the current head)."""
+    repo = GitWorkspace.init_or_clone(root)
+    branch = repo.branch_for_task(task_id)
+    for path, content in files.items():
+        repo.workspace.write(path, content)
+    repo.add()
+    if not repo.has_changes():
+        return branch, repo.head_sha()
+    return branch, repo.commit(f"task {task_id}: {what}").sha

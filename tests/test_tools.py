@@ -1,0 +1,541 @@
+"""The developer-agent tools against real directories, real git and real pytest/jest subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import git
+import pytest
+
+from actors.tools import (
+    ApprovalRequiredError,
+    DirtyWorkspaceError,
+    FileTooLargeError,
+    GitWorkspace,
+    GitWorkspaceError,
+    MergeConflictError,
+    NothingToCommitError,
+    OutlineError,
+    PathEscapeError,
+    UndoConflictError,
+    Workspace,
+    outline,
+    outline_file,
+    run_jest,
+    run_pytest,
+    run_tests,
+)
+
+# ---------------------------------------------------------------- file system
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Workspace, Path]:
+    """A workspace with a sibling directory outside it, to prove nothing lands there."""
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("top secret")
+    return Workspace(root), outside
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_path_escapes_are_refused_and_nothing_is_written_outside(sandbox: tuple[Workspace, Path]) -> None:
+    ws, outside = sandbox
+    before = tree(outside)
+    (ws.root / "link").symlink_to(outside, target_is_directory=True)
+    (ws.root / "filelink").symlink_to(outside / "secret.txt")
+
+    escapes = [
+        "../outside/pwned.txt",
+        "a/../../outside/pwned.txt",
+        str(outside / "pwned.txt"),
+        "/etc/passwd",
+        "link/pwned.txt",
+        "filelink",
+        ".git/hooks/pre-commit",
+    ]
+    for rel in escapes:
+        with pytest.raises(PathEscapeError):
+            ws.resolve(rel)
+        with pytest.raises(PathEscapeError):
+            ws.write(rel, "pwned")
+        with pytest.raises(PathEscapeError):
+            ws.create(rel, "pwned")
+        with pytest.raises(PathEscapeError):
+            ws.read(rel)
+        with pytest.raises(PathEscapeError):
+            ws.delete(rel)
+    with pytest.raises(PathEscapeError):
+        ws.find("../outside/*")
+    assert ws.find("link/*") == []  # a symlinked directory's contents are outside, so never listed
+
+    assert tree(outside) == before
+    assert ws.history == []
+    assert isinstance(PathEscapeError("x"), ValueError)
+    # Inside paths, including ones with a harmless "..", still work.
+    assert ws.resolve("a/../b.txt") == ws.root / "b.txt"
+
+
+def test_write_modify_delete_and_undo_restore_exact_content(sandbox: tuple[Workspace, Path]) -> None:
+    ws, _ = sandbox
+    original = "line one\r\nline two\n\tünïcode ✓\n"
+    created = ws.create("pkg/mod.py", original)
+    assert created.action == "created" and created.before is None and created.after == original
+    assert ws.read("pkg/mod.py") == original  # line endings untouched
+    with pytest.raises(FileExistsError):
+        ws.create("pkg/mod.py", "again")
+
+    modified = ws.write("pkg/mod.py", "changed\n")
+    assert modified.action == "modified" and modified.before == original
+    assert modified.sha256_before == created.sha256_after and modified.sha256_after != modified.sha256_before
+
+    deleted = ws.delete("pkg/mod.py")
+    assert deleted.action == "deleted" and deleted.before == "changed\n" and not ws.exists("pkg/mod.py")
+    assert [c.action for c in ws.history] == ["created", "modified", "deleted"]
+
+    ws.undo_last()  # re-creates the deleted file
+    assert ws.read("pkg/mod.py") == "changed\n"
+    ws.undo_last()  # back to the original bytes
+    assert (ws.root / "pkg/mod.py").read_bytes() == original.encode("utf-8")
+    ws.undo_last()  # removes the created file
+    assert not ws.exists("pkg/mod.py")
+    assert ws.undo_last() is None
+
+    # Undoing an older change over a newer one would lose the newer edit: refused unless forced.
+    first = ws.write("notes.md", "v1")
+    ws.write("notes.md", "v2")
+    with pytest.raises(UndoConflictError):
+        ws.undo(first)
+    ws.undo(first, force=True)
+    assert not ws.exists("notes.md")
+
+
+def test_limits_find_and_list(sandbox: tuple[Workspace, Path]) -> None:
+    ws, _ = sandbox
+    small = Workspace(ws.root, max_file_bytes=10)
+    with pytest.raises(FileTooLargeError, match="limit is 10 bytes"):
+        small.write("big.txt", "x" * 11)
+    assert not ws.exists("big.txt")
+    (ws.root / "huge.txt").write_text("y" * 11)
+    with pytest.raises(FileTooLargeError):
+        small.read("huge.txt")
+
+    for rel in ["a.py", "pkg/b.py", "pkg/sub/c.py", "pkg/readme.md", ".hidden/d.py"]:
+        ws.write(rel, "x = 1\n")
+    (ws.root / ".git").mkdir()
+    (ws.root / ".git" / "e.py").write_text("")
+    assert ws.find("**/*.py") == ["a.py", "pkg/b.py", "pkg/sub/c.py"]
+    assert ws.find("**/*.py", include_hidden=True) == [".hidden/d.py", "a.py", "pkg/b.py", "pkg/sub/c.py"]
+    assert ws.find("pkg/*.md") == ["pkg/readme.md"]
+    assert ws.list_dir() == [".hidden/", "a.py", "huge.txt", "pkg/"]
+    assert ws.list_dir("pkg") == ["pkg/b.py", "pkg/readme.md", "pkg/sub/"]
+
+
+# ---------------------------------------------------------------- AST outline
+
+SAMPLE = '''
+"""Module docstring."""
+import asyncio
+
+
+class Store(Base, metaclass=Meta):
+    """Keeps things.
+
+    More detail here.
+    """
+
+    def get(self, key: str, default: int = 1) -> int:
+        """Return the value."""
+        return default
+
+    @staticmethod
+    async def fetch(*args, timeout: float = 1.0, **kw) -> None:
+        pass
+
+    class Inner:
+        def deep(self):
+            def local():
+                pass
+
+
+async def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    return 0
+'''
+
+
+def test_outline_of_a_module(sandbox: tuple[Workspace, Path]) -> None:
+    items = {i.qualname: i for i in outline(SAMPLE)}
+    assert list(items) == ["Store", "Store.get", "Store.fetch", "Store.Inner", "Store.Inner.deep", "main"]
+
+    store = items["Store"]
+    assert (store.kind, store.signature, store.docstring) == ("class", "class Store(Base, metaclass=Meta)", "Keeps things.")
+    assert (store.line, store.end_line) == (6, 24)
+    get = items["Store.get"]
+    assert get.kind == "method" and get.signature == "def get(self, key: str, default: int = 1) -> int"
+    assert get.docstring == "Return the value." and get.line == 12 and get.depth == 1
+    fetch = items["Store.fetch"]
+    assert fetch.kind == "async method" and fetch.decorators == ["staticmethod"]
+    assert fetch.signature == "async def fetch(*args, timeout: float = 1.0, **kw) -> None" and fetch.docstring is None
+    assert items["Store.Inner.deep"].depth == 2
+    main = items["main"]
+    assert main.kind == "async function" and main.signature == "async def main(argv: list[str] | None = None) -> int"
+    assert main.docstring == "Entry point."
+
+    ws, _ = sandbox
+    ws.write("pkg/sample.py", SAMPLE)
+    assert [i.qualname for i in outline_file(ws, "pkg/sample.py")] == list(items)
+
+
+def test_outline_reports_syntax_errors_with_the_line(sandbox: tuple[Workspace, Path]) -> None:
+    with pytest.raises(OutlineError, match="line 3") as err:
+        outline("def ok():\n    pass\ndef broken(:\n    pass\n")
+    assert err.value.line == 3
+    ws, _ = sandbox
+    ws.write("bad.py", "class X:\n  def f(self)\n")
+    with pytest.raises(OutlineError, match=r"bad\.py:line 2"):
+        outline_file(ws, "bad.py")
+
+
+# ---------------------------------------------------------------- git
+
+
+@pytest.fixture(autouse=True)
+def no_global_git_identity(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits must work on a machine with no global git config (so no user.name/user.email)."""
+    empty = tmp_path_factory.getbasetemp() / "empty-gitconfig"
+    empty.touch()
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> GitWorkspace:
+    return GitWorkspace.init_or_clone(tmp_path / "project")
+
+
+def test_init_creates_main_with_an_initial_commit(repo: GitWorkspace, tmp_path: Path) -> None:
+    assert repo.current_branch == "main"
+    [first] = repo.log(5)
+    assert first.message.strip() == "initial commit" and first.files == [] and first.branch == "main"
+    assert repo.repo.config_reader("repository").get_value("user", "name") == "agenthub"
+    # Opening it again gives the same repository, not a re-init.
+    again = GitWorkspace.init_or_clone(tmp_path / "project")
+    assert again.log(5)[0].sha == first.sha
+
+
+def test_branch_per_task_and_generated_commit_message(repo: GitWorkspace) -> None:
+    assert repo.branch_for_task("42") == "task/42"
+    assert repo.current_branch == "task/42"
+    ws = repo.workspace
+    ws.write("src/app.py", "print('hi')\nprint('there')\n")
+    ws.write("README.md", "# project\n")
+    with pytest.raises(NothingToCommitError):
+        repo.commit()
+    assert sorted(repo.add()) == ["README.md", "src/app.py"]
+    info = repo.commit(author="coder-bot")
+    subject, _, body = info.message.partition("\n\n")
+    assert subject == "task 42: 2 files changed (+3 -0)"
+    assert "A src/app.py (+2 -0)" in body and "A README.md (+1 -0)" in body
+    assert info.files == ["README.md", "src/app.py"] and info.author == "coder-bot" and info.branch == "task/42"
+
+    ws.write("README.md", "# project\nmore\n")
+    ws.delete("src/app.py")
+    repo.add(["README.md", "src/app.py"])
+    second = repo.commit("explicit message")
+    assert second.message.strip() == "explicit message" and second.files == ["README.md", "src/app.py"]
+    assert [c.sha for c in repo.log(2)] == [second.sha, info.sha]
+    assert "explicit" not in repo.diff("main")  # the diff against main shows content, not messages
+    assert "+more" in repo.diff("main")
+
+    # Switching tasks with uncommitted edits is refused instead of carrying them over.
+    ws.write("README.md", "dirty\n")
+    with pytest.raises(DirtyWorkspaceError):
+        repo.branch_for_task("43")
+    ws.undo_last()
+    assert repo.branch_for_task("43") == "task/43" and not ws.exists("README.md")
+    assert repo.branch_for_task("42") == "task/42" and ws.read("README.md") == "# project\nmore\n"
+    with pytest.raises(ValueError):
+        repo.branch_for_task("../evil")
+    with pytest.raises(PathEscapeError):
+        repo.add(["../outside"])
+
+
+def test_merge_to_main_requires_approval(repo: GitWorkspace) -> None:
+    branch = repo.branch_for_task("7")
+    repo.workspace.write("feature.py", "x = 1\n")
+    repo.add()
+    repo.commit()
+    main_before = repo.repo.heads["main"].commit.hexsha
+
+    for nobody in ("", "   "):
+        with pytest.raises(ApprovalRequiredError):
+            repo.merge_to_main(branch, approved_by=nobody)
+    assert repo.repo.heads["main"].commit.hexsha == main_before
+
+    merge = repo.merge_to_main(branch, approved_by="reviewer-bot")
+    assert merge.branch == "main" and "Approved-by: reviewer-bot" in merge.message
+    assert merge.files == ["feature.py"]
+    assert len(repo.repo.commit(merge.sha).parents) == 2  # a real merge commit (--no-ff)
+    assert repo.current_branch == branch  # HEAD goes back where it was
+    with pytest.raises(GitWorkspaceError, match="nothing to merge"):
+        repo.merge_to_main(branch, approved_by="reviewer-bot")
+
+
+def test_merge_conflict_is_aborted_and_reported(repo: GitWorkspace) -> None:
+    repo.branch_for_task("base")
+    repo.workspace.write("shared.txt", "base\n")
+    repo.add()
+    repo.commit()
+    repo.merge_to_main("task/base", approved_by="lead")
+
+    for task, text in (("a", "from a\n"), ("b", "from b\n")):
+        repo.branch_for_task(task)
+        repo.workspace.write("shared.txt", text)
+        repo.add()
+        repo.commit()
+    repo.merge_to_main("task/a", approved_by="lead")
+    main_before = repo.repo.heads["main"].commit.hexsha
+
+    with pytest.raises(MergeConflictError) as err:
+        repo.merge_to_main("task/b", approved_by="lead")
+    assert err.value.files == ["shared.txt"] and "shared.txt" in str(err.value)
+    assert not repo.is_dirty(untracked=True)
+    assert not (repo.root / ".git" / "MERGE_HEAD").exists()
+    assert repo.repo.heads["main"].commit.hexsha == main_before
+    assert repo.current_branch == "task/b" and repo.workspace.read("shared.txt") == "from b\n"
+
+
+def test_undo_last_commit_only_on_task_branches(repo: GitWorkspace) -> None:
+    with pytest.raises(GitWorkspaceError, match="task branch"):
+        repo.undo_last_commit()  # on main
+    repo.branch_for_task("9")
+    with pytest.raises(GitWorkspaceError, match="already on main"):
+        repo.undo_last_commit()  # nothing of the task's own yet
+    repo.workspace.write("keep.txt", "keep\n")
+    repo.add()
+    kept = repo.commit()
+    repo.workspace.write("oops.txt", "oops\n")
+    repo.add()
+    oops = repo.commit()
+    undone = repo.undo_last_commit()
+    assert undone.sha == oops.sha and undone.files == ["oops.txt"]
+    assert repo.log(1)[0].sha == kept.sha and not repo.workspace.exists("oops.txt")
+    repo.checkout("main")
+    with pytest.raises(GitWorkspaceError):
+        repo.undo_last_commit()
+
+
+def test_clone_of_a_local_repository(repo: GitWorkspace, tmp_path: Path) -> None:
+    repo.branch_for_task("1")
+    repo.workspace.write("lib.py", "def f():\n    return 1\n")
+    repo.add()
+    repo.commit()
+    repo.merge_to_main("task/1", approved_by="lead")
+
+    clone = GitWorkspace.init_or_clone(tmp_path / "clone", url=str(repo.root))
+    assert clone.current_branch == "main"
+    assert clone.workspace.read("lib.py") == "def f():\n    return 1\n"
+    assert clone.log(1)[0].sha == repo.repo.heads["main"].commit.hexsha
+    clone.branch_for_task("2")
+    clone.workspace.write("lib.py", "def f():\n    return 2\n")
+    clone.add()
+    assert clone.commit().files == ["lib.py"]  # commits work in the clone with no global identity
+
+
+# ---------------------------------------------------------------- test runner
+
+
+def project(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "proj"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(textwrap.dedent(text))
+    return root
+
+
+async def test_pytest_passing_suite(tmp_path: Path) -> None:
+    root = project(
+        tmp_path,
+        {
+            "tests/test_ok.py": """
+                import pytest
+
+                def test_one():
+                    assert 1 + 1 == 2
+
+                @pytest.mark.parametrize("n", [1, 2, 3])
+                def test_many(n):
+                    assert n > 0
+
+                @pytest.mark.skip(reason="not today")
+                def test_skipped():
+                    pass
+            """
+        },
+    )
+    report = await run_tests(root, timeout_s=60)
+    assert report.runner == "pytest"
+    assert (report.passed, report.failed, report.errors, report.skipped, report.count) == (4, 0, 0, 1, 5)
+    assert report.ok and report.exit_code == 0 and not report.timed_out and report.failures == []
+    assert report.problem is None and report.duration_s > 0
+
+
+async def test_pytest_failing_test_is_described(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--collect-only")  # an outer run's options must not leak in
+    root = project(
+        tmp_path,
+        {
+            "test_calc.py": """
+                def add(a, b):
+                    return a - b
+
+                def test_add():
+                    result = add(2, 2)
+                    assert result == 4, "add is broken"
+
+                def test_fine():
+                    assert True
+            """
+        },
+    )
+    report = await run_pytest(root, timeout_s=60)
+    assert (report.passed, report.failed, report.errors, report.count) == (1, 1, 0, 2)
+    assert not report.ok and report.exit_code == 1
+    [failure] = report.failures
+    assert failure.name == "test_add" and failure.classname == "test_calc" and failure.kind == "failure"
+    assert "add is broken" in failure.message and "assert 0 == 4" in failure.message
+    assert "assert result == 4" in failure.traceback and "test_calc.py:7" in failure.traceback
+    assert "1 failed, 1 passed" in report.output_tail
+
+
+async def test_pytest_collection_error_is_a_report(tmp_path: Path) -> None:
+    root = project(
+        tmp_path,
+        {"test_good.py": "def test_ok():\n    pass\n", "test_broken.py": "def test_x(:\n    pass\n"},
+    )
+    report = await run_pytest(root, timeout_s=60)
+    assert report.errors == 1 and report.count == 0 and report.passed == 0 and not report.ok
+    assert report.exit_code == 2 and report.problem and "collection" in report.problem
+    [failure] = report.failures
+    assert failure.kind == "error" and "test_broken" in failure.name and "SyntaxError" in failure.traceback
+
+
+async def test_pytest_timeout_is_bounded(tmp_path: Path) -> None:
+    root = project(
+        tmp_path,
+        {
+            "test_slow.py": """
+                import time
+
+                def test_quick():
+                    pass
+
+                def test_sleeps():
+                    time.sleep(60)
+            """
+        },
+    )
+    started = time.monotonic()
+    report = await run_pytest(root, timeout_s=2)
+    assert time.monotonic() - started < 15
+    assert report.timed_out and not report.ok and report.problem and "timed out" in report.problem
+    assert report.passed == 1  # pytest was interrupted, so it still reported what had run
+    assert "test_sleeps" in report.output_tail or "KeyboardInterrupt" in report.output_tail
+
+
+async def test_pytest_without_tests(tmp_path: Path) -> None:
+    root = project(tmp_path, {"pyproject.toml": "[project]\nname = 'empty'\n", "lib.py": "x = 1\n"})
+    report = await run_tests(root, timeout_s=60)
+    assert report.count == 0 and report.exit_code == 5 and not report.ok and report.problem == "no tests were collected"
+
+
+# ---------------------------------------------------------------- jest
+
+JEST_INSTALL_BUDGET_S = 120
+
+
+@pytest.fixture(scope="session")
+def jest_modules(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """node_modules with jest 29, installed once (kept in the pytest cache between runs when it is enabled)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("jest test skipped: node/npm are not installed on this machine")
+    cache = request.config.cache
+    base = cache.mkdir("agenthub-jest29") if cache is not None else tmp_path_factory.mktemp("jest29")
+    if not (base / "node_modules" / ".bin" / "jest").exists():
+        (base / "package.json").write_text('{"name": "jest-cache", "private": true}\n')
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "jest@29"],
+                cwd=base,
+                capture_output=True,
+                text=True,
+                timeout=JEST_INSTALL_BUDGET_S,
+                env={**os.environ, "CI": "true"},
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"jest test skipped: `npm install jest@29` took over {JEST_INSTALL_BUDGET_S}s")
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"jest test skipped: `npm install jest@29` failed (exit {done.returncode}): {reason}")
+        print(f"installed jest@29 in {time.monotonic() - started:.1f}s")
+    yield base / "node_modules"
+
+
+async def test_jest_results_are_parsed(tmp_path: Path, jest_modules: Path) -> None:
+    root = project(
+        tmp_path,
+        {
+            "package.json": '{"name": "web", "private": true}\n',
+            "sum.test.js": """
+                const sum = (a, b) => a + b;
+                describe('sum', () => {
+                  test('adds', () => { expect(sum(1, 2)).toBe(3); });
+                  test('is broken', () => { expect(sum(1, 1)).toBe(3); });
+                  test.skip('later', () => {});
+                });
+            """,
+            "broken.test.js": "test('x', () => {\n",
+        },
+    )
+    (root / "node_modules").symlink_to(jest_modules, target_is_directory=True)
+    report = await run_tests(root, timeout_s=60)
+    assert report.runner == "jest"
+    assert (report.passed, report.failed, report.skipped, report.count, report.errors) == (1, 1, 1, 3, 1)
+    assert not report.ok and report.exit_code == 1
+    failure = next(f for f in report.failures if f.kind == "failure")
+    assert failure.name == "sum is broken" and failure.classname == "sum.test.js"
+    assert "toBe" in failure.message and "Received: 2" in failure.traceback
+    error = next(f for f in report.failures if f.kind == "error")
+    assert error.classname == "broken.test.js" and "SyntaxError" in error.message
+
+    (root / "broken.test.js").unlink()
+    (root / "sum.test.js").write_text("test('adds', () => { expect(1 + 2).toBe(3); });\n")
+    report = await run_jest(root, timeout_s=60)
+    assert report.ok and (report.passed, report.count) == (1, 1)
+
+
+async def test_jest_missing_is_a_report(tmp_path: Path) -> None:
+    root = project(tmp_path, {"package.json": "{}\n"})
+    report = await run_jest(root, timeout_s=5)
+    assert not report.ok and report.problem and "not found" in report.problem
+
+
+def test_git_repo_fixture_is_isolated_from_global_identity(repo: GitWorkspace) -> None:
+    assert os.environ["GIT_CONFIG_NOSYSTEM"] == "1"
+    with pytest.raises(git.GitCommandError):
+        git.Git().config("--global", "user.name")  # no global identity here, and commits still work
