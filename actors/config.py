@@ -19,3 +19,8 @@ class RuntimeConfig(BaseModel):
     poll_interval_s: float = 1.0
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    llm_timeout_s: float = 60.0
+    llm_max_attempts: int = 4
+    llm_cache_ttl_s: float = 3600.0

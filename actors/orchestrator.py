@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import heapq
 import importlib
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Sub:
     attempts: int = 0
     dead: bool = False
     agent_id: str | None = None
+    delivering_since: float | None = None
 
 
 @dataclass(order=True)
@@ -164,22 +166,30 @@ class OrchestratorImpl:
         last_flush = time.monotonic()
         while True:
             self.wake.clear()
-            low = min([self.cursor, *(s.cursor for s in self.subs.values() if not s.dead)])
             try:
-                batch = await self.store.read_committed(low, 500)
+                batch = await self._route_once()
+                if time.monotonic() - last_flush > 1.0:
+                    await self._flush_idle_cursors()
+                    last_flush = time.monotonic()
             except StoreUnavailable as e:
                 log.warning("routing paused: event store unavailable", error=str(e))
                 await asyncio.sleep(0.5)
                 continue
-            if batch:
-                await self._own(batch)
-                await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))
-            if time.monotonic() - last_flush > 1.0:
-                await self._flush_idle_cursors()
-                last_flush = time.monotonic()
-            if not batch or any(s.dead for s in self.subs.values()):
+            except Exception:  # the router must outlive any one bad batch: log it and try again
+                log.exception("routing step failed")
+                await asyncio.sleep(0.5)
+                continue
+            if not batch or any(s.dead for s in list(self.subs.values())):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.config.poll_interval_s)
+
+    async def _route_once(self) -> list[RecordedEvent]:
+        low = min([self.cursor, *(s.cursor for s in list(self.subs.values()) if not s.dead)])
+        batch = await self.store.read_committed(low, 500)
+        if batch:
+            await self._own(batch)
+            await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))
+        return batch
 
     async def _own(self, batch: list[RecordedEvent]) -> None:
         """The orchestrator's own subscription: agent lifecycle and timers."""
@@ -207,6 +217,7 @@ class OrchestratorImpl:
         if not events:
             sub.cursor = max(sub.cursor, end)
             return
+        sub.delivering_since = time.time()
         try:
             await sub.handle.deliver.remote(events, end)
         except DEAD as e:
@@ -218,6 +229,8 @@ class OrchestratorImpl:
             log.warning("delivery failed, will retry", subscriber=sub.subscription.name, error=str(e))
             await asyncio.sleep(0.2)
             return
+        finally:
+            sub.delivering_since = None
         sub.cursor = sub.persisted = end
         sub.attempts = 0
         self.routed += len(events)
@@ -227,7 +240,7 @@ class OrchestratorImpl:
 
     async def _flush_idle_cursors(self) -> None:
         """Persist the cursors of subscribers that had nothing to handle, so a restart need not reread."""
-        for name, sub in self.subs.items():
+        for name, sub in list(self.subs.items()):  # subscribers may register while we await
             if not sub.dead and sub.cursor > sub.persisted:
                 with contextlib.suppress(StoreUnavailable):
                     await self.store.save_checkpoint(name, sub.cursor)
@@ -316,13 +329,23 @@ class OrchestratorImpl:
 
     async def status(self) -> dict[str, Any]:
         await self.ready.wait()
+        router = "running"
+        if self._main.done():
+            router = "cancelled" if self._main.cancelled() else f"stopped: {self._main.exception()!r}"
         return {
+            "router": router,
             "cursor": list(self.cursor),
             "routed": self.routed,
             "pending_timers": sum(1 for t in self.timers if t.timer_id not in self.fired),
             "uptime_s": round(time.time() - self.started_at, 1),
             "subscribers": {
-                n: {"position": s.cursor[1], "dead": s.dead, "restarts": s.attempts} for n, s in self.subs.items()
+                n: {
+                    "position": s.cursor[1],
+                    "dead": s.dead,
+                    "restarts": s.attempts,
+                    "delivering_for_s": round(time.time() - s.delivering_since, 1) if s.delivering_since else None,
+                }
+                for n, s in self.subs.items()
             },
         }
 
@@ -393,6 +416,13 @@ class OrchestratorImpl:
 
     async def ping(self) -> dict[str, Any]:
         return {"ready": self.ready.is_set(), "subscribers": len(self.subs)}
+
+    async def stacks(self) -> str:
+        """Where each of the orchestrator's coroutines is waiting (for diagnosing a stall)."""
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=6, file=out)
+        return out.getvalue()
 
 
 Orchestrator = ray.remote(num_cpus=0, max_restarts=-1)(OrchestratorImpl)

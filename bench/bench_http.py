@@ -82,9 +82,11 @@ async def warm_up(system: System, agent_id: str, sizes: Sizes) -> float:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=120) as http:
         deadline = time.perf_counter() + 90
-        while await send(http, agent_id, "c0", "hello", timeout=60) != 200:
+        while (status := await send(http, agent_id, "c0", "hello", timeout=60)) != 200:
             if time.perf_counter() > deadline:
-                raise RuntimeError("warm-up: no reply from the agent within 90 s")
+                raise RuntimeError(f"warm-up: no reply from the agent within 90 s (last status {status})")
+            if status != 202:  # 202: recorded, reply still pending; anything else: give the system a moment
+                await asyncio.sleep(0.5)
         rest = [f"c{i % sizes.clients}" for i in range(1, sizes.warmup)]
         statuses = await asyncio.gather(*(send(http, agent_id, chat, "hello", timeout=60) for chat in rest))
     if any(s != 200 for s in statuses):

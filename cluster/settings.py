@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     pool_size: int = 10
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    llm_timeout_s: float = 60.0
+    llm_max_attempts: int = 4
+    llm_cache_ttl_s: float = 3600.0
 
     def resolve_api_token(self) -> tuple[str, bool]:
         """The configured token, or one generated at first start and kept in the data dir.

@@ -82,6 +82,7 @@ class TaskAssigned(EventData):
     run_id: str
     role: str
     phase: str = "work"
+    priority: Priority = Field(5, ge=1, le=10)
 
 
 @event_type("task.started")
@@ -132,6 +133,7 @@ class ReviewRequested(EventData):
     run_id: str
     role: str
     owner: str
+    priority: Priority = Field(5, ge=1, le=10)
 
 
 @event_type("task.reviewed")
@@ -142,6 +144,7 @@ class TaskReviewed(EventData):
     owner: str
     approved: bool
     comments: str
+    priority: Priority = Field(5, ge=1, le=10)
 
 
 @event_type("task.merged")

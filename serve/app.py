@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
@@ -27,6 +25,7 @@ from events.hub import (
     AgentUpdated,
     MessageReceived,
 )
+from serve.deps import HubDep, api, state
 from serve.hub import Hub
 from serve.metrics import merge_expositions
 from serve.schemas import (
@@ -43,35 +42,6 @@ from serve.team_routes import build_router
 from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion
 
 app = FastAPI(title="agenthub", version="0.1.0")
-bearer = HTTPBearer(auto_error=False)
-
-
-class IngressState:
-    """Set by the replica that hosts this app (module-level: Ray Serve copies the FastAPI object)."""
-
-    ingress: Any = None
-    api_token: str = ""
-    max_body_bytes: int = 256 * 1024
-
-
-state = IngressState()
-
-
-async def hub() -> Hub:
-    """The replica's connections, opened on first use (503 while the database is down)."""
-    return await state.ingress.hub()
-
-
-HubDep = Annotated[Hub, Depends(hub)]
-
-
-async def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    token = state.api_token
-    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
-api = [Depends(authorized)]
 
 
 # ---- errors: JSON {"detail": ...} with the right status ------------------------------------------------
@@ -404,4 +374,4 @@ async def read_stream(stream: str, h: HubDep, from_version: int = Query(1, ge=1)
     }
 
 
-app.include_router(build_router(hub, authorized))
+app.include_router(build_router())

@@ -35,7 +35,7 @@ class ApiIngress:
         self._lock = asyncio.Lock()
         # Imported here, not at module level: Ray pickles this class by value, and module globals would
         # travel as copies instead of the replica's own modules.
-        from serve.app import state
+        from serve.deps import state
 
         state.ingress = self
         state.api_token = config.api_token

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.agents.team.actors import ensure_team
@@ -15,6 +15,7 @@ from actors.agents.team.services import fold_run
 from actors.agents.team.task import TERMINAL, TaskState, evolve_task
 from events import NO_STREAM, NewEvent
 from events.team import DecisionRequested, RunStarted, TaskCancelled, TaskCreated
+from serve.deps import HubDep, api
 from serve.hub import Hub
 
 PRIORITIES = {"high": 1, "medium": 5, "low": 10}
@@ -49,7 +50,7 @@ class TaskIn(BaseModel):
     description: str = Field("", max_length=20_000)
     kind: Literal["generic", "implement"] = "generic"
     role: str | None = None
-    priority: int | Literal["high", "medium", "low"] = "medium"
+    priority: int | Literal["high", "medium", "low"] = Field("medium", validate_default=True)
     deadline: datetime | None = None
     timeout_s: float = Field(300, gt=0, le=86_400)
     spec: dict[str, Any] = Field(default_factory=dict)
@@ -70,9 +71,8 @@ class DecisionIn(BaseModel):
     voters: list[str] = Field(default_factory=lambda: list(VOTERS))
 
 
-def build_router(hub_dep: Any, auth: Any) -> APIRouter:
-    router = APIRouter(prefix="/api/v1", dependencies=[Depends(auth)])
-    HubDep = Annotated[Hub, Depends(hub_dep)]
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/api/v1", dependencies=api)
 
     async def run_or_404(h: Hub, run_id: str) -> dict[str, Any]:
         cfg = fold_run(await h.store.read_stream(f"run-{run_id}"))

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import git
 import pytest
 
 from actors.tools import (
+    AlreadyMergedError,
     ApprovalRequiredError,
     DirtyWorkspaceError,
     FileTooLargeError,
@@ -138,6 +139,12 @@ def test_limits_find_and_list(sandbox: tuple[Workspace, Path]) -> None:
     assert ws.find("**/*.py") == ["a.py", "pkg/b.py", "pkg/sub/c.py"]
     assert ws.find("**/*.py", include_hidden=True) == [".hidden/d.py", "a.py", "pkg/b.py", "pkg/sub/c.py"]
     assert ws.find("pkg/*.md") == ["pkg/readme.md"]
+    assert ws.find("*.py") == ["a.py"] and ws.find("pkg/**") == ["pkg/b.py", "pkg/readme.md", "pkg/sub", "pkg/sub/c.py"]
+    (ws.root / "pkg" / "sub" / "loop").symlink_to("..", target_is_directory=True)  # listed, never walked into
+    assert ws.find("**/*.py") == ["a.py", "pkg/b.py", "pkg/sub/c.py"]
+    assert "pkg/sub/loop" in ws.find("**/loop")
+    with pytest.raises(PathEscapeError):
+        ws.write("vendor/.git/config", "x")  # nested git dirs are off limits too
     assert ws.list_dir() == [".hidden/", "a.py", "huge.txt", "pkg/"]
     assert ws.list_dir("pkg") == ["pkg/b.py", "pkg/readme.md", "pkg/sub/"]
 
@@ -172,16 +179,24 @@ class Store(Base, metaclass=Meta):
 async def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     return 0
+
+
+def plain(a, /, b=2, *, c: int = 3):
+    return a
 '''
 
 
 def test_outline_of_a_module(sandbox: tuple[Workspace, Path]) -> None:
     items = {i.qualname: i for i in outline(SAMPLE)}
-    assert list(items) == ["Store", "Store.get", "Store.fetch", "Store.Inner", "Store.Inner.deep", "main"]
+    assert list(items) == ["Store", "Store.get", "Store.fetch", "Store.Inner", "Store.Inner.deep", "main", "plain"]
 
     store = items["Store"]
-    assert (store.kind, store.signature, store.docstring) == ("class", "class Store(Base, metaclass=Meta)", "Keeps things.")
-    assert (store.line, store.end_line) == (6, 24)
+    assert (store.kind, store.signature, store.docstring) == (
+        "class",
+        "class Store(Base, metaclass=Meta)",
+        "Keeps things.",
+    )
+    assert (store.line, store.end_line) == (6, 23)
     get = items["Store.get"]
     assert get.kind == "method" and get.signature == "def get(self, key: str, default: int = 1) -> int"
     assert get.docstring == "Return the value." and get.line == 12 and get.depth == 1
@@ -192,6 +207,7 @@ def test_outline_of_a_module(sandbox: tuple[Workspace, Path]) -> None:
     main = items["main"]
     assert main.kind == "async function" and main.signature == "async def main(argv: list[str] | None = None) -> int"
     assert main.docstring == "Entry point."
+    assert items["plain"].kind == "function" and items["plain"].signature == "def plain(a, /, b=2, *, c: int = 3)"
 
     ws, _ = sandbox
     ws.write("pkg/sample.py", SAMPLE)
@@ -245,6 +261,7 @@ def test_branch_per_task_and_generated_commit_message(repo: GitWorkspace) -> Non
     ws.write("README.md", "# project\n")
     with pytest.raises(NothingToCommitError):
         repo.commit()
+    assert repo.has_changes()
     assert sorted(repo.add()) == ["README.md", "src/app.py"]
     info = repo.commit(author="coder-bot")
     subject, _, body = info.message.partition("\n\n")
@@ -257,7 +274,8 @@ def test_branch_per_task_and_generated_commit_message(repo: GitWorkspace) -> Non
     repo.add(["README.md", "src/app.py"])
     second = repo.commit("explicit message")
     assert second.message.strip() == "explicit message" and second.files == ["README.md", "src/app.py"]
-    assert [c.sha for c in repo.log(2)] == [second.sha, info.sha]
+    assert [c.sha for c in repo.log(2)] == [second.sha, info.sha] and repo.head_sha() == second.sha
+    assert not repo.has_changes()
     assert "explicit" not in repo.diff("main")  # the diff against main shows content, not messages
     assert "+more" in repo.diff("main")
 
@@ -286,13 +304,15 @@ def test_merge_to_main_requires_approval(repo: GitWorkspace) -> None:
             repo.merge_to_main(branch, approved_by=nobody)
     assert repo.repo.heads["main"].commit.hexsha == main_before
 
-    merge = repo.merge_to_main(branch, approved_by="reviewer-bot")
-    assert merge.branch == "main" and "Approved-by: reviewer-bot" in merge.message
+    merge = repo.merge_to_main(branch, approved_by="reviewer-bot\nApproved-by: forged")
+    assert merge.branch == "main" and "\nApproved-by: reviewer-bot " in merge.message
+    assert merge.message.count("\nApproved-by:") == 1  # the approver cannot forge another trailer
     assert merge.files == ["feature.py"]
     assert len(repo.repo.commit(merge.sha).parents) == 2  # a real merge commit (--no-ff)
     assert repo.current_branch == branch  # HEAD goes back where it was
-    with pytest.raises(GitWorkspaceError, match="nothing to merge"):
-        repo.merge_to_main(branch, approved_by="reviewer-bot")
+    with pytest.raises(AlreadyMergedError, match="nothing to merge") as again:
+        repo.merge_to_main(branch, approved_by="reviewer-bot")  # e.g. a redelivered merge step
+    assert again.value.main_sha == merge.sha
 
 
 def test_merge_conflict_is_aborted_and_reported(repo: GitWorkspace) -> None:
@@ -453,8 +473,9 @@ async def test_pytest_timeout_is_bounded(tmp_path: Path) -> None:
     report = await run_pytest(root, timeout_s=2)
     assert time.monotonic() - started < 15
     assert report.timed_out and not report.ok and report.problem and "timed out" in report.problem
-    assert report.passed == 1  # pytest was interrupted, so it still reported what had run
-    assert "test_sleeps" in report.output_tail or "KeyboardInterrupt" in report.output_tail
+    # pytest was interrupted, so it still reported what had run, and where it hung.
+    assert (report.passed, report.count, report.failed) == (1, 1, 0)
+    assert report.problem.endswith("at test_slow.py:8") and "KeyboardInterrupt" in report.output_tail
 
 
 async def test_pytest_without_tests(tmp_path: Path) -> None:
@@ -465,35 +486,42 @@ async def test_pytest_without_tests(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- jest
 
-JEST_INSTALL_BUDGET_S = 120
+JEST_INSTALL_BUDGET_S = 60
 
 
 @pytest.fixture(scope="session")
-def jest_modules(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def jest_modules(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """node_modules with jest 29, installed once (kept in the pytest cache between runs when it is enabled)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("jest test skipped: node/npm are not installed on this machine")
     cache = request.config.cache
     base = cache.mkdir("agenthub-jest29") if cache is not None else tmp_path_factory.mktemp("jest29")
-    if not (base / "node_modules" / ".bin" / "jest").exists():
-        (base / "package.json").write_text('{"name": "jest-cache", "private": true}\n')
-        started = time.monotonic()
-        try:
-            done = subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "jest@29"],
-                cwd=base,
-                capture_output=True,
-                text=True,
-                timeout=JEST_INSTALL_BUDGET_S,
-                env={**os.environ, "CI": "true"},
-            )
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"jest test skipped: `npm install jest@29` took over {JEST_INSTALL_BUDGET_S}s")
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"jest test skipped: `npm install jest@29` failed (exit {done.returncode}): {reason}")
-        print(f"installed jest@29 in {time.monotonic() - started:.1f}s")
-    yield base / "node_modules"
+    with (base / "install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions share the cache: one installs, the others wait
+        if not (base / "installed.ok").exists():
+            _install_jest(base)
+    return base / "node_modules"
+
+
+def _install_jest(base: Path) -> None:
+    (base / "package.json").write_text('{"name": "jest-cache", "private": true}\n')
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--fetch-retries=1", "jest@29"],
+            cwd=base,
+            capture_output=True,
+            text=True,
+            timeout=JEST_INSTALL_BUDGET_S,
+            env={**os.environ, "CI": "true"},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"jest test skipped: `npm install jest@29` took over {JEST_INSTALL_BUDGET_S}s")
+    if done.returncode != 0:
+        lines = [ln.removeprefix("npm error").removeprefix("npm ERR!").strip() for ln in done.stderr.splitlines()]
+        reason = next((line for line in lines if "Error" in line), next((x for x in lines if x), "no output"))
+        pytest.skip(f"jest test skipped: `npm install jest@29` failed (exit {done.returncode}): {reason}")
+    (base / "installed.ok").write_text(f"jest@29 installed in {time.monotonic() - started:.1f}s\n")
 
 
 async def test_jest_results_are_parsed(tmp_path: Path, jest_modules: Path) -> None:
@@ -527,6 +555,11 @@ async def test_jest_results_are_parsed(tmp_path: Path, jest_modules: Path) -> No
     (root / "sum.test.js").write_text("test('adds', () => { expect(1 + 2).toBe(3); });\n")
     report = await run_jest(root, timeout_s=60)
     assert report.ok and (report.passed, report.count) == (1, 1)
+
+    (root / "test_py.py").write_text("def test_py():\n    assert False, 'python side'\n")  # a mixed project
+    report = await run_tests(root, timeout_s=60)
+    assert report.runner == "pytest+jest" and (report.passed, report.failed, report.count) == (1, 1, 2)
+    assert [f.name for f in report.failures] == ["test_py"] and not report.ok
 
 
 async def test_jest_missing_is_a_report(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from actors.tools.filesystem import (
     WorkspaceError,
 )
 from actors.tools.git_workspace import (
+    AlreadyMergedError,
     ApprovalRequiredError,
     CommitInfo,
     DirtyWorkspaceError,
@@ -25,6 +26,7 @@ from actors.tools.git_workspace import (
 from actors.tools.test_runner import TestFailure, TestReport, run_jest, run_pytest, run_tests
 
 __all__ = [
+    "AlreadyMergedError",
     "ApprovalRequiredError",
     "CommitInfo",
     "DirtyWorkspaceError",

@@ -41,6 +41,32 @@ class OutlineItem(BaseModel):
     depth: int = 0
 
 
+def _arg(arg: ast.arg, default: ast.expr | None) -> str:
+    text = arg.arg + (f": {ast.unparse(arg.annotation)}" if arg.annotation else "")
+    if default is not None:
+        text += (" = " if arg.annotation else "=") + ast.unparse(default)
+    return text
+
+
+def _arguments(a: ast.arguments) -> str:
+    """PEP 8 spacing (``x: int = 1``, ``y=2``) as ``inspect.signature`` shows it; ``ast.unparse`` gives ``x: int=1``."""
+    positional = a.posonlyargs + a.args
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    parts: list[str] = []
+    for i, (arg, default) in enumerate(zip(positional, defaults, strict=True)):
+        parts.append(_arg(arg, default))
+        if i == len(a.posonlyargs) - 1:
+            parts.append("/")
+    if a.vararg:
+        parts.append("*" + _arg(a.vararg, None))
+    elif a.kwonlyargs:
+        parts.append("*")
+    parts += [_arg(arg, default) for arg, default in zip(a.kwonlyargs, a.kw_defaults, strict=True)]
+    if a.kwarg:
+        parts.append("**" + _arg(a.kwarg, None))
+    return ", ".join(parts)
+
+
 def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> str:
     if isinstance(node, ast.ClassDef):
         bases = [ast.unparse(b) for b in node.bases] + [ast.unparse(k) for k in node.keywords]
@@ -49,7 +75,7 @@ def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> s
     type_params = getattr(node, "type_params", None)  # 3.12+ generics: def f[T](...)
     generic = f"[{', '.join(ast.unparse(t) for t in type_params)}]" if type_params else ""
     returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
-    return f"{prefix} {node.name}{generic}({ast.unparse(node.args)}){returns}"
+    return f"{prefix} {node.name}{generic}({_arguments(node.args)}){returns}"
 
 
 def _first_line(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> str | None:

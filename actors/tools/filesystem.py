@@ -7,8 +7,10 @@ Every mutation is journaled with the content before and after, so any change can
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
+import os
+import re
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
@@ -21,6 +23,29 @@ DEFAULT_MAX_FILE_BYTES = 1024 * 1024
 PROTECTED_DIRS = frozenset({".git"})
 
 Action = Literal["created", "modified", "deleted"]
+
+
+_MAGIC = re.compile(r"[*?[]")
+
+
+def _match_segments(parts: list[str], pattern: list[str], include_hidden: bool) -> bool:
+    """Glob match of path segments against pattern segments, ``**`` standing for zero or more segments."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        if _match_segments(parts, rest, include_hidden):
+            return True
+        return (
+            bool(parts)
+            and (include_hidden or not parts[0].startswith("."))
+            and _match_segments(parts[1:], pattern, include_hidden)
+        )
+    if not parts:
+        return False
+    if parts[0].startswith(".") and not head.startswith(".") and not include_hidden:
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _match_segments(parts[1:], rest, include_hidden)
 
 
 class WorkspaceError(Exception):
@@ -89,9 +114,8 @@ class Workspace:
         target = (self.root / rel_path).resolve(strict=False)
         if not target.is_relative_to(self.root):
             raise PathEscapeError(f"path escapes the workspace: {rel}")
-        inside = target.relative_to(self.root)
-        if inside.parts and inside.parts[0] in PROTECTED_DIRS:
-            raise PathEscapeError(f"path is inside {inside.parts[0]}, which the workspace does not expose: {rel}")
+        if protected := PROTECTED_DIRS.intersection(target.relative_to(self.root).parts):
+            raise PathEscapeError(f"path is inside {min(protected)}, which the workspace does not expose: {rel}")
         return target
 
     def relative(self, path: Path) -> str:
@@ -130,24 +154,47 @@ class Workspace:
     def find(self, pattern: str, *, include_hidden: bool = False, limit: int = 10_000) -> list[str]:
         """Files and directories matching a glob such as ``**/*.py``, as sorted relative posix paths.
 
-        ``**`` does not descend into hidden directories unless ``include_hidden``; ``.git`` is always skipped and
-        any match that resolves outside the root (``..`` in the pattern, a symlink) is dropped.
+        Glob semantics per path segment (``*``, ``?``, ``[...]``; ``**`` is any number of directories); hidden names
+        match only a pattern segment that starts with ``.``, unless ``include_hidden``. The walk never follows
+        symlinked directories (no loops, no escapes), never enters ``.git``, and drops any match that resolves
+        outside the root.
         """
-        pure = PurePosixPath(pattern)
-        if pure.is_absolute() or ".." in pure.parts:
+        segments = [seg for seg in PurePosixPath(pattern).parts if seg not in ("", ".")]
+        if PurePosixPath(pattern).is_absolute() or ".." in segments:
             raise PathEscapeError(f"glob patterns must stay inside the workspace: {pattern}")
-        found: set[str] = set()
-        for match in glob.iglob(pattern, root_dir=self.root, recursive=True, include_hidden=include_hidden):
-            rel = PurePosixPath(Path(match).as_posix())
-            if rel.parts and rel.parts[0] in PROTECTED_DIRS:
-                continue
-            try:
-                self.resolve(rel)
-            except PathEscapeError:
-                continue
-            found.add(rel.as_posix())
-            if len(found) >= limit:
-                break
+        if not segments:
+            return []
+        literal = 0  # leading segments without wildcards: start the walk there rather than at the root
+        while literal < len(segments) - 1 and not _MAGIC.search(segments[literal]):
+            literal += 1
+        try:
+            start = self.resolve(PurePosixPath(*segments[:literal])) if literal else self.root
+        except PathEscapeError:
+            return []  # e.g. a symlinked directory that leads outside: there is nothing of ours there
+        if not start.is_dir():
+            return []
+        rest = segments[literal:]
+        hidden = include_hidden or any(seg.startswith(".") for seg in rest)
+        max_depth = None if "**" in rest else len(rest)
+        found: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
+            here = Path(dirpath)
+            depth = len(here.relative_to(start).parts)
+            dirnames[:] = sorted(d for d in dirnames if d not in PROTECTED_DIRS and (hidden or not d.startswith(".")))
+            for name in [*dirnames, *sorted(filenames)]:
+                rel_parts = [*here.relative_to(start).parts, name]
+                if not _match_segments(rel_parts, rest, include_hidden):
+                    continue
+                rel = (here / name).relative_to(self.root)
+                try:
+                    self.resolve(rel)  # a symlink whose target is outside
+                except PathEscapeError:
+                    continue
+                found.append(rel.as_posix())
+                if len(found) >= limit:
+                    return sorted(found)
+            if max_depth is not None and depth + 1 >= max_depth:
+                dirnames[:] = []
         return sorted(found)
 
     # ---- mutations (all journaled) ----

@@ -41,6 +41,15 @@ class MergeConflictError(GitWorkspaceError):
         self.files = files
 
 
+class AlreadyMergedError(GitWorkspaceError):
+    """The branch has nothing main lacks (e.g. a redelivered merge step); ``main_sha`` is main's head."""
+
+    def __init__(self, branch: str, main_sha: str) -> None:
+        super().__init__(f"{branch} has nothing to merge: it is already in {MAIN}")
+        self.branch = branch
+        self.main_sha = main_sha
+
+
 class NothingToCommitError(GitWorkspaceError):
     """No staged changes: an empty commit would only add noise to the task's history."""
 
@@ -60,6 +69,11 @@ class CommitInfo(BaseModel):
     @property
     def summary(self) -> str:
         return self.message.splitlines()[0] if self.message else ""
+
+
+def _one_line(text: str) -> str:
+    """Names go into headers and trailers, where a newline could forge another one."""
+    return " ".join(text.split())
 
 
 def _email_for(name: str) -> str:
@@ -90,7 +104,8 @@ class GitWorkspace:
         if (root / ".git").exists():
             return cls(root)
         if url is not None:
-            repo = git.Repo.clone_from(url, root)
+            # No credential prompts (nobody is there to answer); gitpython refuses ext:: and other unsafe protocols.
+            repo = git.Repo.clone_from(url, root, env={"GIT_TERMINAL_PROMPT": "0"})
             if MAIN not in repo.heads and repo.head.is_valid():
                 remote_main = next((r for r in repo.remotes.origin.refs if r.remote_head == MAIN), None)
                 repo.git.checkout("-b", MAIN, *([remote_main.name] if remote_main else []))
@@ -119,6 +134,7 @@ class GitWorkspace:
 
     @staticmethod
     def _actor(name: str) -> str:
+        name = _one_line(re.sub(r"[<>]", "", name)) or DEFAULT_NAME
         return f"{name} <{_email_for(name)}>"
 
     # ---- state ----
@@ -137,6 +153,13 @@ class GitWorkspace:
 
     def is_dirty(self, *, untracked: bool = False) -> bool:
         return self.repo.is_dirty(untracked_files=untracked)
+
+    def has_changes(self) -> bool:
+        """Anything to commit: staged, unstaged or untracked (after ``add()`` that means staged)."""
+        return self.repo.is_dirty(index=True, working_tree=True, untracked_files=True)
+
+    def head_sha(self) -> str:
+        return self.repo.head.commit.hexsha
 
     def _require_clean(self, doing: str) -> None:
         if self.repo.is_dirty(untracked_files=False):
@@ -250,13 +273,15 @@ class GitWorkspace:
             raise GitWorkspaceError(f"cannot merge {MAIN} into itself")
         if branch not in self.repo.heads:
             raise GitWorkspaceError(f"no branch named {branch}")
-        if self.repo.is_ancestor(self.repo.heads[branch].commit, self.repo.heads[MAIN].commit):
-            raise GitWorkspaceError(f"{branch} has nothing to merge: it is already in {MAIN}")
+        main_head = self.repo.heads[MAIN].commit
+        if self.repo.is_ancestor(self.repo.heads[branch].commit, main_head):
+            raise AlreadyMergedError(branch, main_head.hexsha)
         self._require_clean(f"merging {branch}")
         previous = self.current_branch or self.repo.head.commit.hexsha
-        message = f"Merge {branch} into {MAIN}\n\nApproved-by: {approved_by.strip()}\n"
+        message = f"Merge {branch} into {MAIN}\n\nApproved-by: {_one_line(approved_by)}\n"
         self.repo.git.checkout(MAIN)
-        identity = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": _email_for(author)}
+        name, _, email = self._actor(author).partition(" <")
+        identity = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email.rstrip(">")}
         try:
             try:
                 with self.repo.git.custom_environment(**identity):

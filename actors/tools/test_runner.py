@@ -31,6 +31,7 @@ GRACE_S = 3.0
 _DROPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ERROR_LINE = re.compile(r"^\w*(Error|Exception)\b")
+_INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
 
 
@@ -138,7 +139,9 @@ def parse_junit_xml(path: Path) -> TestReport:
     collection_errors = 0
     for suite in suites:
         for case in suite.iter("testcase"):
-            name, classname = case.get("name", ""), case.get("classname", "")
+            name, classname = case.get("name"), case.get("classname", "")
+            if name is None:  # the test that was running when pytest was interrupted: it has no result
+                continue
             outcome = "passed"
             for child in case:
                 if child.tag in ("failure", "error"):
@@ -185,13 +188,18 @@ async def run_pytest(
         cmd = [python or sys.executable, "-m", "pytest", "-q", f"--junitxml={xml}", "-p", "no:cacheprovider"]
         cmd += ["-o", "junit_family=xunit2", *(args or [])]
         run = await _run(cmd, Path(root), timeout_s, _child_env())
-        if xml.exists() and xml.stat().st_size > 0:
-            try:
-                report = parse_junit_xml(xml)
-            except ET.ParseError as e:
-                report = TestReport(problem=f"unreadable JUnit XML from pytest: {e}")
-        else:
-            report = TestReport(problem=f"pytest wrote no JUnit report (exit code {run.exit_code})")
+        return _pytest_report(xml, run, Path(root), timeout_s)
+
+
+def _pytest_report(xml: Path, run: _Run, root: Path, timeout_s: float) -> TestReport:
+    """The JUnit counts plus what the process itself said: timeout, nothing collected, pytest's own errors."""
+    if xml.exists() and xml.stat().st_size > 0:
+        try:
+            report = parse_junit_xml(xml)
+        except ET.ParseError as e:
+            report = TestReport(problem=f"unreadable JUnit XML from pytest: {e}")
+    else:
+        report = TestReport(problem=f"pytest wrote no JUnit report (exit code {run.exit_code})")
     report.runner = "pytest"
     report.duration_s = run.duration_s
     report.timed_out = run.timed_out
@@ -199,6 +207,8 @@ async def run_pytest(
     report.output_tail = run.output
     if run.timed_out:
         report.problem = f"timed out after {timeout_s:g}s; the run was interrupted"
+        if where := _INTERRUPTED_AT.findall(run.output):
+            report.problem += f" at {where[-1].removeprefix(f'{root.resolve()}{os.sep}')}"
     elif run.exit_code == 5 or (report.count == 0 and report.problem is None):
         report.problem = "no tests were collected"
     elif run.exit_code in (2, 3, 4) and report.problem is None:

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import math
 from typing import Any
 
 import ray
 import structlog
 
 from actors.agents.team.decision import Decision
+from actors.agents.team.queue import TaskQueue
 from actors.agents.team.roles import ROLES, VERDICT_SCHEMA, role
 from actors.agents.team.run import Run
 from actors.agents.team.services import TeamServices
@@ -64,9 +62,7 @@ class RoleActorImpl(TeamActor):
 
     def __init__(self, config: RuntimeConfig, name: str) -> None:
         self.name = name
-        self.queue: asyncio.PriorityQueue[tuple[int, float, int, str, RecordedEvent]] = asyncio.PriorityQueue()
-        self.queued: set[str] = set()
-        self.seq = itertools.count()
+        self.queue = TaskQueue()
         self.current: str | None = None
         super().__init__(config, f"role:{name}")
 
@@ -105,23 +101,15 @@ class RoleActorImpl(TeamActor):
                 st["status"] == "review" and st.get("reviewer") == self.name
             )
             if mine:
-                self._enqueue(tid, e, st.get("priority", 5), None)
-
-    def _enqueue(self, task_id: str, trigger: RecordedEvent, priority: int, deadline: str | None) -> None:
-        if task_id in self.queued:
-            return
-        self.queued.add(task_id)
-        due = datetime_ts(deadline)
-        self.queue.put_nowait((priority, due, next(self.seq), task_id, trigger))
+                self.queue.put(tid, e, st.get("priority", 5))
 
     async def handle(self, event: RecordedEvent) -> None:
-        self._enqueue(event.data["task_id"], event, int(event.data.get("priority", 5)), event.data.get("deadline"))
+        self.queue.put(event.data["task_id"], event, int(event.data.get("priority", 5)), event.data.get("deadline"))
 
     async def _work(self) -> None:
         host = self.hosts["task"]
         while True:
-            _, _, _, task_id, trigger = await self.queue.get()
-            self.queued.discard(task_id)
+            task_id, trigger = await self.queue.get()
             self.current = task_id
             try:
                 await host.handle(trigger)
@@ -158,7 +146,7 @@ class RoleActorImpl(TeamActor):
 
     async def ping(self) -> dict[str, Any]:
         info = await super().ping()
-        return {**info, "role": self.name, "queued": self.queue.qsize(), "current": self.current}
+        return {**info, "role": self.name, "queued": len(self.queue), "current": self.current}
 
 
 class CeoLoopActorImpl(TeamActor):
@@ -179,16 +167,6 @@ class CeoLoopActorImpl(TeamActor):
         host = self.hosts.get(event.category)
         if host is not None:
             await host.handle(event)
-
-
-def datetime_ts(value: str | None) -> float:
-    if not value:
-        return math.inf
-    from datetime import datetime
-
-    with contextlib.suppress(ValueError):
-        return datetime.fromisoformat(value).timestamp()
-    return math.inf
 
 
 RoleActor = ray.remote(num_cpus=0, max_restarts=0)(RoleActorImpl)

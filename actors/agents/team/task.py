@@ -89,6 +89,7 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
     d, t = e.data, e.type
     if t == "task.created":
         s = TaskState(status="pending", owner=d["role"], **{k: v for k, v in d.items() if k in TaskState.model_fields})
+        s.phase = "tests" if s.kind == "implement" else "work"
     elif t == "task.assigned":
         s.role, s.phase, s.status = d["role"], d["phase"], "pending"
     elif t == "task.started":
@@ -196,7 +197,7 @@ class Task(Entity[TaskState]):
             NewEvent.of(
                 TaskEscalated(**s.ids(), from_role=s.role, to_role=target, reason=f"no result in {s.timeout_s:.0f}s")
             ),
-            NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase)),
+            NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase, priority=s.priority)),
         ]
 
     def next_attempt(self, s: TaskState) -> tuple[int, int] | None:
@@ -211,7 +212,7 @@ class Task(Entity[TaskState]):
 
     def request_review(self, s: TaskState) -> list[NewEvent | Spawn]:
         reviewer = role(self.me).config.reviewer
-        return [NewEvent.of(ReviewRequested(**s.ids(), role=reviewer, owner=self.me))]
+        return [NewEvent.of(ReviewRequested(**s.ids(), role=reviewer, owner=self.me, priority=s.priority))]
 
     def give_up(self, s: TaskState) -> list[NewEvent | Spawn]:
         reason = f"no attempt passed after {len(s.attempts)} attempts and {APPROACHES} approaches"
@@ -278,7 +279,13 @@ class Task(Entity[TaskState]):
         v = answer.structured or {}
         approved = bool(v.get("approved", False))
         comments = str(v.get("comments", ""))
-        return [NewEvent.of(TaskReviewed(**s.ids(), role=self.me, owner=s.role, approved=approved, comments=comments))]
+        return [
+            NewEvent.of(
+                TaskReviewed(
+                    **s.ids(), role=self.me, owner=s.role, approved=approved, comments=comments, priority=s.priority
+                )
+            )
+        ]
 
     async def finish(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
         out: list[NewEvent | Spawn] = []
@@ -307,10 +314,10 @@ class Task(Entity[TaskState]):
             return ev
         assert answer is not None
         files = _files(answer)
-        branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, "tests"))
+        branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, self.me))
         return [
             NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
-            NewEvent.of(TaskAssigned(**s.ids(), role="developer", phase="code")),
+            NewEvent.of(TaskAssigned(**s.ids(), role="developer", phase="code", priority=s.priority)),
         ]
 
     async def code(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
@@ -331,7 +338,7 @@ class Task(Entity[TaskState]):
         files = _files(answer)
 
         def write_and_test(root: Path) -> tuple[str, str, dict[str, Any]]:
-            branch, sha = _commit(root, s.task_id, files, f"attempt {n}")
+            branch, sha = _commit(root, s.task_id, files, self.me)
             report = asyncio.run(run_pytest(root, timeout_s=float(s.spec.get("test_timeout_s", 60))))
             return branch, sha, report.model_dump(mode="json")
 
@@ -366,13 +373,23 @@ def _files(answer: Completed) -> dict[str, str]:
     return {str(k): v for k, v in files.items()}
 
 
-def _commit(root: Path, task_id: str, files: dict[str, str], what: str) -> tuple[str, str]:
-    """Write ``files`` on the task's branch and commit them (a no-op commit keeps the current head)."""
+def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tuple[str, str]:
+    """Write ``files`` on the task's branch and commit them; rewriting the same content (a redelivered step)
+    commits nothing and returns the current head."""
     repo = GitWorkspace.init_or_clone(root)
     branch = repo.branch_for_task(task_id)
+    if not repo.workspace.exists(".gitignore"):
+        repo.workspace.write(".gitignore", "__pycache__/\n.pytest_cache/\n")
     for path, content in files.items():
         repo.workspace.write(path, content)
-    repo.add()
-    if not repo.has_changes():
-        return branch, repo.head_sha()
-    return branch, repo.commit(f"task {task_id}: {what}").sha
+    if not repo.add():
+        return branch, repo.repo.head.commit.hexsha
+    return branch, repo.commit(author=author).sha
+
+
+def _merge(root: Path, branch: str, approver: str) -> str:
+    """Merge the approved branch into main; a redelivered step finds it merged and returns main's head."""
+    repo = GitWorkspace(root)
+    if repo.repo.is_ancestor(repo.repo.heads[branch].commit, repo.repo.heads["main"].commit):
+        return repo.repo.heads["main"].commit.hexsha
+    return repo.merge_to_main(branch, approved_by=approver, author=approver).sha

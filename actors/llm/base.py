@@ -1,0 +1,194 @@
+"""The shared vocabulary of the LLM layer: requests, completions, errors and the provider interface.
+
+Kept free of SDK imports so every provider module (and the callers that only build requests) can import it."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field, SecretStr
+
+# Fields that say how to ask, not what was asked: they never change the answer, so they stay out of the digest
+# (a replay or a cache lookup must match a request whatever its timeout, fallback or accounting tags).
+_NOT_ASKED = {"cache", "timeout_s", "fallback_provider", "fallback_model", "agent_id", "run_id"}
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class CompletionRequest(BaseModel):
+    provider: str
+    model: str
+    messages: list[ChatMessage]
+    temperature: float = 0.7
+    max_tokens: int = 512
+    base_url: str | None = None
+    response_schema: dict[str, Any] | None = None
+    schema_name: str = "answer"
+    fallback_provider: str | None = None
+    fallback_model: str | None = None
+    timeout_s: float | None = None
+    cache: bool = True
+    agent_id: str | None = None
+    run_id: str | None = None
+
+    def digest(self) -> str:
+        """Stable hash of what was asked: recorded with the completion, used to match it on replay and in the cache.
+
+        A request without a schema hashes exactly as it did before structured output existed, so logs recorded
+        then still replay."""
+        asked = self.model_dump(mode="json", exclude=_NOT_ASKED)
+        if self.response_schema is None:
+            del asked["response_schema"], asked["schema_name"]
+        return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
+
+    def last_user_message(self) -> str:
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+
+    def system_prompt(self) -> str:
+        return "\n\n".join(m.content for m in self.messages if m.role == "system")
+
+
+class Completion(BaseModel):
+    text: str
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float = Field(ge=0)
+    cost_usd: float = 0.0
+    structured: dict[str, Any] | None = None
+    cached: bool = False
+    attempts: int = Field(1, ge=0)
+    fallback_used: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ProviderError(Exception):
+    """The provider failed; the caller records a failure event instead of a completion.
+
+    ``retryable`` says whether asking again may help (rate limits, 5xx, timeouts, lost connections); the message
+    never holds an API key. Only the message travels in ``args``, so the error pickles across Ray intact."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.attempts = attempts
+
+
+class StructuredOutputError(ProviderError):
+    """The model answered, but not with the JSON object the schema asked for; asking the same again won't help."""
+
+
+class Provider(Protocol):
+    name: str
+
+    async def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+def count_tokens(text: str) -> int:
+    """A deterministic stand-in for a tokenizer: words and punctuation runs."""
+    return max(1, len(text.split()))
+
+
+def elapsed_ms(started: float) -> float:
+    return max(0.0, (time.perf_counter() - started) * 1000)
+
+
+def secret_value(key: SecretStr | str | None) -> str | None:
+    if isinstance(key, SecretStr):
+        return key.get_secret_value() or None
+    return key or None
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Servers echo keys back in error bodies ("Incorrect API key provided: sk-…"): strip them before the text
+    reaches an exception, a log line or an event."""
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "[redacted]")
+    return text
+
+
+def parse_structured(provider: str, text: str, *, truncated: bool = False) -> dict[str, Any]:
+    """The JSON object in a structured answer, or a ``StructuredOutputError`` that says what was wrong with it."""
+    hint = " (the answer was cut off at max_tokens)" if truncated else ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StructuredOutputError(
+            f"{provider}: the structured answer is not valid JSON{hint}: {e.msg} at line {e.lineno} column {e.colno}; "
+            f"got {text[:200]!r}"
+        ) from None
+    if not isinstance(value, dict):
+        raise StructuredOutputError(
+            f"{provider}: the structured answer is {type(value).__name__}, not a JSON object{hint}; got {text[:200]!r}"
+        )
+    return value
+
+
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, ``retry-after`` in seconds or as an HTTP date."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def sdk_error(provider: str, exc: Exception, secrets: Iterable[str | None]) -> ProviderError:
+    """Map an ``openai``/``anthropic`` SDK exception (both share one shape) to a ``ProviderError``.
+
+    Retryable: HTTP 429 and 5xx, timeouts and connection errors; every other 4xx is final."""
+    kind = type(exc).__name__
+    status = getattr(exc, "status_code", None)
+    message = redact(str(getattr(exc, "message", None) or exc), secrets)[:500]
+    if isinstance(status, int):
+        response = getattr(exc, "response", None)
+        headers = getattr(response, "headers", None)
+        return ProviderError(
+            f"{provider}: HTTP {status} {kind}: {message}",
+            retryable=status == 429 or status >= 500,
+            status=status,
+            retry_after_s=retry_after_s(headers) if status == 429 or status >= 500 else None,
+        )
+    if "Timeout" in kind:
+        return ProviderError(f"{provider}: request timed out ({kind})", retryable=True)
+    if "Connection" in kind:
+        return ProviderError(f"{provider}: connection failed ({kind}): {message}", retryable=True)
+    return ProviderError(f"{provider}: {kind}: {message}")

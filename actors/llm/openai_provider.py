@@ -1,0 +1,105 @@
+"""OpenAI chat completions through the ``openai`` client: api.openai.com or any compatible base URL."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from actors.llm.base import (
+    Completion,
+    CompletionRequest,
+    ProviderError,
+    StructuredOutputError,
+    elapsed_ms,
+    parse_structured,
+    sdk_error,
+    secret_value,
+)
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+# Reasoning models take max_completion_tokens and only the default temperature.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class OpenAICompatibleProvider:
+    """OpenAI's chat completions against api.openai.com or any compatible server (vLLM, llama.cpp, Ollama).
+
+    The SDK's own retries are off (``max_retries=0``): the router owns the retry policy, so attempts are counted
+    and ``retry-after`` is honoured in one place."""
+
+    def __init__(
+        self,
+        name: str,
+        api_key: SecretStr | str | None,
+        base_url: str | None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self._key = SecretStr(secret_value(api_key) or "not-needed")
+        self.base_url = base_url
+        self.timeout = timeout
+        self._clients: dict[str | None, AsyncOpenAI] = {}
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
+
+    def _client(self, base_url: str | None) -> AsyncOpenAI:
+        url = base_url or self.base_url
+        if url not in self._clients:
+            from openai import AsyncOpenAI
+
+            self._clients[url] = AsyncOpenAI(
+                api_key=self._key.get_secret_value(), base_url=url, timeout=self.timeout, max_retries=0
+            )
+        return self._clients[url]
+
+    def _params(self, request: CompletionRequest) -> dict[str, Any]:
+        reasoning = request.model.startswith(_REASONING_PREFIXES)
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [m.model_dump() for m in request.messages],
+            "timeout": request.timeout_s or self.timeout,
+        }
+        # The official API wants max_completion_tokens; compatible servers widely know only max_tokens.
+        params["max_completion_tokens" if self.name == "openai" else "max_tokens"] = request.max_tokens
+        if not reasoning:
+            params["temperature"] = request.temperature
+        if request.response_schema is not None:
+            params["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": request.schema_name, "schema": request.response_schema, "strict": True},
+            }
+        return params
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        import openai
+
+        started = time.perf_counter()
+        try:
+            resp = await self._client(request.base_url).chat.completions.create(**self._params(request))
+        except openai.OpenAIError as e:
+            raise sdk_error(self.name, e, [self._key.get_secret_value()]) from None
+        if not resp.choices:
+            raise ProviderError(f"{self.name}: the response has no choices")
+        choice = resp.choices[0]
+        text = choice.message.content or ""
+        structured = None
+        if request.response_schema is not None:
+            refusal = getattr(choice.message, "refusal", None)
+            if refusal:
+                raise StructuredOutputError(f"{self.name}: the model refused the structured answer: {refusal[:200]}")
+            structured = parse_structured(self.name, text, truncated=choice.finish_reason == "length")
+        usage = resp.usage
+        return Completion(
+            text=text,
+            provider=self.name,
+            model=resp.model or request.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_ms=elapsed_ms(started),
+            structured=structured,
+        )

@@ -1,0 +1,215 @@
+"""The role-agent team on the running system: TDD in a real git repo, self-validation, reviews, the CEO loop,
+group decisions, timeouts, budgets, replay and fork — all with the scripted provider over the real LLM actor."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from git import Repo
+
+from actors.agents.team.actors import ensure_team
+from actors.agents.team.history import fork_run, replay_run
+from actors.agents.team.script import TEAM_SCRIPT
+from actors.tools import run_pytest
+from cluster.bootstrap import System
+from storage.eventlog import EventLog
+from tests.conftest import eventually
+
+
+@pytest.fixture(scope="module")
+async def team(system: System) -> System:
+    await ensure_team(system.orchestrator)
+    llm = ray.get_actor("llm", namespace=system.settings.ray_namespace)
+    await llm.set_script.remote("team", TEAM_SCRIPT)
+    return system
+
+
+async def new_run(http: httpx.AsyncClient, **kw: Any) -> str:
+    body = {"goal": "summer launch", "provider": "scripted:team", "max_generated_tasks": 0, **kw}
+    r = await http.post("/api/v1/runs", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["run_id"]
+
+
+async def new_task(http: httpx.AsyncClient, run_id: str, **kw: Any) -> str:
+    r = await http.post(f"/api/v1/runs/{run_id}/tasks", json={"title": "a task", **kw})
+    assert r.status_code == 201, r.text
+    return r.json()["task_id"]
+
+
+async def task_done(http: httpx.AsyncClient, task_id: str, status: str = "completed", timeout: float = 90) -> dict:
+    async def check() -> bool:
+        return (await http.get(f"/api/v1/tasks/{task_id}")).json()["status"] == status
+
+    await eventually(check, timeout=timeout, what=f"task {task_id} {status}")
+    return (await http.get(f"/api/v1/tasks/{task_id}")).json()
+
+
+async def timeline(http: httpx.AsyncClient, task_id: str) -> list[dict]:
+    return (await http.get(f"/api/v1/tasks/{task_id}/timeline")).json()
+
+
+async def test_tdd_flow_writes_tests_first_fixes_and_merges(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http)
+    task_id = await new_task(
+        http,
+        run_id,
+        title="Implement slugify",
+        kind="implement",
+        priority="high",
+        description="slugify(text) in slugify_util.py",
+    )
+    state = await task_done(http, task_id)
+    events = await timeline(http, task_id)
+    types = [e["type"] for e in events]
+    written = [e["data"] for e in events if e["type"] == "task.files_written"]
+    assert written[0]["role"] == "qa" and "tests/test_slugify.py" in written[0]["files"]  # tests come first
+    assert types.index("task.files_written") < types.index("task.assigned")
+    attempts = [e["data"] for e in events if e["type"] == "task.attempted"]
+    assert [a["valid"] for a in attempts] == [False, True]  # the naive first attempt fails, the fix passes
+    assert attempts[0]["tests"]["failed"] == 2 and attempts[1]["tests"]["passed"] == 3
+    assert any("test_drops_punctuation" in i for i in attempts[0]["issues"])
+    reviewed = next(e["data"] for e in events if e["type"] == "task.reviewed")
+    assert reviewed["role"] == "tech_lead" and reviewed["approved"]
+    merged = next(e["data"] for e in events if e["type"] == "task.merged")
+    assert state["merged"] == merged["commit"] and merged["approved_by"] == "tech_lead"
+
+    repo = Repo(team.settings.data_dir.resolve() / "workspaces" / run_id)
+    main = repo.commit("main")
+    assert main.hexsha == merged["commit"] and "tech_lead" in main.message
+    assert "slugify_util.py" in main.tree and "tests" in main.tree
+    repo.git.checkout("main")
+    report = await run_pytest(repo.working_dir, timeout_s=60)
+    assert report.ok and report.passed == 3  # the written tests really pass on main
+
+
+async def test_self_validation_retries_then_peer_review_and_memory(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http)
+    task_id = await new_task(http, run_id, title="Price list for July", role="cfo", priority="low")
+    state = await task_done(http, task_id)
+    scores = [(a["attempt"], a["valid"], a["score"]) for a in state["attempts"]]
+    assert scores == [(1, False, 4.0), (2, True, 8.5)]  # below 7: fixed on the second attempt
+    assert state["approved_by"] == "tech_lead" and "prices per day" in state["result"]
+
+    async def remembered() -> bool:
+        mem = (await http.get("/api/v1/roles/cfo/memory")).json()
+        return any(m["key"] == "Price list for July" for m in mem["memory"])
+
+    await eventually(remembered, what="the cfo's memory")
+    activity = (await http.get("/api/v1/roles/cfo/memory")).json()["activity"]
+    assert {"task.attempted", "task.completed"} <= {a["type"] for a in activity if a["task_id"] == task_id}
+
+
+async def test_priority_queue_and_http_validation(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http)
+    r = await http.post(f"/api/v1/runs/{run_id}/tasks", json={"title": "x", "role": "janitor"})
+    assert r.status_code == 422 and "unknown role" in r.json()["detail"]
+    r = await http.post(f"/api/v1/runs/{run_id}/tasks", json={"title": "x", "priority": 3})
+    assert r.status_code == 422
+    r = await http.post(f"/api/v1/runs/{run_id}/tasks", json={"title": "x", "kind": "implement", "role": "developer"})
+    assert r.status_code == 422 and "tests are written first" in r.json()["detail"]
+    assert (await http.post("/api/v1/runs/run_nope/tasks", json={"title": "x"})).status_code == 404
+    assert (await http.get("/api/v1/tasks/nope")).status_code == 404
+    high = await new_task(http, run_id, title="urgent", role="product", priority="high")
+    listed = (await http.get("/api/v1/tasks", params={"run_id": run_id})).json()
+    assert listed[0]["task_id"] == high and listed[0]["priority"] == 1
+
+
+async def test_task_past_its_timeout_is_escalated(team: System, http: httpx.AsyncClient, hub_log: EventLog) -> None:
+    run_id = await new_run(http, provider="scripted:missing")  # every LLM call fails: the task cannot finish
+    task_id = await new_task(http, run_id, title="stuck", role="security", timeout_s=1)
+
+    async def escalated() -> bool:
+        return any(e.type == "task.escalated" for e in await hub_log.read_stream(f"task-{task_id}"))
+
+    await eventually(escalated, timeout=30, what="escalation")
+    events = await hub_log.read_stream(f"task-{task_id}")
+    types = [e.type for e in events]
+    assert types.index("task.timed_out") < types.index("task.escalated") < len(types)
+    esc = next(e for e in events if e.type == "task.escalated")
+    assert esc.data["from_role"] == "security" and esc.data["to_role"] == "ceo"
+    cancel = await http.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert cancel.status_code == 200
+    assert (await http.post(f"/api/v1/tasks/{task_id}/cancel")).status_code == 409
+
+
+async def test_ceo_loop_makes_work_when_idle_within_its_cap(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(
+        http, strategy=["Publish prices", "Contract ready"], max_generated_tasks=2, ceo_interval_s=0.5
+    )
+
+    async def completed() -> bool:
+        return (await http.get(f"/api/v1/runs/{run_id}")).json()["status"] == "completed"
+
+    await eventually(completed, timeout=120, what="run completed")
+    tasks = (await http.get("/api/v1/tasks", params={"run_id": run_id})).json()
+    assert sorted(t["role"] for t in tasks) == ["cfo", "legal"]  # the cap: 2 generated, no more
+    assert all(t["status"] == "completed" for t in tasks)
+    run_stream = (await http.get(f"/api/v1/streams/run-{run_id}")).json()["events"]
+    checks = [e["data"] for e in run_stream if e["type"] == "ceo.checked"]
+    assert sum(c["generated"] for c in checks) == 2 and any(c["active"] or c["pending"] for c in checks)
+
+
+async def test_group_decision_collects_parallel_verdicts(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http)
+    r = await http.post(f"/api/v1/runs/{run_id}/decisions", json={"question": "Lease 20 more cars?"})
+    assert r.status_code == 202
+    did = r.json()["decision_id"]
+
+    async def made() -> bool:
+        return (await http.get(f"/api/v1/decisions/{did}")).json()["decision"] is not None
+
+    await eventually(made, timeout=60, what="decision")
+    d = (await http.get(f"/api/v1/decisions/{did}")).json()
+    assert set(d["verdicts"]) == {"cfo", "risk", "legal", "tech_lead"}
+    assert d["verdicts"]["risk"]["verdict"] == "conditional" and d["verdicts"]["cfo"]["criteria"]
+    assert d["decision"] == "approve" and d["votes"]["legal"] == "approve"
+    bad = await http.post(f"/api/v1/runs/{run_id}/decisions", json={"question": "?", "voters": ["nobody"]})
+    assert bad.status_code == 422
+
+
+async def test_budget_exceeded_stops_work_with_a_clear_event(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http, budget_usd=0)
+    task_id = await new_task(http, run_id, title="spend nothing", role="product")
+    state = await task_done(http, task_id, status="failed")
+    assert "budget exceeded" in state["result"]
+    run = (await http.get(f"/api/v1/streams/run-{run_id}")).json()["events"]
+    assert "run.budget_exceeded" in [e["type"] for e in run]
+
+
+async def test_replay_rebuilds_a_finished_run_without_the_provider(
+    team: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    run_id = await new_run(http)
+    task_id = await new_task(http, run_id, title="Implement slugify", kind="implement")
+    await task_done(http, task_id)
+    llm = ray.get_actor("llm", namespace=team.settings.ray_namespace)
+    calls = await llm.provider_calls.remote()
+    report = await replay_run(hub_log, run_id)
+    assert await llm.provider_calls.remote() == calls  # the provider was never called
+    assert report.mismatches == [] and report.tasks[task_id].status == "completed"
+    assert len(report.tasks[task_id].attempts) == 2 and report.tasks[task_id].merged
+
+
+async def test_fork_continues_from_a_position_with_another_model(
+    team: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    run_id = await new_run(http)
+    task_id = await new_task(http, run_id, title="Price list", role="cfo")
+    await task_done(http, task_id)
+    original = await hub_log.read_stream(f"task-{task_id}")
+    first_attempt = next(e for e in original if e.type == "task.attempted")
+    new_run_id = await fork_run(hub_log, run_id, first_attempt.position, model="scripted-v2")
+    new_task_id = task_id.replace(run_id, new_run_id)
+    state = await task_done(http, new_task_id)
+    forked = await hub_log.read_stream(f"task-{new_task_id}")
+    models = [e.data["model"] for e in forked if e.type == "llm.completed"]
+    assert models[:2] == ["scripted", "scripted"] and set(models[2:]) == {"scripted-v2"}  # new model after the fork
+    assert [a["attempt"] for a in state["attempts"]] == [1, 2]
+    assert await hub_log.read_stream(f"task-{task_id}") == original  # the original run is untouched
+    usage = (await http.get(f"/api/v1/runs/{new_run_id}/usage")).json()
+    assert usage["calls"] >= 2
