@@ -3,7 +3,6 @@ group decisions, timeouts, budgets, replay and fork — all with the scripted pr
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
@@ -151,7 +150,9 @@ async def test_ceo_loop_makes_work_when_idle_within_its_cap(team: System, http: 
     assert all(t["status"] == "completed" for t in tasks)
     run_stream = (await http.get(f"/api/v1/streams/run-{run_id}")).json()["events"]
     checks = [e["data"] for e in run_stream if e["type"] == "ceo.checked"]
-    assert sum(c["generated"] for c in checks) == 2 and any(c["active"] or c["pending"] for c in checks)
+    assert sum(c["generated"] for c in checks) == 2 and [c["generated"] for c in checks].count(2) == 1
+    assert all(c["active"] == c["pending"] == 0 for c in checks if c["generated"])  # it made work only when idle
+    assert run_stream[-1]["type"] == "run.completed" and len(checks) >= 2
 
 
 async def test_group_decision_collects_parallel_verdicts(team: System, http: httpx.AsyncClient) -> None:
