@@ -19,7 +19,7 @@ import structlog
 from actors import metrics
 from events import NewEvent, RecordedEvent
 from storage.errors import WrongExpectedVersion
-from storage.eventlog import EventLog
+from storage.eventlog import EventLog, gc_paused
 
 log = structlog.get_logger(__name__)
 S = TypeVar("S")
@@ -115,8 +115,9 @@ class EntityHost(Generic[S]):
             a.ctx.version = snap[0]
             a.state = self.entity.from_snapshot(snap[1]["state"])
             a.ctx.caused = snap[1]["caused"]
-        for event in await self.store.read_stream(stream, a.ctx.version + 1):
-            self._apply(a, event)
+        with gc_paused():  # a long fold makes many short-lived objects: see storage/eventlog.py
+            for event in await self.store.read_stream(stream, a.ctx.version + 1):
+                self._apply(a, event)
         a.since_snapshot = 0
         self.activations += 1
         return a

@@ -68,9 +68,7 @@ async def create_agent(http: httpx.AsyncClient) -> str:
     return agent_id
 
 
-async def send(
-    http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None
-) -> int:
+async def send(http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
     params = {"timeout": timeout} if timeout else None
     body = {"text": text, "chat_id": chat}
     r = await http.post(f"/api/v1/agents/{agent_id}/messages", json=body, params=params)
@@ -132,14 +130,22 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
     total = sizes.clients * sizes.messages
     other = ", ".join(f"{s}: {c}" for s, c in sorted(res.statuses.items()) if s != 200) or "none"
     return [
-        Row(f"HTTP message -> reply, {sizes.clients} clients x {sizes.messages} messages: p50",
-            f"{p50:.1f} ms", "<= 30 ms", at_most(p50, 30)),
+        Row(
+            f"HTTP message -> reply, {sizes.clients} clients x {sizes.messages} messages: p50",
+            f"{p50:.1f} ms",
+            "<= 30 ms",
+            at_most(p50, 30),
+        ),
         Row("   p95", f"{p95:.1f} ms"),
         Row("   p99", f"{p99:.1f} ms", "<= 150 ms", at_most(p99, 150)),
         Row("   max", f"{lat[-1] * 1000:.1f} ms"),
         Row(f"   throughput ({ok:,} replies in {res.elapsed:.1f} s)", fmt_rate(ok / res.elapsed, "msg/s")),
-        Row(f"   replies with status 200 (other statuses: {other})", f"{ok:,} of {total:,}",
-            f"{total:,}", at_least(ok, total)),
+        Row(
+            f"   replies with status 200 (other statuses: {other})",
+            f"{ok:,} of {total:,}",
+            f"{total:,}",
+            at_least(ok, total),
+        ),
         Row(f"   warm-up ({sizes.warmup} messages, runner start included)", f"{warm_s:.1f} s"),
     ]
 
@@ -156,8 +162,13 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
         settings = Settings(
-            data_dir=Path(tmp), pg_port=free_port(), http_port=8100, dashboard_port=free_port(), num_cpus=2,
-            ray_address=None, api_token=TOKEN,
+            data_dir=Path(tmp),
+            pg_port=free_port(),
+            http_port=8100,
+            dashboard_port=free_port(),
+            num_cpus=2,
+            ray_address=None,
+            api_token=TOKEN,
         )
         system = up(settings)
         try:

@@ -117,9 +117,7 @@ async def wait_for(log: EventLog, prefix: str, n: int, timeout: float) -> tuple[
 
 
 async def measure(system: System, settings: Settings, sizes: Sizes) -> list[Row]:
-    subscription = Subscription(
-        name=SUBSCRIBER, types=frozenset({"bench.ping"}), categories=frozenset({CATEGORY})
-    )
+    subscription = Subscription(name=SUBSCRIBER, types=frozenset({"bench.ping"}), categories=frozenset({CATEGORY}))
     orchestrator: Any = system.orchestrator
     await orchestrator.register.remote(subscription, ACTOR, [SUBSCRIBER])
     log = await EventLog.connect(system.database_url, max_size=4, run_migrations=False)
@@ -145,12 +143,18 @@ async def measure(system: System, settings: Settings, sizes: Sizes) -> list[Row]
     r = rate(count, elapsed)
     done = f"{count:,} of {n:,}" + ("" if count >= n else f", TIMED OUT after {elapsed:.0f} s")
     return [
-        Row(f"routing: {n:,} pings over {sizes.streams} streams -> echoes ({done})", fmt_rate(r),
-            ">= 2,000 ev/s", at_least(r, 2000) if count >= n else "below target"),
+        Row(
+            f"routing: {n:,} pings over {sizes.streams} streams -> echoes ({done})",
+            fmt_rate(r),
+            ">= 2,000 ev/s",
+            at_least(r, 2000) if count >= n else "below target",
+        ),
         Row("   commit of the inputs -> last echo recorded", f"{elapsed:.2f} s"),
         Row(f"   inputs appended, one transaction ({append_s * 1000:,.0f} ms)", fmt_rate(rate(n, append_s))),
-        Row("   actor: handled / activations / failures",
-            f"{stats['handled']:,} / {stats['activations']:,} / {stats['failures']:,}"),
+        Row(
+            "   actor: handled / activations / failures",
+            f"{stats['handled']:,} / {stats['activations']:,} / {stats['failures']:,}",
+        ),
         Row("   warm-up (actor start + 50 echoes)", f"{warm_s:.2f} s"),
     ]
 
@@ -167,8 +171,13 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
         settings = Settings(
-            data_dir=Path(tmp), pg_port=free_port(), http_port=8100, dashboard_port=free_port(), num_cpus=2,
-            ray_address=None, api_token="bench-token",
+            data_dir=Path(tmp),
+            pg_port=free_port(),
+            http_port=8100,
+            dashboard_port=free_port(),
+            num_cpus=2,
+            ray_address=None,
+            api_token="bench-token",
         )
         system = up(settings)
         try:

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import uuid_utils
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 STREAM_RE = re.compile(r"^[a-z][a-z0-9_]*-[^\s]{1,200}$")
 
@@ -90,11 +90,6 @@ class RecordedEvent(BaseModel):
     data: dict[str, Any]
     meta: Meta
     recorded_at: datetime
-
-    @field_validator("meta", mode="before")
-    @classmethod
-    def _meta(cls, v: Any) -> Any:
-        return Meta.model_validate(v) if isinstance(v, dict) else v
 
     @property
     def category(self) -> str:

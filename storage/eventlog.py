@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from events import ANY, NO_STREAM, ExpectedVersion, NewEvent, RecordedEvent, Subscription, registry
@@ -55,6 +55,10 @@ class Checkpoint:
     cursor: Cursor
 
 
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pooled connections never LISTEN, lock or change settings (the listener and the migrator use their own),
     so the default reset query would only add a round trip to every append. asyncpg still rolls back a stray
@@ -62,20 +66,26 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
     await conn.set_type_codec("xid8", encoder=str, decoder=int, schema="pg_catalog", format="text")
 
 
-def _rows_to_events(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
-    """Decode rows with the cyclic GC paused: building many small objects otherwise triggers collections that
-    rescan them all (half the cost of folding a long stream)."""
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Fetching and decoding many rows builds many small objects, which otherwise triggers cyclic collections
+    that rescan them all: half the cost of folding a long stream."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return [_row_to_event(r) for r in rows]
+        yield
     finally:
         if enabled:
             gc.enable()
+
+
+def _rows_to_events(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+    with gc_paused():
+        return [_row_to_event(r) for r in rows]
 
 
 def _row_to_event(r: asyncpg.Record) -> RecordedEvent:
@@ -99,6 +109,7 @@ class EventLog:
         self.pool = pool
         self.url = url
         self.max_event_bytes = max_event_bytes
+        self.notifier = Notifier(pool)
 
     @classmethod
     async def connect(
@@ -161,7 +172,7 @@ class EventLog:
         ids, types, datas, metas = [], [], [], []
         for e in events:
             data = registry.validate(e.type, e.data, e.meta.schema_version)
-            size = len(json.dumps(data))
+            size = len(orjson.dumps(data))
             if size > self.max_event_bytes:
                 raise EventTooLarge(size, self.max_event_bytes)
             ids.append(e.id)
@@ -193,8 +204,9 @@ class EventLog:
         else:
             mode, exp = "exact", int(expected)
         cp_sub, cp_tx, cp_pos = (checkpoint.subscriber, *checkpoint.cursor) if checkpoint else (None, None, None)
-        args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos)
-        sql = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11)"
+        in_callers_tx = conn is not None
+        args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos, in_callers_tx)
+        sql = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, $12)"
         try:
             if conn is not None:
                 with translate_errors():
@@ -219,6 +231,8 @@ class EventLog:
         result = AppendResult([r[0] for r in rows], [r[1] for r in rows], bool(rows and rows[0][2]))
         if not result.replayed:
             metrics.EVENTS_APPENDED.inc(len(rows))
+            if not in_callers_tx:
+                self.notifier.poke()
         return result
 
     async def _idempotent_lookup(self, key: str) -> AppendResult | None:
@@ -231,14 +245,16 @@ class EventLog:
     # ---- reading -------------------------------------------------------------------------------------
 
     async def read_stream(self, stream: str, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
-        async with self.connection() as c:
-            rows = await c.fetch(
-                f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3",
+        """A stream's events by version: the activation path of every entity, so it skips what it knows."""
+        with gc_paused():
+            rows = await self.fetch(
+                "SELECT position, 0, id, $1, version, type, data, meta, recorded_at FROM events "
+                "WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3",
                 stream,
                 from_version,
                 limit,
             )
-        return _rows_to_events(rows)
+            return [_row_to_event(r) for r in rows]
 
     async def stream_version(self, stream: str) -> int:
         async with self.connection() as c:
@@ -379,6 +395,35 @@ class EventLog:
             return
         async with self.connection() as c:
             await c.execute(sql, subscriber, cursor[0], cursor[1])
+
+
+class Notifier:
+    """One NOTIFY after commit for all the appends this process made meanwhile (trap 2).
+
+    At most one NOTIFY is in flight; appends committed while it runs are covered by one more. A NOTIFY that
+    fails is not retried: subscribers poll as a fallback."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._pending = False
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+
+    def poke(self) -> None:
+        self._pending = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._pending:
+            self._pending = False
+            try:
+                async with self.pool.acquire() as c:
+                    await c.execute("SELECT pg_notify($1, '')", CHANNEL)
+                self.sent += 1
+            except Exception as e:
+                log.debug("notify failed; subscribers will poll", error=str(e))
+                return
 
 
 class Listener:

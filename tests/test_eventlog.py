@@ -104,7 +104,7 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
     await tx.start()
     await slow.fetch(
         "SELECT * FROM agenthub_append('agent-slow', 'any', 0, $1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], "
-        "NULL, NULL, NULL, NULL)",
+        "NULL, NULL, NULL, NULL, true)",
         [started().id],
         ["agent.started"],
         ["{}"],
