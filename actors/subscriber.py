@@ -17,6 +17,7 @@ from storage.errors import StoreUnavailable
 from storage.eventlog import Cursor, EventLog
 
 log = structlog.get_logger(__name__)
+CONCURRENCY = 8
 
 
 class EntityActor:
@@ -35,7 +36,7 @@ class EntityActor:
     async def _start(self) -> None:
         self.store = await EventLog.connect(
             self.config.database_url,
-            max_size=4,
+            max_size=CONCURRENCY + 2,
             max_event_bytes=self.config.max_event_bytes,
             run_migrations=False,
         )
@@ -45,23 +46,44 @@ class EntityActor:
         raise NotImplementedError
 
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
-        """Handle ``events`` in order, then record ``cursor`` as this subscriber's checkpoint.
+        """Handle ``events``, then record ``cursor`` as this subscriber's checkpoint.
 
-        Effects are idempotent by causation id (see actors/entity.py), so a batch redelivered after a
-        crash repeats no effect. A store outage propagates (the orchestrator redelivers later); any other
-        handler error is logged and counted, so one poison message cannot stall the subscriber."""
+        Events of one entity are handled in order; different entities of a batch are handled concurrently (at
+        most ``CONCURRENCY`` at a time), so one slow chat does not hold up the others. Effects are idempotent by
+        causation id (see actors/entity.py), so a batch redelivered after a crash repeats no effect. A store
+        outage propagates (the orchestrator redelivers later); any other handler error is logged and counted,
+        so one poison message cannot stall the subscriber."""
         await self._ready
+        groups: dict[tuple[str, str], list[RecordedEvent]] = {}
         for event in events:
-            try:
-                await self.handle(event)
-            except StoreUnavailable:
-                raise
-            except Exception:
-                self.failures += 1
-                log.exception("handler failed", subscriber=self.subscriber, event=str(event.id), type=event.type)
-            metrics.ROUTED.labels(self.subscriber).inc()
+            groups.setdefault(self.entity_of(event), []).append(event)
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def run(group: list[RecordedEvent]) -> None:
+            async with limit:
+                for event in group:
+                    await self._handle_one(event)
+
+        results = await asyncio.gather(*(run(g) for g in groups.values()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         await self.store.save_checkpoint(self.subscriber, cursor)
         return cursor
+
+    def entity_of(self, event: RecordedEvent) -> tuple[str, str]:
+        host = self.hosts.get(event.category)
+        return (event.category, host.entity.key_of(event) if host else event.stream)
+
+    async def _handle_one(self, event: RecordedEvent) -> None:
+        try:
+            await self.handle(event)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            self.failures += 1
+            log.exception("handler failed", subscriber=self.subscriber, event=str(event.id), type=event.type)
+        metrics.ROUTED.labels(self.subscriber).inc()
 
     async def handle(self, event: RecordedEvent) -> None:
         """Route one event to the host of its category; subclasses may queue instead of handling at once."""
