@@ -185,7 +185,7 @@ class OrchestratorImpl:
 
     async def _route_once(self) -> list[RecordedEvent]:
         low = min([self.cursor, *(s.cursor for s in list(self.subs.values()) if not s.dead)])
-        batch = await self.store.read_committed(low, 500)
+        batch, _ = await self.store.read_committed(low, 500)
         if batch:
             await self._own(batch)
             await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 import ray
 from ray import serve
+from ray.serve.schema import LoggingConfig
 
 from actors.config import RuntimeConfig
 from actors.orchestrator import Orchestrator
@@ -95,7 +96,11 @@ def up(settings: Settings) -> System:
         lifetime="detached" if settings.ray_address else None,
     ).remote(runtime_config(settings, url))
     ray.get(orchestrator.status.remote(), timeout=120)
-    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    # Per-request access logs cost the proxy and the replica CPU on every message; metrics cover the traffic.
+    serve.start(
+        http_options={"host": settings.http_host, "port": settings.http_port},
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+    )
     ingress = IngressConfig(
         database_url=url,
         api_token=token,

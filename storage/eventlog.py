@@ -292,17 +292,25 @@ class EventLog:
         rows = await self.fetch(f"SELECT {_COLUMNS} FROM events WHERE {condition} ORDER BY position", *args)
         return _rows_to_events(rows)
 
-    async def read_committed(self, after: Cursor, limit: int = 500) -> list[RecordedEvent]:
-        """Events after ``after`` in commit order, only from transactions that can no longer be overtaken."""
-        async with self.connection() as c:
-            rows = await c.fetch(
-                f"SELECT {_COLUMNS} FROM events WHERE (tx_id, position) > ($1::xid8, $2) "
-                "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT $3",
-                after[0],
-                after[1],
-                limit,
-            )
-        return _rows_to_events(rows)
+    async def read_committed(
+        self, after: Cursor, limit: int = 500, types: Sequence[str] | None = None
+    ) -> tuple[list[RecordedEvent], Cursor]:
+        """Events after ``after`` in commit order, only from transactions that can no longer be overtaken.
+
+        Returns the events and the cursor after the rows read. With ``types``, only events of those types are
+        decoded and returned; the cursor still moves past the others."""
+        wanted = "($4::text[] IS NULL OR type = ANY($4::text[]))"
+        rows = await self.fetch(
+            f"SELECT position, tx_id, id, stream, version, type, CASE WHEN {wanted} THEN data END, "
+            f"CASE WHEN {wanted} THEN meta END, recorded_at, {wanted} FROM events WHERE (tx_id, position) > "
+            "($1::xid8, $2) AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT $3",
+            after[0],
+            after[1],
+            limit,
+            list(types) if types else None,
+        )
+        cursor = (int(rows[-1][1]), int(rows[-1][0])) if rows else after
+        return _rows_to_events([r for r in rows if r[9]]), cursor
 
     async def cursor_at(self, position: int) -> Cursor:
         """The commit-order cursor of the event at ``position`` (``START`` for 0)."""
@@ -334,9 +342,11 @@ class EventLog:
         batch_size: int = 500,
         poll_interval: float = 1.0,
         subscription: Subscription | None = None,
+        types: Sequence[str] | None = None,
     ) -> AsyncIterator[tuple[list[RecordedEvent], Cursor]]:
         """Catch up from ``after``, then follow live. Yields ``(matching events, cursor after the batch)``;
-        the cursor advances even when no event of a batch matches, so callers can checkpoint it."""
+        the cursor advances even when no event of a batch matches, so callers can checkpoint it. ``types`` filters
+        in the database (only those events are decoded)."""
         wake = asyncio.Event()
         listener = Listener(self.url, wake)
         await listener.start()
@@ -345,13 +355,13 @@ class EventLog:
             while True:
                 wake.clear()
                 try:
-                    batch = await self.read_committed(cursor, batch_size)
+                    batch, after_batch = await self.read_committed(cursor, batch_size, types)
                 except StoreUnavailable as e:
                     log.warning("subscription read failed, retrying", error=str(e))
                     await asyncio.sleep(min(poll_interval, 0.5))
                     continue
-                if batch:
-                    cursor = batch[-1].cursor
+                if after_batch != cursor:
+                    cursor = after_batch
                     matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                     yield matching, cursor
                     continue
