@@ -41,17 +41,25 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
         for i in range(n_tasks):
             body = {"title": f"bench task {i}", "role": ROLES[i % len(ROLES)]}
             ids.append((await http.post(f"/api/v1/runs/{run}/tasks", json=body)).json()["task_id"])
+        deadline = time.monotonic() + 60
         while True:
             statuses = [(await http.get(f"/api/v1/tasks/{t}")).json()["status"] for t in ids]
             if all(s in ("completed", "failed") for s in statuses):
                 break
-            await asyncio.sleep(0.2)
+            if time.monotonic() > deadline:
+                stuck = [t for t, st in zip(ids, statuses, strict=True) if st not in ("completed", "failed")]
+                timeline = (await http.get(f"/api/v1/tasks/{stuck[0]}/timeline")).json()
+                status = await system.orchestrator.status.remote()
+                pings = {r: await ray.get_actor(f"role:{r}", namespace="agenthub").ping.remote() for r in ROLES}
+                raise TimeoutError(f"tasks not finished: {stuck}; {[(e['type'], e['actor']) for e in timeline]} "
+                                   f"{status} {pings}")
+            await asyncio.sleep(0.5)
         wall = time.perf_counter() - started
     store = await EventLog.connect(system.database_url, run_migrations=False)
     overheads: list[float] = []
     provider = 0.0
     for t in ids:
-        events = await store.read_stream(f"task-{t}")
+        events = await store.read_all(stream=f"task-{t}")  # read_all carries each event's transaction id
         for prev, cur in itertools.pairwise(events):
             if cur.tx_id == prev.tx_id:
                 continue  # events of one append are one step

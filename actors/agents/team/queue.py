@@ -21,22 +21,24 @@ def deadline_ts(value: str | None) -> float:
 
 class TaskQueue:
     def __init__(self) -> None:
-        self._q: asyncio.PriorityQueue[tuple[int, float, int, str, RecordedEvent]] = asyncio.PriorityQueue()
-        self._queued: set[str] = set()
+        self._q: asyncio.PriorityQueue[tuple[int, float, int, str]] = asyncio.PriorityQueue()
+        self._latest: dict[str, RecordedEvent] = {}
         self._seq = itertools.count()
 
     def put(self, task_id: str, trigger: RecordedEvent, priority: int, deadline: str | None = None) -> bool:
-        """Queue a task once; a task already waiting keeps its place (its next step is read from the log)."""
-        if task_id in self._queued:
+        """Queue a task once. A task already waiting keeps its place but takes the newer trigger, so the worker
+        catches up with everything that happened to the task meanwhile (a review that came in, say)."""
+        queued = task_id in self._latest
+        if not queued or trigger.position > self._latest[task_id].position:
+            self._latest[task_id] = trigger
+        if queued:
             return False
-        self._queued.add(task_id)
-        self._q.put_nowait((priority, deadline_ts(deadline), next(self._seq), task_id, trigger))
+        self._q.put_nowait((priority, deadline_ts(deadline), next(self._seq), task_id))
         return True
 
     async def get(self) -> tuple[str, RecordedEvent]:
-        _, _, _, task_id, trigger = await self._q.get()
-        self._queued.discard(task_id)
-        return task_id, trigger
+        _, _, _, task_id = await self._q.get()
+        return task_id, self._latest.pop(task_id)
 
     def __len__(self) -> int:
         return self._q.qsize()
