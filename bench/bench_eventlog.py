@@ -40,10 +40,8 @@ from bench.common import (
 )
 from events import ANY, NewEvent, RecordedEvent
 from storage.eventlog import _COLUMNS, EventLog, _init_connection
-from storage.migrate import migration_files
 
 WRITERS = 32
-NOTIFY = "PERFORM pg_notify('agenthub_events', '');"
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ async def bench_batched(url: str, sizes: Sizes) -> list[Row]:
     streams = 20
     log = await EventLog.connect(url, max_size=2, run_migrations=False)
     conn = await asyncpg.connect(url)
-    await _init_connection(conn)  # the same jsonb codec as the log: both sides pay for json.dumps
+    await _init_connection(conn)  # the same jsonb codec as the log: both sides pay for the JSON encoding
     await conn.execute(RAW_TABLE)
     n = sizes.batch_calls * sizes.batch_size
     try:
@@ -141,10 +139,6 @@ async def bench_batched(url: str, sizes: Sizes) -> list[Row]:
 
 
 # ---- b. single-event appends from 32 concurrent writers -----------------------------------------------
-
-
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    """Skip asyncpg's reset query on release (diagnostic only: it is one more round trip per append)."""
 
 
 async def single_appends(
@@ -190,47 +184,6 @@ async def bench_single_agenthub(url: str, sizes: Sizes) -> list[Row]:
         ),
         Row("   agenthub append latency p50 / p99", f"{p50:.1f} / {p99:.1f} ms"),
     ]
-
-
-async def bench_single_diagnostics(urls: tuple[str, str], sizes: Sizes) -> list[Row]:
-    """The same workload with the two costs found by profiling taken away, one after the other, in scratch
-    databases: asyncpg's reset query on every pool release, then the NOTIFY of every append (it takes a
-    lock held through commit, so notifying commits queue behind each other's WAL flush). The variants are
-    warmed up, then run interleaved, best of two, so that a noisy neighbour or autovacuum hits them alike.
-    Compare them with each other, not with the figure above."""
-    stock, quiet = urls
-    fn = next(sql for _, _, sql in migration_files() if "FUNCTION agenthub_append" in sql)
-    fn = fn[fn.index("CREATE FUNCTION agenthub_append") :]
-    if NOTIFY not in fn:
-        return [Row("   diagnostics", "n/a (agenthub_append changed)")]
-    conn = await asyncpg.connect(quiet)
-    await conn.execute(fn.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION").replace(NOTIFY, ""))
-    await conn.close()
-
-    async def open_log(url: str, reset: bool) -> EventLog:
-        pool = await asyncpg.create_pool(
-            url, min_size=WRITERS, max_size=WRITERS, init=_init_connection, reset=None if reset else _no_reset
-        )
-        return EventLog(pool, url)
-
-    variants = {
-        "   diagnostic (scratch dbs, best of 2): 1-event appends as is": await open_log(stock, reset=True),
-        "   diagnostic: ... pool without asyncpg's reset query": await open_log(stock, reset=False),
-        "   diagnostic: ... and also no NOTIFY in agenthub_append": await open_log(quiet, reset=False),
-    }
-    events, seconds = sizes.single_events // 4, sizes.single_seconds / 4
-    best = dict.fromkeys(variants, 0.0)
-    try:
-        for log in variants.values():
-            await single_appends(log, events, 1.0, warmup_s=0.0)
-        for _ in range(2):
-            for name, log in variants.items():
-                elapsed, latencies = await single_appends(log, events, seconds, warmup_s=0.0)
-                best[name] = max(best[name], rate(len(latencies), elapsed))
-    finally:
-        for log in variants.values():
-            await log.close()
-    return [Row(name, fmt_rate(r)) for name, r in best.items()]
 
 
 def eventsourcing_single(recorder: Any, total: int, seconds: float) -> tuple[int, float]:
@@ -409,17 +362,16 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
 async def run(sizes: Sizes) -> list[Row]:
     with embedded_postgres() as pg:
         admin = await asyncpg.connect(pg.url)
-        for name in ("bench_a", "bench_b", "bench_b2", "bench_b3", "bench_c", "es_bench"):
+        for name in ("bench_a", "bench_b", "bench_c", "es_bench"):
             await admin.execute(f"CREATE DATABASE {name}")
         await admin.close()
-        dbs = ("bench_a", "bench_b", "bench_b2", "bench_b3", "bench_c")
+        dbs = ("bench_a", "bench_b", "bench_c")
         urls = {name: db_url(pg.url, name) for name in dbs}
         for url in urls.values():
             await (await EventLog.connect(url)).close()  # applies the migrations
         rows = await bench_batched(urls["bench_a"], sizes)
         rows += await bench_single_agenthub(urls["bench_b"], sizes)
         rows += await asyncio.to_thread(bench_single_eventsourcing, pg.port, sizes)
-        rows += await bench_single_diagnostics((urls["bench_b2"], urls["bench_b3"]), sizes)
         rows += await bench_fold(urls["bench_c"], sizes)
         return rows
 
