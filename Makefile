@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench up
+.PHONY: setup demo team-demo test lint bench up
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/agenthub demo
+
+team-demo: setup
+	$(BIN)/agenthub team demo
 
 up: setup
 	$(BIN)/agenthub up
@@ -29,3 +32,4 @@ bench: setup
 	$(BIN)/python -m bench.bench_eventlog
 	$(BIN)/python -m bench.bench_routing
 	$(BIN)/python -m bench.bench_http
+	$(BIN)/python -m bench.bench_team
