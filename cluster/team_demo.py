@@ -51,6 +51,7 @@ def _demo(system: System, console: Console) -> int:
                 "goal": "Launch online bookings for the summer fleet",
                 "strategy": ["Publish prices for every car class", "Make the rental contract ready for online signing"],
                 "provider": "scripted:team",
+                "model": "gpt-4o-mini",  # the scripted provider stands in for it and is priced as it
                 "max_generated_tasks": 2,
                 "ceo_interval_s": 1.0,
             },
