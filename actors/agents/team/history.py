@@ -91,20 +91,22 @@ async def fork_run(
         if e.type == "decision.requested":
             renames[e.data["decision_id"]] = f"{e.data['decision_id']}_{new_run}"
     ids: dict[UUID, UUID] = {}
-    for e in events:
-        ids[e.id] = new_id()
-        meta = e.meta.model_dump()
-        for key in ("causation_id", "correlation_id"):
-            if meta.get(key) in ids:
-                meta[key] = ids[meta[key]]
-        meta.update(actor="fork", idempotency_key=None, forked_from=str(e.id))
-        data = _rename(e.data, renames)
-        copy = NewEvent(id=ids[e.id], type=e.type, data=data, meta=Meta.model_validate(meta))
-        stream = _rename(e.stream, renames)
-        await store.append(stream, [copy], idempotency_key=f"fork:{new_run}:{e.position}")
-        if e.type == "run.started":
-            forked = RunForked(
-                run_id=new_run, from_run=run_id, at_position=at_position, model=model, prompts=prompts or {}
-            )
-            await store.append(f"run-{new_run}", [NewEvent.of(forked, actor="fork")])
+    # One transaction: the team must not see (and act on) a half-copied run.
+    async with store.connection() as conn, conn.transaction():
+        for e in events:
+            ids[e.id] = new_id()
+            meta = e.meta.model_dump()
+            for key in ("causation_id", "correlation_id"):
+                if meta.get(key) in ids:
+                    meta[key] = ids[meta[key]]
+            meta.update(actor="fork", idempotency_key=None, forked_from=str(e.id))
+            data = _rename(e.data, renames)
+            copy = NewEvent(id=ids[e.id], type=e.type, data=data, meta=Meta.model_validate(meta))
+            stream = _rename(e.stream, renames)
+            await store.append(stream, [copy], idempotency_key=f"fork:{new_run}:{e.position}", conn=conn)
+            if e.type == "run.started":
+                forked = RunForked(
+                    run_id=new_run, from_run=run_id, at_position=at_position, model=model, prompts=prompts or {}
+                )
+                await store.append(f"run-{new_run}", [NewEvent.of(forked, actor="fork")], conn=conn)
     return new_run
