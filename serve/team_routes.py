@@ -17,6 +17,7 @@ from events import NO_STREAM, NewEvent
 from events.team import DecisionRequested, RunStarted, TaskCancelled, TaskCreated
 from serve.deps import HubDep, api
 from serve.hub import Hub
+from storage.errors import WrongExpectedVersion
 
 PRIORITIES = {"high": 1, "medium": 5, "low": 10}
 
@@ -161,12 +162,17 @@ def build_router() -> APIRouter:
 
     @router.post("/tasks/{task_id}/cancel")
     async def cancel_task(task_id: str, h: HubDep, reason: str = "cancelled by request") -> dict[str, Any]:
-        state, events = await task_state(h, task_id)
-        if state.status in TERMINAL:
-            raise HTTPException(409, f"task {task_id!r} is already {state.status}")
-        ev = NewEvent.of(TaskCancelled(task_id=task_id, run_id=state.run_id, reason=reason), actor="api")
-        await h.store.append(f"task-{task_id}", [ev], events[-1].version)
-        return {"task_id": task_id, "status": "cancelled"}
+        for _ in range(5):  # the team may be writing to the task right now: reload and decide again
+            state, events = await task_state(h, task_id)
+            if state.status in TERMINAL:
+                raise HTTPException(409, f"task {task_id!r} is already {state.status}")
+            ev = NewEvent.of(TaskCancelled(task_id=task_id, run_id=state.run_id, reason=reason), actor="api")
+            try:
+                await h.store.append(f"task-{task_id}", [ev], events[-1].version)
+            except WrongExpectedVersion:
+                continue
+            return {"task_id": task_id, "status": "cancelled"}
+        raise HTTPException(409, f"task {task_id!r} keeps changing; try again")
 
     @router.get("/roles")
     async def list_roles() -> list[dict[str, Any]]:

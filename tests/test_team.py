@@ -113,27 +113,37 @@ async def test_priority_queue_and_http_validation(team: System, http: httpx.Asyn
     assert r.status_code == 422 and "tests are written first" in r.json()["detail"]
     assert (await http.post("/api/v1/runs/run_nope/tasks", json={"title": "x"})).status_code == 404
     assert (await http.get("/api/v1/tasks/nope")).status_code == 404
+    await new_task(http, run_id, title="later", role="product", priority="low")
     high = await new_task(http, run_id, title="urgent", role="product", priority="high")
+
+    async def both_listed() -> bool:
+        return len((await http.get("/api/v1/tasks", params={"run_id": run_id})).json()) == 2
+
+    await eventually(both_listed, what="the tasks in the read model")
     listed = (await http.get("/api/v1/tasks", params={"run_id": run_id})).json()
-    assert listed[0]["task_id"] == high and listed[0]["priority"] == 1
+    assert listed[0]["task_id"] == high and listed[0]["priority"] == 1  # listed by priority
 
 
 async def test_task_past_its_timeout_is_escalated(team: System, http: httpx.AsyncClient, hub_log: EventLog) -> None:
     run_id = await new_run(http, provider="scripted:missing")  # every LLM call fails: the task cannot finish
     task_id = await new_task(http, run_id, title="stuck", role="security", timeout_s=1)
-
-    async def escalated() -> bool:
-        return any(e.type == "task.escalated" for e in await hub_log.read_stream(f"task-{task_id}"))
-
-    await eventually(escalated, timeout=30, what="escalation")
+    state = await task_done(http, task_id, status="failed", timeout=30)
     events = await hub_log.read_stream(f"task-{task_id}")
     types = [e.type for e in events]
-    assert types.index("task.timed_out") < types.index("task.escalated") < len(types)
+    assert types.count("task.timed_out") == 2 and types.index("task.timed_out") < types.index("task.escalated")
     esc = next(e for e in events if e.type == "task.escalated")
     assert esc.data["from_role"] == "security" and esc.data["to_role"] == "ceo"
-    cancel = await http.post(f"/api/v1/tasks/{task_id}/cancel")
-    assert cancel.status_code == 200
-    assert (await http.post(f"/api/v1/tasks/{task_id}/cancel")).status_code == 409
+    assert "top of the escalation chain" in state["result"]  # the CEO timed out too: nobody above it
+
+
+async def test_cancel_a_waiting_task(team: System, http: httpx.AsyncClient) -> None:
+    run_id = await new_run(http, provider="scripted:missing")
+    task_id = await new_task(http, run_id, title="not needed", role="legal", timeout_s=600)
+    r = await http.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    again = await http.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    assert (await http.get(f"/api/v1/tasks/{task_id}")).json()["status"] == "cancelled"
 
 
 async def test_ceo_loop_makes_work_when_idle_within_its_cap(team: System, http: httpx.AsyncClient) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.entity import Context, Entity
-from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError
+from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError, completed_event
 from events import NewEvent, RecordedEvent
-from events.hub import AgentSettings, LLMCompleted, ReplyFailed, ReplySent
+from events.hub import AgentSettings, ReplyFailed, ReplySent
 
 HISTORY_TURNS = 40
 Complete = Callable[[CompletionRequest], Awaitable[Completion]]
@@ -92,22 +92,7 @@ class Conversation(Entity[ChatState]):
             c = await self.complete(request)
         except ProviderError as e:
             return [NewEvent.of(ReplyFailed(agent_id=agent_id, chat_id=chat_id, error=str(e)))]
-        return [
-            NewEvent.of(
-                LLMCompleted(
-                    agent_id=agent_id,
-                    provider=c.provider,
-                    model=c.model,
-                    text=c.text,
-                    prompt_tokens=c.prompt_tokens,
-                    completion_tokens=c.completion_tokens,
-                    total_tokens=c.total_tokens,
-                    latency_ms=c.latency_ms,
-                    cost_usd=c.cost_usd,
-                    request_hash=request.digest(),
-                )
-            )
-        ]
+        return [NewEvent.of(completed_event(c, request, agent_id))]
 
     def to_snapshot(self, state: ChatState) -> dict[str, Any]:
         return state.model_dump()

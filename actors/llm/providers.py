@@ -5,6 +5,8 @@ the sibling modules."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from actors.config import RuntimeConfig
 from actors.llm.anthropic_provider import AnthropicProvider
 from actors.llm.base import (
@@ -18,6 +20,7 @@ from actors.llm.base import (
 )
 from actors.llm.openai_provider import OpenAICompatibleProvider
 from actors.llm.scripted import ScriptedProvider, ScriptRule
+from events.hub import LLMCompleted
 
 __all__ = [
     "AnthropicProvider",
@@ -31,6 +34,7 @@ __all__ = [
     "ScriptedProvider",
     "StructuredOutputError",
     "build_providers",
+    "completed_event",
     "count_tokens",
 ]
 
@@ -44,3 +48,20 @@ def build_providers(config: RuntimeConfig) -> dict[str, Provider]:
         "openai_compatible": OpenAICompatibleProvider("openai_compatible", config.openai_api_key, None, timeout),
         "anthropic": AnthropicProvider("anthropic", config.anthropic_api_key, config.anthropic_base_url, timeout),
     }
+
+
+def completed_event(c: Completion, request: CompletionRequest, agent_id: str, **extra: Any) -> LLMCompleted:
+    """The ``llm.completed`` payload that records ``c``: what replay reads instead of calling the provider."""
+    return LLMCompleted(
+        agent_id=agent_id,
+        provider=c.provider,
+        model=c.model,
+        text=c.text,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        total_tokens=c.total_tokens,
+        latency_ms=c.latency_ms,
+        cost_usd=c.cost_usd,
+        request_hash=request.digest(),
+        **extra,
+    )

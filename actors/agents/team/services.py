@@ -12,9 +12,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import role as role_of
-from actors.llm.providers import ChatMessage, Completion, CompletionRequest
+from actors.llm.providers import ChatMessage, Completion, CompletionRequest, completed_event
 from events import NewEvent, RecordedEvent
-from events.hub import LLMCompleted
 from storage.eventlog import EventLog
 
 T = TypeVar("T")
@@ -117,24 +116,8 @@ class TeamServices:
             run_id=run.run_id,
         )
         c: Completion = await self._complete(request)
-        event = NewEvent.of(
-            LLMCompleted(
-                agent_id=role_name,
-                provider=c.provider,
-                model=c.model,
-                text=c.text,
-                prompt_tokens=c.prompt_tokens,
-                completion_tokens=c.completion_tokens,
-                total_tokens=c.total_tokens,
-                latency_ms=c.latency_ms,
-                cost_usd=c.cost_usd,
-                request_hash=request.digest(),
-                run_id=run.run_id,
-                purpose=purpose,
-                structured=c.structured,
-            ),
-            actor=f"role:{role_name}",
-        )
+        payload = completed_event(c, request, role_name, run_id=run.run_id, purpose=purpose, structured=c.structured)
+        event = NewEvent.of(payload, actor=f"role:{role_name}")
         return [event], None
 
     def workspace_dir(self, run: RunConfig) -> Path:

@@ -191,9 +191,13 @@ class Task(Entity[TaskState]):
         """A task still running past its timeout is escalated to its role's escalation target."""
         if message.type != "timer.fired" or message.data["payload"].get("timer_id") != s.timer_id:
             return []
-        target = role(s.role).config.escalate_to if s.role != "developer" and s.role != "qa" else "tech_lead"
+        target = role(s.role).config.escalate_to if s.role not in ("developer", "qa") else "tech_lead"
+        timed_out = NewEvent.of(TaskTimedOut(**s.ids(), role=s.role, timeout_s=s.timeout_s))
+        if target == s.role:  # the top of the escalation chain: nobody left to hand it to
+            reason = f"timed out after {s.timeout_s:.0f}s at {s.role}, the top of the escalation chain"
+            return [timed_out, NewEvent.of(TaskFailed(**s.ids(), role=s.role, reason=reason))]
         return [
-            NewEvent.of(TaskTimedOut(**s.ids(), role=s.role, timeout_s=s.timeout_s)),
+            timed_out,
             NewEvent.of(
                 TaskEscalated(**s.ids(), from_role=s.role, to_role=target, reason=f"no result in {s.timeout_s:.0f}s")
             ),
