@@ -92,3 +92,36 @@ def test_events_tail_prints_history(cli_env: None, client: httpx.Client) -> None
     agent_with_messages(client, "tail", ["tailed"])
     result = runner.invoke(app, ["events", "tail", "--from", "0", "--no-follow"])
     assert result.exit_code == 0 and "tailed" in result.output
+
+
+def test_team_replay_and_fork_from_the_command_line(cli_env: None, system: System, client: httpx.Client) -> None:
+    import time
+
+    import ray
+
+    from actors.agents.team.script import TEAM_SCRIPT
+
+    run_id = client.post("/api/v1/runs", json={"goal": "cli", "provider": "scripted:team"}).json()["run_id"]
+    ray.get(ray.get_actor("llm", namespace=system.settings.ray_namespace).set_script.remote("team", TEAM_SCRIPT))
+    task_id = client.post(f"/api/v1/runs/{run_id}/tasks", json={"title": "Prices", "role": "cfo"}).json()["task_id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/v1/tasks/{task_id}").json()["status"] != "completed":
+        assert time.monotonic() < deadline, "task did not complete"
+        time.sleep(0.3)
+    deadline = time.monotonic() + 30  # the read models catch up before replay compares with them
+    while client.get("/api/v1/tasks", params={"run_id": run_id}).json()[0]["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    result = runner.invoke(app, ["replay", f"run-{run_id}"])
+    assert result.exit_code == 0, result.output
+    assert "1 tasks {'completed': 1}" in result.output and "0 mismatches, provider calls: 0" in result.output
+    first_attempt = next(
+        e for e in client.get(f"/api/v1/tasks/{task_id}/timeline").json() if e["type"] == "task.attempted"
+    )
+    result = runner.invoke(app, ["fork", "--at", str(first_attempt["position"]), "--model", "scripted-v3"])
+    assert result.exit_code == 0, result.output
+    new_run = result.output.split("forked into run ")[1].split(";")[0]
+    assert new_run.startswith(f"{run_id}_f")
+    forked = client.get(f"/api/v1/streams/run-{new_run}").json()["events"]
+    assert [e["type"] for e in forked][:2] == ["run.started", "run.forked"]
+    assert forked[1]["data"]["model"] == "scripted-v3" and forked[1]["data"]["from_run"] == run_id
