@@ -11,12 +11,9 @@ came. Run from the repository root (not while another Ray job is using this mach
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -26,11 +23,11 @@ from bench.common import (
     at_least,
     at_most,
     fmt_rate,
-    free_port,
     parser,
     percentile,
     print_table,
     quiet_logs,
+    running_system,
 )
 
 if TYPE_CHECKING:
@@ -151,31 +148,12 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
 
 
 def main() -> None:
-    from cluster.bootstrap import down, up
-    from cluster.settings import Settings
-
     args = parser(__doc__).parse_args()
     quiet_logs()
     sizes = Sizes.quick() if args.quick else Sizes()
-    for var in ("DATABASE_URL", "AGENTHUB_DATABASE_URL"):  # always a private, throwaway database
-        os.environ.pop(var, None)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            pg_port=free_port(),
-            http_port=8100,
-            dashboard_port=free_port(),
-            num_cpus=2,
-            ray_address=None,
-            api_token=TOKEN,
-        )
-        system = up(settings)
-        try:
-            started_s = time.perf_counter() - t0
-            rows = asyncio.run(measure(system, sizes))
-        finally:
-            down(system)
+    with running_system(TOKEN) as (system, started_s):
+        rows = asyncio.run(measure(system, sizes))
     rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
     print_table(f"HTTP API with the scripted provider ({time.perf_counter() - t0:.0f} s in all)", rows)
 

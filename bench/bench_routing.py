@@ -11,11 +11,8 @@ when they all become visible at once and stops when the last echo exists. Run fr
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -28,11 +25,11 @@ from bench.common import (
     Row,
     at_least,
     fmt_rate,
-    free_port,
     parser,
     print_table,
     quiet_logs,
     rate,
+    running_system,
 )
 from events import ANY, NewEvent, RecordedEvent, Subscription
 from storage.eventlog import EventLog
@@ -160,31 +157,12 @@ async def measure(system: System, settings: Settings, sizes: Sizes) -> list[Row]
 
 
 def main() -> None:
-    from cluster.bootstrap import down, up
-    from cluster.settings import Settings
-
     args = parser(__doc__).parse_args()
     quiet_logs()
     sizes = Sizes.quick() if args.quick else Sizes()
-    for var in ("DATABASE_URL", "AGENTHUB_DATABASE_URL"):  # always a private, throwaway database
-        os.environ.pop(var, None)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            pg_port=free_port(),
-            http_port=8100,
-            dashboard_port=free_port(),
-            num_cpus=2,
-            ray_address=None,
-            api_token="bench-token",
-        )
-        system = up(settings)
-        try:
-            started_s = time.perf_counter() - t0
-            rows = asyncio.run(measure(system, settings, sizes))
-        finally:
-            down(system)
+    with running_system("bench-token") as (system, started_s):
+        rows = asyncio.run(measure(system, system.settings, sizes))
     rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
     print_table(f"log -> actor routing, one append per event ({time.perf_counter() - t0:.0f} s in all)", rows)
 

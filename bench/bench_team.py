@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import ray
 
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.script import TEAM_SCRIPT
-from bench.common import Row, at_most, free_port, parser, percentile, print_table, quiet_logs
-from cluster.bootstrap import System, down, up
-from cluster.settings import Settings
+from bench.common import Row, at_most, parser, percentile, print_table, quiet_logs, running_system
+from cluster.bootstrap import System
 from storage.eventlog import EventLog
 
 ROLES = ("cfo", "legal", "product", "risk", "security")
@@ -51,8 +48,9 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
                 timeline = (await http.get(f"/api/v1/tasks/{stuck[0]}/timeline")).json()
                 status = await system.orchestrator.status.remote()
                 pings = {r: await ray.get_actor(f"role:{r}", namespace="agenthub").ping.remote() for r in ROLES}
-                raise TimeoutError(f"tasks not finished: {stuck}; {[(e['type'], e['actor']) for e in timeline]} "
-                                   f"{status} {pings}")
+                raise TimeoutError(
+                    f"tasks not finished: {stuck}; {[(e['type'], e['actor']) for e in timeline]} {status} {pings}"
+                )
             await asyncio.sleep(0.5)
         wall = time.perf_counter() - started
     store = await EventLog.connect(system.database_url, run_migrations=False)
@@ -83,19 +81,8 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
 def main() -> None:
     args = parser(__doc__).parse_args()
     quiet_logs()
-    with tempfile.TemporaryDirectory(prefix="agenthub-bench-team-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            pg_port=free_port(),
-            http_port=free_port(),
-            dashboard_port=free_port(),
-            api_token="bench",
-        )
-        system = up(settings)
-        try:
-            rows = asyncio.run(measure(system, 5 if args.quick else 20))
-        finally:
-            down(system)
+    with running_system("bench") as (system, _):
+        rows = asyncio.run(measure(system, 5 if args.quick else 20))
     print_table("team orchestration overhead (scripted provider)", rows)
 
 

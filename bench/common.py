@@ -10,16 +10,22 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from events.registry import EventData, event_type
 from storage.embedded import EmbeddedPostgres
+
+if TYPE_CHECKING:
+    from cluster.bootstrap import System
 
 
 @event_type("bench.tick")
@@ -123,3 +129,30 @@ def print_table(title: str, rows: list[Row]) -> None:
         cells = [v.rjust(w) if i == 1 else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True))]
         print("  ".join(cells).rstrip())
     print(line, flush=True)
+
+
+@contextlib.contextmanager
+def running_system(api_token: str) -> Iterator[tuple[System, float]]:
+    """The whole system on a private data dir and Postgres, on free ports (HTTP on 8100); yields it with the
+    seconds it took to start, and takes it down at the end."""
+    from cluster.bootstrap import down, up
+    from cluster.settings import Settings
+
+    for var in ("DATABASE_URL", "AGENTHUB_DATABASE_URL"):  # always a private, throwaway database
+        os.environ.pop(var, None)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            pg_port=free_port(),
+            http_port=8100,
+            dashboard_port=free_port(),
+            num_cpus=2,
+            ray_address=None,
+            api_token=api_token,
+        )
+        system = up(settings)
+        try:
+            yield system, time.perf_counter() - t0
+        finally:
+            down(system)
