@@ -23,7 +23,12 @@ class IngressConfig(BaseModel):
     max_event_bytes: int = 256 * 1024
 
 
-@serve.deployment(name="api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment(
+    name="api",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=256,
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},  # per-request logs cost CPU per message
+)
 @serve.ingress()
 class ApiIngress:
     """Connects lazily on the first request, so a replica starts even while Postgres is down."""
