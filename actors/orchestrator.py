@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import heapq
 import importlib
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -416,13 +415,6 @@ class OrchestratorImpl:
 
     async def ping(self) -> dict[str, Any]:
         return {"ready": self.ready.is_set(), "subscribers": len(self.subs)}
-
-    async def stacks(self) -> str:
-        """Where each of the orchestrator's coroutines is waiting (for diagnosing a stall)."""
-        out = io.StringIO()
-        for task in asyncio.all_tasks():
-            task.print_stack(limit=6, file=out)
-        return out.getvalue()
 
 
 Orchestrator = ray.remote(num_cpus=0, max_restarts=-1)(OrchestratorImpl)

@@ -11,7 +11,7 @@ import ray
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
-from actors.config import RuntimeConfig
+from actors.config import ActorSettings, RuntimeConfig
 from actors.orchestrator import Orchestrator
 from cluster.settings import Settings
 from serve.deployment import ApiIngress, IngressConfig
@@ -59,12 +59,13 @@ def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 
 def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
-    """The settings every actor needs, taken from the process settings by name."""
-    shared = settings.model_dump(
-        include=(set(RuntimeConfig.model_fields) & set(Settings.model_fields)) - {"database_url"}
+    """The settings every actor needs, taken from the process settings."""
+    return RuntimeConfig(
+        **settings.model_dump(include=set(ActorSettings.model_fields)),
+        database_url=database_url,
+        data_dir=settings.data_dir.resolve(),  # actor processes may not share the driver's cwd
+        namespace=settings.ray_namespace,
     )
-    shared["data_dir"] = settings.data_dir.resolve()  # actor processes may not share the driver's cwd
-    return RuntimeConfig(database_url=database_url, namespace=settings.ray_namespace, **shared)
 
 
 def start_ray(settings: Settings) -> None:

@@ -9,8 +9,12 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from actors.config import ActorSettings
 
-class Settings(BaseSettings):
+
+class Settings(BaseSettings, ActorSettings):
+    """The process settings: the actors' tunables (actors/config.py) plus what only the launcher needs."""
+
     model_config = SettingsConfigDict(env_prefix="AGENTHUB_", env_file=".env", extra="ignore")
 
     data_dir: Path = Path(".agenthub")
@@ -23,20 +27,7 @@ class Settings(BaseSettings):
     ray_namespace: str = "agenthub"
     num_cpus: int = 2
     dashboard_port: int = 8265
-    max_event_bytes: int = 256 * 1024
     reply_timeout_s: float = 10.0
-    heartbeat_interval_s: float = 5.0
-    max_restart_attempts: int = 5
-    max_active_entities: int = 1000
-    snapshot_every: int = 200
-    pool_size: int = 10
-    openai_api_key: SecretStr | None = None
-    openai_base_url: str | None = None
-    anthropic_api_key: SecretStr | None = None
-    anthropic_base_url: str | None = None
-    llm_timeout_s: float = 60.0
-    llm_max_attempts: int = 4
-    llm_cache_ttl_s: float = 3600.0
 
     def resolve_api_token(self) -> tuple[str, bool]:
         """The configured token, or one generated at first start and kept in the data dir.

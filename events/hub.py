@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -91,14 +90,6 @@ class AgentRestarted(EventData):
 @event_type("agent.failed")
 class AgentFailed(EventData):
     reason: str
-
-
-@event_type("agent.heartbeat")
-class AgentHeartbeat(EventData):
-    agent_id: str
-    active_chats: int
-    handled: int
-    at: datetime
 
 
 @event_type("chat.message_received")

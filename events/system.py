@@ -27,13 +27,6 @@ class TimerFired(EventData):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
-@event_type("actor.restarted")
-class ActorRestarted(EventData):
-    actor: str
-    reason: str
-    redeliver_from: int
-
-
 @event_type("subscriber.registered")
 class SubscriberRegistered(EventData):
     """A durable route: the orchestrator recreates it after a restart. ``actor`` is ``module:Class`` of a
