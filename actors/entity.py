@@ -144,7 +144,10 @@ class EntityHost(Generic[S]):
         key = self.entity.key_of(message)
         a = await self.get(key)
         if message.stream == a.ctx.stream and message.version > a.ctx.version:
-            await self.catch_up(a)
+            if message.version == a.ctx.version + 1:
+                self._apply(a, message)  # the delivered message is the next event: no need to read it back
+            else:
+                await self.catch_up(a)
         appended: list[RecordedEvent] = []
         correlation = message.meta.correlation_id or message.id
         conflicts = 0

@@ -12,6 +12,8 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.agents.agent import AgentState, agent_stream, fold_agent
 from actors.agents.conversation import chat_stream
@@ -77,18 +79,47 @@ async def _pg(_: Request, e: asyncpg.PostgresError) -> JSONResponse:
     return JSONResponse({"detail": f"database error: {type(e).__name__}"}, 500)
 
 
-@app.middleware("http")
-async def limit_body(request: Request, call_next: Any) -> Response:
-    """Reject bodies over the limit with 413 before parsing them."""
-    limit = state.max_body_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse({"detail": f"request body over the {limit}-byte limit"}, 413)
-    if request.method in ("POST", "PUT", "PATCH") and length is None:
-        body = await request.body()
-        if len(body) > limit:
-            return JSONResponse({"detail": f"request body over the {limit}-byte limit"}, 413)
-    return await call_next(request)
+class BodyLimit:
+    """413 for a body over the limit, before it is parsed: at once from ``Content-Length``; a chunked body is
+    read here first (bounded) and handed on whole. Pure ASGI, because ``BaseHTTPMiddleware`` costs a task and a
+    stream copy on every request, and Starlette's own limiter answers in plain text, not our JSON ``detail``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = state.max_body_bytes
+        too_large = JSONResponse({"detail": f"request body over the {limit}-byte limit"}, 413)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, send)
+        if length is not None or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await too_large(scope, receive, send)
+        whole: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        handed = False
+
+        async def replay() -> Message:
+            nonlocal handed
+            if handed:
+                return await receive()
+            handed = True
+            return whole
+
+        await self.app(scope, replay, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 # ---- health and metrics -------------------------------------------------------------------------------

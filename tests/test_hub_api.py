@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import ray
@@ -85,6 +86,13 @@ async def test_bad_input_gets_a_clear_error(http: httpx.AsyncClient) -> None:
     r = await http.post("/api/v1/agents/nobody/messages", json={"text": "hi", "chat_id": "c"})
     assert r.status_code == 404
     r = await http.post("/api/v1/agents", json={"name": "x" * 40_000})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit applies while the body is read
+        for _ in range(40):
+            yield b" " * 10_000
+
+    r = await http.post("/api/v1/agents", content=chunked(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
 

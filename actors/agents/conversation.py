@@ -28,13 +28,12 @@ class Turn(BaseModel):
 
 class ChatState(BaseModel):
     turns: list[Turn] = Field(default_factory=list)
-    completions: dict[str, str] = Field(default_factory=dict)
     messages: int = 0
     replies: int = 0
 
 
 class Conversation(Entity[ChatState]):
-    """Message → ``llm.completed`` → ``chat.reply_sent``, each step durable before the next."""
+    """Message → ``llm.completed`` + ``chat.reply_sent`` (or ``chat.reply_failed``)."""
 
     category = "chat"
 
@@ -50,14 +49,9 @@ class Conversation(Entity[ChatState]):
         if event.type == "chat.message_received":
             state.turns.append(Turn(id=str(event.id), role="user", text=d["text"]))
             state.messages += 1
-        elif event.type == "llm.completed":
-            state.completions[str(event.meta.causation_id)] = d["text"]
         elif event.type == "chat.reply_sent":
             state.turns.append(Turn(id=str(event.id), role="assistant", text=d["response"]))
-            state.completions.pop(str(event.meta.causation_id), None)
             state.replies += 1
-        elif event.type == "chat.reply_failed":
-            state.completions.pop(str(event.meta.causation_id), None)
         del state.turns[: max(0, len(state.turns) - 2 * HISTORY_TURNS)]
         return state
 
@@ -77,22 +71,21 @@ class Conversation(Entity[ChatState]):
         )
 
     async def decide(self, state: ChatState, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
-        if message.type != "chat.message_received":
-            return []
-        done = ctx.effects_of(message)
-        if "chat.reply_sent" in done or "chat.reply_failed" in done:
-            return []
+        """The completion and the reply built from it are one append: the reply is a function of the recorded
+        completion, so recording them together is as durable as two steps and costs one round trip less."""
+        if message.type != "chat.message_received" or ctx.effects_of(message):
+            return []  # answered already: a redelivered message repeats nothing
         d = message.data
         agent_id, chat_id = d["agent_id"], d["chat_id"]
-        recorded = state.completions.get(str(message.id))
-        if recorded is not None:
-            return [NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=recorded, channel=d["channel"]))]
         request = self.request_for(state, message, self.settings())
         try:
             c = await self.complete(request)
         except ProviderError as e:
             return [NewEvent.of(ReplyFailed(agent_id=agent_id, chat_id=chat_id, error=str(e)))]
-        return [NewEvent.of(completed_event(c, request, agent_id))]
+        return [
+            NewEvent.of(completed_event(c, request, agent_id)),
+            NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=c.text, channel=d["channel"])),
+        ]
 
     def to_snapshot(self, state: ChatState) -> dict[str, Any]:
         return state.model_dump()
