@@ -3,7 +3,10 @@
 Why: this is what a user of the API waits for; it crosses every component (ingress, log append, routing,
 the agent's entity host, the LLM actor, the reply waiter), so it is the figure the others add up to. Each
 client is its own ``httpx.AsyncClient`` and its own chat, sending its next message when the last reply
-came. Run from the repository root (not while another Ray job is using this machine):
+came. The clients use aiohttp, whose per-request CPU is a fraction of httpx's: the load generator shares the
+same two cores, so a heavier client would be measured as the system's latency. Beside the figures, the same
+clients against a route that does no work (an unknown path: 404) show what Ray Serve and FastAPI alone allow
+on this machine. Run from the repository root (not while another Ray job is using this machine):
 
     python -m bench.bench_http [--quick]
 """
@@ -13,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
+import aiohttp
 
 from bench.common import (
     Row,
@@ -47,6 +51,9 @@ class Sizes:
         return cls(clients=10, messages=10, warmup=10)
 
 
+Request = Callable[[aiohttp.ClientSession, str, str, str], Awaitable[int]]
+
+
 @dataclass
 class Results:
     latencies: list[float]
@@ -54,28 +61,39 @@ class Results:
     elapsed: float
 
 
-async def create_agent(http: httpx.AsyncClient) -> str:
-    r = await http.post("/api/v1/agents", json={"name": "bench agent", "settings": {"provider": "scripted"}})
-    r.raise_for_status()
-    agent_id: str = r.json()["id"]
-    r = await http.post(f"/api/v1/agents/{agent_id}/start")
-    r.raise_for_status()
-    if r.json()["status"] != "running":
-        raise RuntimeError(f"agent did not start: {r.text}")
+def session(system: System, timeout: float = 60) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(system.api_url, headers=auth(), timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+async def create_agent(http: aiohttp.ClientSession) -> str:
+    body = {"name": "bench agent", "settings": {"provider": "scripted"}}
+    async with http.post("/api/v1/agents", json=body, raise_for_status=True) as r:
+        agent_id: str = (await r.json())["id"]
+    async with http.post(f"/api/v1/agents/{agent_id}/start", raise_for_status=True) as r:
+        if (await r.json())["status"] != "running":
+            raise RuntimeError(f"agent did not start: {await r.text()}")
     return agent_id
 
 
-async def send(http: httpx.AsyncClient, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
+async def send(http: aiohttp.ClientSession, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
     params = {"timeout": timeout} if timeout else None
     body = {"text": text, "chat_id": chat}
-    r = await http.post(f"/api/v1/agents/{agent_id}/messages", json=body, params=params)
-    return r.status_code
+    async with http.post(f"/api/v1/agents/{agent_id}/messages", json=body, params=params) as r:
+        await r.read()
+        return r.status
+
+
+async def nothing(http: aiohttp.ClientSession, *_: str) -> int:
+    """A request that crosses HAProxy, the replica and FastAPI's routing, and does nothing else."""
+    async with http.get("/no-such-route") as r:
+        await r.read()
+        return r.status
 
 
 async def warm_up(system: System, agent_id: str, sizes: Sizes) -> float:
     """One message first (the orchestrator starts the agent's runner), then one per remaining chat."""
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=120) as http:
+    async with session(system, timeout=120) as http:
         deadline = time.perf_counter() + 90
         while (status := await send(http, agent_id, "c0", "hello", timeout=60)) != 200:
             if time.perf_counter() > deadline:
@@ -93,18 +111,18 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def run_clients(system: System, agent_id: str, sizes: Sizes) -> Results:
+async def run_clients(system: System, agent_id: str, sizes: Sizes, request: Request = send) -> Results:
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     go = asyncio.Event()
 
     async def client(i: int) -> None:
-        async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=60) as http:
-            await http.get("/healthz")  # open the connection before the clock starts
+        async with session(system) as http:
+            await nothing(http)  # open the connection before the clock starts
             await go.wait()
             for k in range(sizes.messages):
                 t = time.perf_counter()
-                status = await send(http, agent_id, f"c{i}", f"message {k} from client {i}")
+                status = await request(http, agent_id, f"c{i}", f"message {k} from client {i}")
                 latencies.append(time.perf_counter() - t)
                 statuses[status] += 1
 
@@ -117,10 +135,14 @@ async def run_clients(system: System, agent_id: str, sizes: Sizes) -> Results:
 
 
 async def measure(system: System, sizes: Sizes) -> list[Row]:
-    async with httpx.AsyncClient(base_url=system.api_url, headers=auth(), timeout=60) as http:
+    async with session(system) as http:
         agent_id = await create_agent(http)
     warm_s = await warm_up(system, agent_id, sizes)
     res = await run_clients(system, agent_id, sizes)
+    lone = sorted((await run_clients(system, agent_id, Sizes(clients=1, messages=sizes.messages))).latencies)
+    floor = await run_clients(system, agent_id, sizes, nothing)
+    floor_lat = sorted(floor.latencies)
+    floor_rate = sum(floor.statuses.values()) / floor.elapsed
     lat = sorted(res.latencies)
     p50, p95, p99 = (percentile(lat, q) * 1000 for q in (50, 95, 99))
     ok = res.statuses.get(200, 0)
@@ -143,6 +165,15 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
             f"{total:,}",
             at_least(ok, total),
         ),
+        Row(
+            f"one client alone, {sizes.messages} messages: p50 / p99",
+            f"{percentile(lone, 50) * 1000:.1f} / {percentile(lone, 99) * 1000:.1f} ms",
+        ),
+        Row(
+            "the same clients on a route that does nothing (Ray Serve + FastAPI floor): p50 / p99",
+            f"{percentile(floor_lat, 50) * 1000:.1f} / {percentile(floor_lat, 99) * 1000:.1f} ms",
+        ),
+        Row("   throughput", fmt_rate(floor_rate, "req/s")),
         Row(f"   warm-up ({sizes.warmup} messages, runner start included)", f"{warm_s:.1f} s"),
     ]
 
