@@ -239,11 +239,14 @@ class OrchestratorImpl:
 
     async def _flush_idle_cursors(self) -> None:
         """Persist the cursors of subscribers that had nothing to handle, so a restart need not reread."""
-        for name, sub in list(self.subs.items()):  # subscribers may register while we await
-            if not sub.dead and sub.cursor > sub.persisted:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.store.save_checkpoint(name, sub.cursor)
-                    sub.persisted = sub.cursor
+        moved = {name: sub for name, sub in self.subs.items() if not sub.dead and sub.cursor > sub.persisted}
+        if not moved:
+            return
+        cursors = {name: sub.cursor for name, sub in moved.items()}
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.save_checkpoints(cursors)
+            for name, sub in moved.items():
+                sub.persisted = max(sub.persisted, cursors[name])
 
     # ---- supervision -------------------------------------------------------------------------------
 

@@ -394,17 +394,22 @@ class EventLog:
         return (int(r[0]), int(r[1])) if r else START
 
     async def save_checkpoint(self, subscriber: str, cursor: Cursor, conn: asyncpg.Connection | None = None) -> None:
-        sql = (
-            "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
-            "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, "
-            "updated_at = now()"
-        )
         if conn is not None:
             with translate_errors():
-                await conn.execute(sql, subscriber, cursor[0], cursor[1])
+                await conn.execute(CHECKPOINT_SQL, subscriber, cursor[0], cursor[1])
             return
+        await self.save_checkpoints({subscriber: cursor})
+
+    async def save_checkpoints(self, cursors: dict[str, Cursor]) -> None:
+        """Several subscribers' checkpoints in one round trip (asyncpg pipelines ``executemany``)."""
         async with self.connection() as c:
-            await c.execute(sql, subscriber, cursor[0], cursor[1])
+            await c.executemany(CHECKPOINT_SQL, [(name, tx, pos) for name, (tx, pos) in cursors.items()])
+
+
+CHECKPOINT_SQL = (
+    "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
+    "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()"
+)
 
 
 class Notifier:
