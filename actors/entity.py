@@ -3,8 +3,8 @@
 An entity type is addressed as ``(actor type, key)`` and lives in stream ``<category>-<key>``. It is activated
 on first use by folding its snapshot and events, handled with ``decide``/``evolve``, and passivated when the
 host holds more than ``max_active`` entities. ``decide`` is called repeatedly for one message until it returns
-nothing, so a multi-step reaction (say: record the LLM completion, then the reply) is durable step by step and
-a redelivered message resumes where it stopped instead of repeating its effects.
+nothing, so a multi-step reaction (say: a task's work, then its self-check, then the attempt) is durable step by
+step and a redelivered message resumes where it stopped instead of repeating its effects.
 """
 
 from __future__ import annotations
