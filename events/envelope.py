@@ -11,6 +11,8 @@ from uuid import UUID
 import uuid_utils
 from pydantic import BaseModel, ConfigDict, Field
 
+from events.pickling import PickledAsJson
+
 STREAM_RE = re.compile(r"^[a-z][a-z0-9_]*-[^\s]{1,200}$")
 
 
@@ -58,7 +60,7 @@ class Meta(BaseModel):
     schema_version: int = 1
 
 
-class NewEvent(BaseModel):
+class NewEvent(PickledAsJson):
     """An event about to be appended: the log assigns version and position."""
 
     id: UUID = Field(default_factory=new_id)
@@ -76,7 +78,7 @@ class NewEvent(BaseModel):
         return cls(type=spec.name, data=data.model_dump(mode="json"), meta=m)
 
 
-class RecordedEvent(BaseModel):
+class RecordedEvent(PickledAsJson):
     """An event as stored: position is global, version is within its stream."""
 
     model_config = ConfigDict(frozen=True)

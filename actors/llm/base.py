@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field, SecretStr
 
+from events.pickling import PickledAsJson
+
 # Fields that say how to ask, not what was asked: they never change the answer, so they stay out of the digest
 # (a replay or a cache lookup must match a request whatever its timeout, fallback or accounting tags).
 _NOT_ASKED = {"cache", "timeout_s", "fallback_provider", "fallback_model", "agent_id", "run_id"}
@@ -23,7 +25,7 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(PickledAsJson):
     provider: str
     model: str
     messages: list[ChatMessage]
@@ -56,7 +58,7 @@ class CompletionRequest(BaseModel):
         return "\n\n".join(m.content for m in self.messages if m.role == "system")
 
 
-class Completion(BaseModel):
+class Completion(PickledAsJson):
     text: str
     provider: str
     model: str
