@@ -152,6 +152,20 @@ async def test_structured_answer_that_is_not_an_object_fails() -> None:
         await router_for(openai=fake).complete(ask("openai", "gpt-4o", response_schema=SCHEMA))
 
 
+async def test_structured_answer_that_breaks_the_schema_fails_without_retry() -> None:
+    with (
+        FakeOpenAI(free_port(), structured={"valid": "yes", "score": 8}) as fake,
+        pytest.raises(StructuredOutputError, match="does not match the schema at valid: 'yes' is not of type") as err,
+    ):
+        await router_for(openai=fake).complete(ask("openai", "gpt-4o", response_schema=SCHEMA))
+    assert fake.hits == 1 and not err.value.retryable
+    with (
+        FakeAnthropic(free_port(), structured={"valid": True}) as fake,
+        pytest.raises(StructuredOutputError, match="'score' is a required property"),
+    ):
+        await router_for(anthropic=fake).complete(ask("anthropic", "claude-3-5-haiku", response_schema=SCHEMA))
+
+
 async def test_anthropic_malformed_tool_input_fails_without_retry() -> None:
     with (
         FakeAnthropic(free_port(), raw_input='{"valid": tru') as fake,
@@ -490,13 +504,14 @@ def test_script_rules_are_validated() -> None:
 
 async def test_named_scripts_are_providers() -> None:
     router = LLMRouter({"scripted": ScriptedProvider()}, FAST, CompletionCache())
+    schema = {"type": "object"}  # an unmatched scripted request answers {}
     assert router.set_script("team", [ScriptRule(pattern="PHASE=tests", structured={"files": {}})]) == "scripted:team"
-    c = await router.complete(ask("scripted:team", "gpt-4o-mini", text="PHASE=tests go", response_schema=SCHEMA))
+    c = await router.complete(ask("scripted:team", "gpt-4o-mini", text="PHASE=tests go", response_schema=schema))
     assert c.structured == {"files": {}} and c.provider == "scripted:team"
-    plain = await router.complete(ask("scripted", "gpt-4o-mini", text="PHASE=tests go", response_schema=SCHEMA))
+    plain = await router.complete(ask("scripted", "gpt-4o-mini", text="PHASE=tests go", response_schema=schema))
     assert plain.structured == {} and not plain.cached  # the provider string is part of what was asked
     router.set_script("team", [ScriptRule(pattern="PHASE=tests", structured={"files": {"a.py": ""}})])
-    again = await router.complete(ask("scripted:team", "gpt-4o-mini", text="PHASE=tests go", response_schema=SCHEMA))
+    again = await router.complete(ask("scripted:team", "gpt-4o-mini", text="PHASE=tests go", response_schema=schema))
     assert again.structured == {"files": {"a.py": ""}} and not again.cached
     with pytest.raises(ProviderError, match="set_script"):
         await router.complete(ask("scripted:nope", "m"))

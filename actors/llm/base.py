@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+import jsonschema
 from pydantic import BaseModel, Field, SecretStr
 
 from events.pickling import PickledAsJson
@@ -147,6 +148,18 @@ def parse_structured(provider: str, text: str, *, truncated: bool = False) -> di
             f"{provider}: the structured answer is {type(value).__name__}, not a JSON object{hint}; got {text[:200]!r}"
         )
     return value
+
+
+def conform(provider: str, schema: dict[str, Any], value: dict[str, Any]) -> None:
+    """A ``StructuredOutputError`` naming the first place where ``value`` breaks ``schema`` (JSON Schema, with the
+    draft the schema names; 2020-12 otherwise)."""
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "the answer"
+        raise StructuredOutputError(
+            f"{provider}: the structured answer does not match the schema at {where}: {error.message}"
+        )
 
 
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:

@@ -14,7 +14,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_base
 
 from actors import metrics
-from actors.llm.base import Completion, CompletionRequest, Provider, ProviderError
+from actors.llm.base import Completion, CompletionRequest, Provider, ProviderError, conform
 from actors.llm.cache import CompletionCache
 from actors.llm.pricing import cost_usd
 from actors.llm.scripted import ScriptedProvider, ScriptRule
@@ -230,7 +230,10 @@ class LLMRouter:
         timeout = request.timeout_s or self.policy.timeout_s
         try:
             async with asyncio.timeout(timeout):
-                return await provider.complete(request)
+                c = await provider.complete(request)
+            if request.response_schema is not None:
+                conform(provider.name, request.response_schema, c.structured or {})
+            return c
         except TimeoutError:
             raise ProviderError(f"{provider.name}: no answer within {timeout:g}s", retryable=True) from None
         except ProviderError:
