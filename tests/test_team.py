@@ -13,6 +13,7 @@ from git import Repo
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.history import fork_run, replay_run
 from actors.agents.team.script import TEAM_SCRIPT
+from actors.llm.providers import ScriptRule
 from actors.tools import run_pytest
 from cluster.bootstrap import System
 from storage.eventlog import EventLog
@@ -25,6 +26,12 @@ async def team(system: System) -> System:
     llm = ray.get_actor("llm", namespace=system.settings.ray_namespace)
     await llm.set_script.remote("team", TEAM_SCRIPT)
     return system
+
+
+async def slow_provider(system: System) -> str:
+    """A scripted model that thinks for 3 s before every answer."""
+    llm = ray.get_actor("llm", namespace=system.settings.ray_namespace)
+    return str(await llm.set_script.remote("slow", [ScriptRule(pattern="", text="still thinking", delay_s=3)]))
 
 
 async def new_run(http: httpx.AsyncClient, **kw: Any) -> str:
@@ -125,7 +132,7 @@ async def test_priority_queue_and_http_validation(team: System, http: httpx.Asyn
 
 
 async def test_task_past_its_timeout_is_escalated(team: System, http: httpx.AsyncClient, hub_log: EventLog) -> None:
-    run_id = await new_run(http, provider="scripted:missing")  # every LLM call fails: the task cannot finish
+    run_id = await new_run(http, provider=await slow_provider(team))  # no answer within the task's timeout
     task_id = await new_task(http, run_id, title="stuck", role="security", timeout_s=1)
     state = await task_done(http, task_id, status="failed", timeout=30)
     events = await hub_log.read_stream(f"task-{task_id}")
@@ -137,7 +144,7 @@ async def test_task_past_its_timeout_is_escalated(team: System, http: httpx.Asyn
 
 
 async def test_cancel_a_waiting_task(team: System, http: httpx.AsyncClient) -> None:
-    run_id = await new_run(http, provider="scripted:missing")
+    run_id = await new_run(http, provider=await slow_provider(team))
     task_id = await new_task(http, run_id, title="not needed", role="legal", timeout_s=600)
     r = await http.post(f"/api/v1/tasks/{task_id}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -190,6 +197,15 @@ async def test_budget_exceeded_stops_work_with_a_clear_event(team: System, http:
     assert "budget exceeded" in state["result"]
     run = (await http.get(f"/api/v1/streams/run-{run_id}")).json()["events"]
     assert "run.budget_exceeded" in [e["type"] for e in run]
+
+
+async def test_a_failed_llm_call_fails_the_task_with_its_reason(team: System, http: httpx.AsyncClient) -> None:
+    llm = ray.get_actor("llm", namespace=team.settings.ray_namespace)
+    provider = await llm.set_script.remote("silent", [])  # no rules: its self-check answer is {}, not the schema
+    run_id = await new_run(http, provider=provider)
+    task_id = await new_task(http, run_id, title="check the fleet", role="product")
+    state = await task_done(http, task_id, status="failed")
+    assert "LLM call failed" in state["result"] and "'valid' is a required property" in state["result"]
 
 
 async def test_replay_rebuilds_a_finished_run_without_the_provider(

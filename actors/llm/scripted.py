@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from typing import Any
 
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from actors.llm.base import Completion, CompletionRequest, count_tokens, elapsed_ms, parse_structured
 
@@ -18,6 +19,7 @@ class ScriptRule(BaseModel):
     pattern: str
     text: str | None = None
     structured: dict[str, Any] | None = None
+    delay_s: float = Field(0.0, ge=0, description="think this long first: a slow model, for timeout tests")
 
     @field_validator("pattern")
     @classmethod
@@ -65,6 +67,7 @@ class ScriptedProvider:
         rule = self.match(request)
         structured: dict[str, Any] | None
         if rule is not None:
+            await asyncio.sleep(rule.delay_s)
             text = rule.answer()
             structured = rule.structured
             if structured is None and request.response_schema is not None:

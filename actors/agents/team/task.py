@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from actors.agents.team.roles import FILES_SCHEMA, QA, REVIEW_SCHEMA, VALIDATION_SCHEMA, Developer, role
 from actors.agents.team.services import BudgetExceededError, Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
+from actors.llm.base import ProviderError
 from actors.tools import GitWorkspace, run_pytest
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
@@ -164,6 +165,8 @@ class Task(Entity[TaskState]):
                 NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=str(e))),
                 Spawn(f"run-{s.run_id}", [run_event]),
             ]
+        except ProviderError as e:  # retries and any fallback are spent: say so now, not at the timeout
+            return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"LLM call failed: {e}"))]
 
     # ---- steps -------------------------------------------------------------------------------------------
 
