@@ -1,4 +1,4 @@
-"""Runtime events: durable timers and actor supervision."""
+"""Runtime events: durable timers, durable routes and the LLM actor's named scripts."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ class SubscriberRegistered(EventData):
     subscription: dict[str, Any]
     actor: str
     args: list[Any] = Field(default_factory=list)
+
+
+@event_type("llm.script_registered")
+class ScriptRegistered(EventData):
+    """A named scripted provider (``scripted:<name>``); the LLM actor registers them all again when it restarts."""
+
+    name: str
+    rules: list[dict[str, Any]]

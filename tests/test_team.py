@@ -3,6 +3,8 @@ group decisions, timeouts, budgets, replay and fork — all with the scripted pr
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 import httpx
@@ -13,7 +15,8 @@ from git import Repo
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.history import fork_run, replay_run
 from actors.agents.team.script import TEAM_SCRIPT
-from actors.llm.providers import ScriptRule
+from actors.llm.actor import complete_via
+from actors.llm.providers import ChatMessage, CompletionRequest, ScriptRule
 from actors.tools import run_pytest
 from cluster.bootstrap import System
 from storage.eventlog import EventLog
@@ -206,6 +209,28 @@ async def test_a_failed_llm_call_fails_the_task_with_its_reason(team: System, ht
     task_id = await new_task(http, run_id, title="check the fleet", role="product")
     state = await task_done(http, task_id, status="failed")
     assert "LLM call failed" in state["result"] and "'valid' is a required property" in state["result"]
+
+
+async def test_the_llm_actor_restarts_with_its_scripts_and_calls_in_flight(
+    team: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    ns = team.settings.ray_namespace
+    llm = ray.get_actor("llm", namespace=ns)
+    await llm.set_script.remote("team", TEAM_SCRIPT)  # the same rules again: nothing new to record
+    registered = [e.data["name"] for e in await hub_log.read_stream("llm-scripts")]
+    assert registered.count("team") == 1
+    pid = await llm.__ray_call__.remote(lambda actor: os.getpid())
+    question = [ChatMessage(role="user", content="are you there?")]
+    slow = CompletionRequest(provider=await slow_provider(team), model="m", messages=question, cache=False)
+    in_flight = asyncio.ensure_future(complete_via(llm, slow))
+    await asyncio.sleep(0.5)
+    ray.kill(llm, no_restart=False)  # Ray restarts it; the new process reads its scripts back from the log
+    assert (await in_flight).text == "still thinking"  # the call was retried on the new process
+    run_id = await new_run(http)
+    task_id = await new_task(http, run_id, title="after the restart", role="product")
+    state = await task_done(http, task_id)
+    assert state["status"] == "completed"  # its every step asked scripted:team
+    assert await ray.get_actor("llm", namespace=ns).__ray_call__.remote(lambda actor: os.getpid()) != pid
 
 
 async def test_replay_rebuilds_a_finished_run_without_the_provider(

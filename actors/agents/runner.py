@@ -13,6 +13,7 @@ from actors.agents.agent import agent_stream, fold_agent
 from actors.agents.conversation import Conversation
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
+from actors.llm.actor import complete_via
 from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
 from events import Subscription
@@ -52,7 +53,7 @@ class AgentRunnerImpl(EntityActor):
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
 
     async def _complete(self, request: CompletionRequest) -> Completion:
-        return await self.llm.complete.remote(request)
+        return await complete_via(self.llm, request)
 
     async def reload_config(self) -> None:
         """Refold the agent's config (the orchestrator calls this on ``agent.updated``)."""

@@ -3,17 +3,27 @@ every call that reaches a provider."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
+import structlog
+from ray.exceptions import RayActorError
 
 from actors.config import RuntimeConfig
 from actors.llm.cache import CompletionCache
-from actors.llm.providers import Completion, CompletionRequest, ScriptRule, build_providers
+from actors.llm.providers import Completion, CompletionRequest, ProviderError, ScriptRule, build_providers
 from actors.llm.router import LLMRouter, RetryPolicy
 from actors.observability import export_metrics
+from events import NewEvent
+from events.system import ScriptRegistered
+from storage.errors import StoreUnavailable
+from storage.eventlog import EventLog
 
-__all__ = ["LLMActor", "build_providers", "build_router"]
+__all__ = ["LLMActor", "build_providers", "build_router", "complete_via"]
+
+log = structlog.get_logger(__name__)
+SCRIPTS_STREAM = "llm-scripts"
 
 
 def build_router(config: RuntimeConfig) -> LLMRouter:
@@ -25,17 +35,50 @@ def build_router(config: RuntimeConfig) -> LLMRouter:
     )
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+async def complete_via(llm: Any, request: CompletionRequest) -> Completion:
+    """Ask the LLM actor. Ray retries a call the actor died in once it is back (``max_task_retries``); if it
+    stays gone, the caller gets a ``ProviderError`` it records as a failure, so no message waits forever."""
+    try:
+        return await llm.complete.remote(request)
+    except RayActorError as e:
+        raise ProviderError(f"the LLM actor is unavailable: {type(e).__name__}", retryable=True) from None
+
+
+# Ray retries a call in flight when the actor dies, on the restarted actor: asking a provider again is safe,
+# because the caller records the answer, not the actor.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class LLMActor:
     def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
         self.router = build_router(config)
+        self._ready = asyncio.get_running_loop().create_task(self._restore_scripts())
+
+    async def _restore_scripts(self) -> None:
+        """Named scripts are events, so a restarted actor knows them all again."""
+        while True:
+            try:
+                self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
+                for e in await self.store.read_stream(SCRIPTS_STREAM):
+                    self.router.set_script(e.data["name"], [ScriptRule.model_validate(r) for r in e.data["rules"]])
+                return
+            except StoreUnavailable as e:
+                log.warning("llm actor waiting for the event store", error=str(e))
+                await asyncio.sleep(1)
 
     async def complete(self, request: CompletionRequest) -> Completion:
+        if request.provider.startswith("scripted:"):
+            await self._ready
         return await self.router.complete(request)
 
-    def set_script(self, name: str, rules: list[ScriptRule]) -> str:
-        """Register ``scripted:<name>``. Scripts live in memory: callers register again after an actor restart
-        (it is idempotent)."""
+    async def set_script(self, name: str, rules: list[ScriptRule]) -> str:
+        """Register ``scripted:<name>``, recorded as an event so a restarted actor has it too (registering the
+        same rules again records nothing)."""
+        await self._ready
+        rules = [ScriptRule.model_validate(r) for r in rules]
+        if self.router.script(name) != rules:  # the latest registration of a name wins, on restore too
+            event = NewEvent.of(ScriptRegistered(name=name, rules=[r.model_dump(mode="json") for r in rules]))
+            event.meta.actor = "llm"
+            await self.store.append(SCRIPTS_STREAM, [event])
         return self.router.set_script(name, rules)
 
     def usage(self) -> dict[str, Any]:

@@ -99,6 +99,9 @@ class LLMRouter:
         self._usage: dict[str, AgentUsage] = {}
         self._scripts: dict[str, list[ScriptRule]] = {}
 
+    def script(self, name: str) -> list[ScriptRule] | None:
+        return self._scripts.get(name)
+
     def set_script(self, name: str, rules: list[ScriptRule]) -> str:
         """Register the scripted provider ``scripted:<name>``; returns the provider name to put in requests."""
         provider = f"scripted:{name}"

@@ -17,6 +17,7 @@ from actors.agents.team.services import TeamServices
 from actors.agents.team.task import CEO_LOOP, TERMINAL, Task
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
+from actors.llm.actor import complete_via
 from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
 from events import NewEvent, RecordedEvent, Subscription
@@ -53,7 +54,7 @@ class TeamActor(EntityActor):
         self.services = TeamServices(self.store, self._complete, self.config.data_dir / "workspaces")
 
     async def _complete(self, request: CompletionRequest) -> Completion:
-        return await self.llm.complete.remote(request)
+        return await complete_via(self.llm, request)
 
 
 class RoleActorImpl(TeamActor):
