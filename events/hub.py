@@ -32,6 +32,7 @@ class AgentSettings(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(512, ge=1, le=200_000)
     base_url: str | None = None
+    budget_usd: float | None = Field(None, ge=0, description="no more completions once they have cost this much")
     integrations: list[IntegrationConfig] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -138,3 +139,4 @@ class ReplyFailed(EventData):
     agent_id: str
     chat_id: str
     error: str
+    budget_exceeded: bool = False

@@ -295,8 +295,9 @@ async def send_message(
     except BaseException:
         h.waiter.forget(str(event.id))
         raise
-    if reply.type == "chat.reply_failed":
-        raise HTTPException(502, f"agent failed to reply: {reply.data['error']}")
+    if reply.type == "chat.reply_failed":  # 402: the agent's budget is spent (raise it with PATCH settings)
+        status = 402 if reply.data.get("budget_exceeded") else 502
+        raise HTTPException(status, f"agent failed to reply: {reply.data['error']}")
     return MessageOut(
         chat_id=reply.data["chat_id"],
         response=reply.data["response"],

@@ -275,6 +275,25 @@ async def test_provider_failure_is_recorded_and_answered_502(http: httpx.AsyncCl
     assert types == ["chat.message_received", "chat.reply_failed"]
 
 
+async def test_agent_budget_stops_replies_until_it_is_raised(
+    system: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    # the scripted provider is priced as the model it stands in for: one short exchange costs ~$0.000006
+    agent_id = await new_agent(http, model_id="gpt-4o-mini", budget_usd=0.000001)
+    url = f"/api/v1/agents/{agent_id}/messages"
+    assert (await http.post(url, json={"text": "first", "chat_id": "b"})).status_code == 200
+    r = await http.post(url, json={"text": "second", "chat_id": "b"})
+    assert r.status_code == 402 and "agent budget exceeded" in r.json()["detail"]
+    (failed,) = [e for e in await hub_log.read_stream(f"chat-{agent_id}/b") if e.type == "chat.reply_failed"]
+    assert failed.data["budget_exceeded"] is True
+    ray.kill(ray.get_actor(f"agent:{agent_id}", namespace=system.settings.ray_namespace), no_restart=True)
+    r = await http.post(url, json={"text": "after a restart", "chat_id": "b"}, params={"timeout": 60})
+    assert r.status_code == 402  # the restarted runner summed the spending from the log
+    patched = await http.patch(f"/api/v1/agents/{agent_id}", json={"settings": {"budget_usd": 1.0}})
+    assert patched.status_code == 200
+    assert (await http.post(url, json={"text": "third", "chat_id": "b"})).status_code == 200
+
+
 async def test_projection_rebuild_replays_the_log(http: httpx.AsyncClient) -> None:
     agent_id = await new_agent(http)
     await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "keep me", "chat_id": "rb"})

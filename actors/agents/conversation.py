@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.entity import Context, Entity
+from actors.llm.budget import BudgetExceededError
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError, completed_event
 from events import NewEvent, RecordedEvent
 from events.hub import AgentSettings, ReplyFailed, ReplySent
@@ -81,7 +82,8 @@ class Conversation(Entity[ChatState]):
         try:
             c = await self.complete(request)
         except ProviderError as e:
-            return [NewEvent.of(ReplyFailed(agent_id=agent_id, chat_id=chat_id, error=str(e)))]
+            over = isinstance(e, BudgetExceededError)
+            return [NewEvent.of(ReplyFailed(agent_id=agent_id, chat_id=chat_id, error=str(e), budget_exceeded=over))]
         return [
             NewEvent.of(completed_event(c, request, agent_id)),
             NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=c.text, channel=d["channel"])),

@@ -14,6 +14,7 @@ from actors.agents.conversation import Conversation
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
 from actors.llm.actor import complete_via
+from actors.llm.budget import BudgetExceededError, spent_usd
 from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
 from events import Subscription
@@ -43,6 +44,7 @@ class AgentRunnerImpl(EntityActor):
 
     async def setup(self) -> None:
         await self.reload_config()
+        self.spent = await spent_usd(self.store, "agent_id", self.agent_id)
         self.llm = ray.get_actor("llm", namespace=self.config.namespace)
         self.host = self.hosts["chat"] = EntityHost(
             Conversation(lambda: self.settings, self._complete),
@@ -53,7 +55,14 @@ class AgentRunnerImpl(EntityActor):
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
 
     async def _complete(self, request: CompletionRequest) -> Completion:
-        return await complete_via(self.llm, request)
+        """One completion, within the agent's budget. Only this actor asks for the agent, so after the sum read
+        at start the spending is counted here."""
+        budget = self.settings.budget_usd
+        if budget is not None and self.spent >= budget:
+            raise BudgetExceededError("agent", self.spent, budget)
+        c = await complete_via(self.llm, request)
+        self.spent += c.cost_usd
+        return c
 
     async def reload_config(self) -> None:
         """Refold the agent's config (the orchestrator calls this on ``agent.updated``)."""

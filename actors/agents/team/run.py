@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
-from actors.agents.team.services import BudgetExceededError, Completed, TeamServices, fold_run
+from actors.agents.team.services import Completed, TeamServices, fold_run
 from actors.entity import Context, Entity, Spawn
+from actors.llm.budget import BudgetExceededError
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import BudgetExceeded, CeoChecked, RunCompleted, TaskCreated

@@ -12,17 +12,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import role as role_of
+from actors.llm.budget import BudgetExceededError, spent_usd
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, completed_event
 from events import NewEvent, RecordedEvent
 from storage.eventlog import EventLog
 
 T = TypeVar("T")
-
-
-class BudgetExceededError(Exception):
-    def __init__(self, spent: float, budget: float) -> None:
-        super().__init__(f"run budget exceeded: spent ${spent:.4f} of ${budget:.4f}")
-        self.spent, self.budget = spent, budget
 
 
 class RunConfig(BaseModel):
@@ -73,15 +68,6 @@ class TeamServices:
             self._runs[run_id] = cfg
         return self._runs[run_id]
 
-    async def spent(self, run_id: str) -> float:
-        return float(
-            await self.store.fetchval(
-                "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
-                "WHERE type = 'llm.completed' AND data->>'run_id' = $1",
-                run_id,
-            )
-        )
-
     async def ask(
         self,
         completions: dict[str, Completed],
@@ -98,9 +84,9 @@ class TeamServices:
         if purpose in completions:
             return [], completions[purpose]
         if run.budget_usd is not None:
-            spent = await self.spent(run.run_id)
+            spent = await spent_usd(self.store, "run_id", run.run_id)
             if spent >= run.budget_usd:
-                raise BudgetExceededError(spent, run.budget_usd)
+                raise BudgetExceededError("run", spent, run.budget_usd)
         cfg = role_of(role_name).config
         request = CompletionRequest(
             provider=run.provider,

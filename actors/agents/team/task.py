@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import FILES_SCHEMA, QA, REVIEW_SCHEMA, VALIDATION_SCHEMA, Developer, role
-from actors.agents.team.services import BudgetExceededError, Completed, RunConfig, TeamServices
+from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
+from actors.llm.budget import BudgetExceededError
 from actors.tools import GitWorkspace, run_pytest
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled

@@ -1,0 +1,27 @@
+"""Spending limits: what has been spent is summed from the ``llm.completed`` events, so it survives restarts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from actors.llm.base import ProviderError
+from storage.eventlog import EventLog
+
+
+class BudgetExceededError(ProviderError):
+    """No more provider calls for this run or agent: its completions already cost its budget."""
+
+    def __init__(self, scope: str, spent: float, budget: float) -> None:
+        super().__init__(f"{scope} budget exceeded: spent ${spent:.4f} of ${budget:.4f}")
+        self.spent, self.budget = spent, budget
+
+
+async def spent_usd(store: EventLog, by: Literal["run_id", "agent_id"], value: str) -> float:
+    """The cost recorded by every completion of one run or one agent."""
+    return float(
+        await store.fetchval(
+            "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
+            f"WHERE type = 'llm.completed' AND data->>'{by}' = $1",
+            value,
+        )
+    )
