@@ -14,7 +14,7 @@ from actors.config import RuntimeConfig
 from actors.llm.cache import CompletionCache
 from actors.llm.providers import Completion, CompletionRequest, ProviderError, ScriptRule, build_providers
 from actors.llm.router import LLMRouter, RetryPolicy
-from actors.observability import export_metrics
+from actors.observability import configure_logging, export_metrics
 from events import NewEvent
 from events.system import ScriptRegistered
 from storage.errors import StoreUnavailable
@@ -49,6 +49,7 @@ async def complete_via(llm: Any, request: CompletionRequest) -> Completion:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class LLMActor:
     def __init__(self, config: RuntimeConfig) -> None:
+        configure_logging()
         self.config = config
         self.router = build_router(config)
         self._ready = asyncio.get_running_loop().create_task(self._restore_scripts())
