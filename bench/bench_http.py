@@ -27,6 +27,7 @@ from bench.common import (
     at_least,
     at_most,
     fmt_rate,
+    machine_cpu_s,
     parser,
     percentile,
     print_table,
@@ -138,7 +139,9 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
     async with session(system) as http:
         agent_id = await create_agent(http)
     warm_s = await warm_up(system, agent_id, sizes)
+    cpu0 = machine_cpu_s()
     res = await run_clients(system, agent_id, sizes)
+    cpu = machine_cpu_s() - cpu0
     lone = sorted((await run_clients(system, agent_id, Sizes(clients=1, messages=sizes.messages))).latencies)
     floor = await run_clients(system, agent_id, sizes, nothing)
     floor_lat = sorted(floor.latencies)
@@ -159,6 +162,7 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
         Row("   p99", f"{p99:.1f} ms", "<= 150 ms", at_most(p99, 150)),
         Row("   max", f"{lat[-1] * 1000:.1f} ms"),
         Row(f"   throughput ({ok:,} replies in {res.elapsed:.1f} s)", fmt_rate(ok / res.elapsed, "msg/s")),
+        Row("   CPU per message, all processes on the machine", f"{cpu / max(ok, 1) * 1000:.1f} ms"),
         Row(
             f"   replies with status 200 (other statuses: {other})",
             f"{ok:,} of {total:,}",

@@ -19,7 +19,7 @@ import ray
 
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.script import TEAM_SCRIPT
-from bench.common import Row, at_most, parser, percentile, print_table, quiet_logs, running_system
+from bench.common import Row, at_most, machine_cpu_s, parser, percentile, print_table, quiet_logs, running_system
 from cluster.bootstrap import System
 from storage.eventlog import EventLog
 
@@ -78,7 +78,9 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
     async with httpx.AsyncClient(base_url=system.api_url, headers=headers, timeout=60) as http:
         _, warm_s = await run_tasks(system, http, len(ROLES), "warm-up")
         lone, _ = await run_tasks(system, http, 1, "alone")
+        cpu0 = machine_cpu_s()
         ids, wall = await run_tasks(system, http, n_tasks, "bench")
+        cpu = machine_cpu_s() - cpu0
     store = await EventLog.connect(system.database_url, run_migrations=False)
     overheads, provider = await step_overheads(store, ids)
     alone, _ = await step_overheads(store, lone)
@@ -89,6 +91,7 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
         Row("   steps measured", f"{len(overheads)}"),
         Row("   overhead per step p50", f"{p50:.1f} ms", "< 10 ms", at_most(p50, 10)),
         Row("   overhead per step p95 (queueing behind the same role included)", f"{p95:.1f} ms"),
+        Row("   CPU per step, all processes on the machine", f"{cpu / len(overheads) * 1000:.1f} ms"),
         Row("   time inside the provider", f"{provider * 1000:.0f} ms total"),
         Row(
             f"one task alone ({len(alone)} steps): overhead per step p50 / p95",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import structlog
 
 from events.registry import EventData, event_type
@@ -49,6 +50,17 @@ class BenchEcho(EventData):
     """The one event an actor appends per handled ``bench.ping``."""
 
     n: int
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds used so far by every process on the machine (Postgres, Ray, the clients): the difference over
+    a run, divided by what it did, is what one unit of work costs the whole system."""
+    total = 0.0
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def free_port() -> int:
