@@ -36,7 +36,11 @@ class ReplyWaiter:
             try:
                 head = await self.store.head_cursor()
                 self._started.set()
-                async for batch, _ in self.store.subscribe(head, poll_interval=self.poll_interval, types=REPLY_TYPES):
+                # nobody waiting, nothing to read: a busy log (a team at work) costs the ingress no queries
+                follow = self.store.subscribe(
+                    head, poll_interval=self.poll_interval, types=REPLY_TYPES, active=lambda: bool(self.pending)
+                )
+                async for batch, _ in follow:
                     for e in batch:
                         if e.type in REPLY_TYPES and e.meta.correlation_id is not None:
                             fut = self.pending.pop(str(e.meta.correlation_id), None)

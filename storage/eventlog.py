@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,10 +343,12 @@ class EventLog:
         poll_interval: float = 1.0,
         subscription: Subscription | None = None,
         types: Sequence[str] | None = None,
+        active: Callable[[], bool] | None = None,
     ) -> AsyncIterator[tuple[list[RecordedEvent], Cursor]]:
         """Catch up from ``after``, then follow live. Yields ``(matching events, cursor after the batch)``;
         the cursor advances even when no event of a batch matches, so callers can checkpoint it. ``types`` filters
-        in the database (only those events are decoded)."""
+        in the database (only those events are decoded). While ``active()`` is false nothing is read and the
+        cursor stays put; the first wake-up after it turns true catches up from there."""
         wake = asyncio.Event()
         listener = Listener(self.url, wake)
         await listener.start()
@@ -354,17 +356,18 @@ class EventLog:
         try:
             while True:
                 wake.clear()
-                try:
-                    batch, after_batch = await self.read_committed(cursor, batch_size, types)
-                except StoreUnavailable as e:
-                    log.warning("subscription read failed, retrying", error=str(e))
-                    await asyncio.sleep(min(poll_interval, 0.5))
-                    continue
-                if after_batch != cursor:
-                    cursor = after_batch
-                    matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
-                    yield matching, cursor
-                    continue
+                if active is None or active():
+                    try:
+                        batch, after_batch = await self.read_committed(cursor, batch_size, types)
+                    except StoreUnavailable as e:
+                        log.warning("subscription read failed, retrying", error=str(e))
+                        await asyncio.sleep(min(poll_interval, 0.5))
+                        continue
+                    if after_batch != cursor:
+                        cursor = after_batch
+                        matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
+                        yield matching, cursor
+                        continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), poll_interval)
         finally:
