@@ -38,6 +38,7 @@ from storage.eventlog import START, Cursor, EventLog, Listener
 log = structlog.get_logger(__name__)
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+BATCH = 500
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
 
 
@@ -178,13 +179,15 @@ class OrchestratorImpl:
                 log.exception("routing step failed")
                 await asyncio.sleep(0.5)
                 continue
-            if not batch or any(s.dead for s in list(self.subs.values())):
+            # A short batch was everything visible: wait for the next commit's NOTIFY (one that came while we
+            # were delivering has set ``wake`` already) instead of asking again at once.
+            if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.config.poll_interval_s)
 
     async def _route_once(self) -> list[RecordedEvent]:
         low = min([self.cursor, *(s.cursor for s in list(self.subs.values()) if not s.dead)])
-        batch, _ = await self.store.read_committed(low, 500)
+        batch, _ = await self.store.read_committed(low, BATCH)
         if batch:
             await self._own(batch)
             await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))
