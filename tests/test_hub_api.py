@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 
 import httpx
+import psutil
 import ray
 from ray.util.state import list_actors
 
@@ -247,6 +248,13 @@ async def test_actors_have_readable_names_in_the_dashboard(system: System, http:
     await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "m", "chat_id": "n"})
     names = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)}
     assert {"orchestrator", "llm", "projector", f"agent:{agent_id}"} <= names
+
+
+def test_haproxy_holds_the_api_port(system: System) -> None:
+    """Serve's throughput-optimized mode is on: HAProxy, not a Python proxy actor, listens on the API port."""
+    port = system.settings.http_port
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and {psutil.Process(c.pid).name() for c in listening} == {"haproxy"}
 
 
 async def test_openai_compatible_provider_over_http(http: httpx.AsyncClient, hub_log: EventLog) -> None:
