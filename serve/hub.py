@@ -19,6 +19,7 @@ class Hub:
         self.reply_timeout_s = reply_timeout_s
         self.waiter = ReplyWaiter(store)
         self.secrets = SecretStore(store)
+        self.team_registered = False
 
     @staticmethod
     def new_agent_id() -> str:

@@ -72,6 +72,14 @@ class DecisionIn(BaseModel):
     voters: list[str] = Field(default_factory=lambda: list(VOTERS))
 
 
+async def team_ready(h: Hub) -> None:
+    """The role actors and the CEO loop are registered. The registration is durable (events), so one success
+    per replica is enough: this is not a Ray round trip per task."""
+    if not h.team_registered:
+        await ensure_team(h.orchestrator)
+        h.team_registered = True
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=api)
 
@@ -83,7 +91,7 @@ def build_router() -> APIRouter:
 
     @router.post("/runs", status_code=201)
     async def create_run(body: RunIn, h: HubDep) -> dict[str, Any]:
-        await ensure_team(h.orchestrator)
+        await team_ready(h)
         run_id = "run_" + secrets.token_hex(5)
         ev = NewEvent.of(RunStarted(run_id=run_id, **body.model_dump()), actor="api")
         await h.store.append(f"run-{run_id}", [ev], NO_STREAM)
@@ -101,7 +109,7 @@ def build_router() -> APIRouter:
     @router.post("/runs/{run_id}/tasks", status_code=201)
     async def create_task(run_id: str, body: TaskIn, h: HubDep) -> dict[str, Any]:
         await run_or_404(h, run_id)
-        await ensure_team(h.orchestrator)
+        await team_ready(h)
         role = body.role or ("qa" if body.kind == "implement" else "developer")
         if role not in ROLES:
             raise HTTPException(422, f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
@@ -212,7 +220,7 @@ def build_router() -> APIRouter:
         unknown = set(body.voters) - set(ROLES)
         if unknown or not body.voters:
             raise HTTPException(422, f"voters must be known roles; unknown: {sorted(unknown)}")
-        await ensure_team(h.orchestrator)
+        await team_ready(h)
         decision_id = "dec_" + secrets.token_hex(5)
         ev = NewEvent.of(
             DecisionRequested(decision_id=decision_id, run_id=run_id, question=body.question, voters=body.voters),
