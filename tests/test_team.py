@@ -15,10 +15,10 @@ from git import Repo
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.history import fork_run, replay_run
 from actors.agents.team.script import TEAM_SCRIPT
-from actors.llm.actor import complete_via
-from actors.llm.providers import ChatMessage, CompletionRequest, ScriptRule
+from actors.llm.actor import LLMActor, complete_via
+from actors.llm.providers import ChatMessage, CompletionRequest, ProviderError, ScriptRule
 from actors.tools import run_pytest
-from cluster.bootstrap import System
+from cluster.bootstrap import System, runtime_config
 from storage.eventlog import EventLog
 from tests.conftest import eventually
 
@@ -231,6 +231,15 @@ async def test_the_llm_actor_restarts_with_its_scripts_and_calls_in_flight(
     state = await task_done(http, task_id)
     assert state["status"] == "completed"  # its every step asked scripted:team
     assert await ray.get_actor("llm", namespace=ns).__ray_call__.remote(lambda actor: os.getpid()) != pid
+
+
+async def test_an_llm_actor_that_stays_dead_is_a_provider_error(team: System) -> None:
+    config = runtime_config(team.settings, team.database_url)
+    doomed = LLMActor.options(name="llm-doomed", namespace=team.settings.ray_namespace).remote(config)
+    ray.kill(doomed, no_restart=True)
+    request = CompletionRequest(provider="scripted", model="m", messages=[ChatMessage(role="user", content="hi")])
+    with pytest.raises(ProviderError, match="the LLM actor is unavailable"):
+        await complete_via(doomed, request)
 
 
 async def test_replay_rebuilds_a_finished_run_without_the_provider(
