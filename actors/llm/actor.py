@@ -9,6 +9,7 @@ from typing import Any
 import ray
 import structlog
 from ray.exceptions import RayActorError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from actors.config import RuntimeConfig
 from actors.llm.cache import CompletionCache
@@ -52,19 +53,23 @@ class LLMActor:
         configure_logging()
         self.config = config
         self.router = build_router(config)
+        self.store: EventLog | None = None
         self._ready = asyncio.get_running_loop().create_task(self._restore_scripts())
 
     async def _restore_scripts(self) -> None:
-        """Named scripts are events, so a restarted actor knows them all again."""
-        while True:
-            try:
-                self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
-                for e in await self.store.read_stream(SCRIPTS_STREAM):
-                    self.router.set_script(e.data["name"], [ScriptRule.model_validate(r) for r in e.data["rules"]])
-                return
-            except StoreUnavailable as e:
-                log.warning("llm actor waiting for the event store", error=str(e))
-                await asyncio.sleep(1)
+        """Named scripts are events, so a restarted actor knows them all again (once Postgres answers)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            wait=wait_fixed(1),
+            before_sleep=lambda state: log.warning("llm actor waiting for the event store", tries=state.attempt_number),
+        )
+        async for attempt in retrying:
+            with attempt:
+                if self.store is None:
+                    self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
+                events = await self.store.read_stream(SCRIPTS_STREAM)
+        for e in events:
+            self.router.set_script(e.data["name"], [ScriptRule.model_validate(r) for r in e.data["rules"]])
 
     async def complete(self, request: CompletionRequest) -> Completion:
         if request.provider.startswith("scripted:"):
@@ -77,9 +82,9 @@ class LLMActor:
         await self._ready
         rules = [ScriptRule.model_validate(r) for r in rules]
         if self.router.script(name) != rules:  # the latest registration of a name wins, on restore too
-            event = NewEvent.of(ScriptRegistered(name=name, rules=[r.model_dump(mode="json") for r in rules]))
-            event.meta.actor = "llm"
-            await self.store.append(SCRIPTS_STREAM, [event])
+            registered = ScriptRegistered(name=name, rules=[r.model_dump(mode="json") for r in rules])
+            assert self.store is not None  # set once _ready is done
+            await self.store.append(SCRIPTS_STREAM, [NewEvent.of(registered, actor="llm")])
         return self.router.set_script(name, rules)
 
     def usage(self) -> dict[str, Any]:
