@@ -16,12 +16,14 @@ class BudgetExceededError(ProviderError):
         self.spent, self.budget = spent, budget
 
 
+def spending_sql(by: Literal["run_id", "agent_id"]) -> str:
+    """The sum behind a budget; migration 0005 indexes both forms."""
+    return (
+        "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
+        f"WHERE type = 'llm.completed' AND data->>'{by}' = $1"
+    )
+
+
 async def spent_usd(store: EventLog, by: Literal["run_id", "agent_id"], value: str) -> float:
     """The cost recorded by every completion of one run or one agent."""
-    return float(
-        await store.fetchval(
-            "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
-            f"WHERE type = 'llm.completed' AND data->>'{by}' = $1",
-            value,
-        )
-    )
+    return float(await store.fetchval(spending_sql(by), value))
