@@ -169,7 +169,8 @@ async def _replay_agent(store: Any, state: Any) -> int:
     report = await replay_agent(store, state.agent_id)
     console.print(
         f"replayed {report.streams} chats, {report.messages} messages, {report.verified_replies} replies "
-        f"verified, {len(report.mismatches)} mismatches, provider calls: {report.provider_calls}"
+        f"verified, {len(report.mismatches)} mismatches, {report.completions_from_log} completions read from the log "
+        "(a replay has no provider to call)"
     )
     for m in report.mismatches:
         console.print(f"[red]mismatch[/] {m}")

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -20,6 +21,13 @@ CHATS = {
     "alice": ["Hi, I need a car for Friday", "A convertible, please", "How much is it?"],
     "bob": ["Where is my invoice?", "Thanks!"],
 }
+
+
+def _provider_calls(http: httpx.Client) -> float:
+    """Calls that reached any LLM provider, summed over every actor's registry on ``/metrics``."""
+    page = http.get("/metrics").text
+    families = text_string_to_metric_families(page)
+    return sum(s.value for f in families for s in f.samples if s.name == "agenthub_llm_provider_calls_total")
 
 
 def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -79,7 +87,6 @@ def _converse(system, console: Console) -> int:
     usage = http.get(f"/api/v1/agents/{aid}/usage").json()
     console.print(f"token usage: {usage['total_tokens']} tokens over {usage['models'][0]['calls']} completions")
 
-    llm = ray.get_actor("llm", namespace=system.settings.ray_namespace)
     runner = ray.get_actor(f"agent:{aid}", namespace=system.settings.ray_namespace)
     before = ray.get(runner.ping.remote())
     console.print(f"[yellow]killing the agent actor[/] agent:{aid} (pid {before['pid']})")
@@ -96,7 +103,7 @@ def _converse(system, console: Console) -> int:
         f"restarts {status['restarts']}"
     )
 
-    calls_before = ray.get(llm.provider_calls.remote())
+    calls_before = _provider_calls(http)
 
     async def do_replay():
         store = await EventLog.connect(system.database_url, run_migrations=False)
@@ -106,12 +113,13 @@ def _converse(system, console: Console) -> int:
             await store.close()
 
     report = asyncio.run(do_replay())
-    calls_after = ray.get(llm.provider_calls.remote())
+    calls_after = _provider_calls(http)
     console.print(
         f"replay from the log: {report.streams} chats, {report.messages} messages, {report.verified_replies} "
         f"replies re-derived and matching, {len(report.mismatches)} mismatches, "
-        f"provider calls during replay: {calls_after - calls_before}"
+        f"provider calls during replay: {calls_after - calls_before:g} "
+        f"(the restarted agent's replies made {calls_before:g})"
     )
-    ok = not report.mismatches and calls_after == calls_before and report.verified_replies == 6
+    ok = not report.mismatches and calls_after == calls_before > 0 and report.verified_replies == 6
     console.print("[bold green]demo complete[/]" if ok else "[bold red]demo found a problem[/]")
     return 0 if ok else 1

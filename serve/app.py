@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.agents.agent import AgentState, agent_stream, fold_agent
+from actors.agents.agent import AgentState, agent_stream
 from actors.agents.conversation import chat_stream
 from events import ANY, NO_STREAM, Meta, NewEvent, UnknownEventType
 from events.hub import (
@@ -151,8 +151,8 @@ async def prometheus(h: HubDep) -> PlainTextResponse:
 # ---- agents -------------------------------------------------------------------------------------------
 
 
-async def load_agent(h: Hub, agent_id: str) -> AgentState:
-    state = fold_agent(await h.store.read_stream(agent_stream(agent_id)))
+async def load_agent(h: Hub, agent_id: str, *, cached: bool = False) -> AgentState:
+    state = await h.agent(agent_id, cached=cached)
     if not state.exists:
         raise HTTPException(404, f"unknown agent {agent_id!r}")
     return state
@@ -177,13 +177,14 @@ async def agent_out(h: Hub, s: AgentState) -> AgentOut:
 async def change_agent(h: Hub, agent_id: str, event: NewEvent, state: AgentState) -> AgentOut:
     event.meta.actor = "api"
     await h.store.append(agent_stream(agent_id), [event], state.version)
+    h.forget_agent(agent_id)
     return await agent_out(h, await load_agent(h, agent_id) if event.type != "agent.deleted" else state)
 
 
 @app.post("/api/v1/agents", status_code=201, dependencies=api)
 async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
     agent_id = body.id or h.new_agent_id()
-    existing = fold_agent(await h.store.read_stream(agent_stream(agent_id)))
+    existing = await h.agent(agent_id)
     if existing.exists:
         raise HTTPException(409, f"agent {agent_id!r} already exists")
     settings = await h.secrets.mask_settings(agent_id, body.settings)
@@ -262,7 +263,7 @@ async def send_message(
     timeout: Annotated[float | None, Query(gt=0, le=300)] = None,
 ) -> MessageOut | JSONResponse:
     """Append the message, then wait for the reply with the same correlation id (202 on timeout)."""
-    state = await load_agent(h, agent_id)
+    state = await load_agent(h, agent_id, cached=True)
     if state.status != "running":
         raise HTTPException(409, f"agent {agent_id!r} is {state.status}; start it first")
     event = NewEvent.of(MessageReceived(agent_id=agent_id, **body.model_dump()), actor="api")
@@ -376,6 +377,8 @@ async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
             for e in body.events
         ]
         res = await h.store.append(stream, events, expected, idempotency_key=body.idempotency_key)
+        if stream.startswith("agent-"):
+            h.forget_agent(stream.removeprefix("agent-"))
     except ValueError as e:
         if isinstance(e, ValidationError):
             raise

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 
+from actors.agents.agent import AgentState, agent_stream, fold_agent
 from events import RecordedEvent
 from serve.replies import REPLY_TYPES, ReplyWaiter
 from storage.eventlog import EventLog
@@ -20,6 +22,27 @@ class Hub:
         self.waiter = ReplyWaiter(store)
         self.secrets = SecretStore(store)
         self.team_registered = False
+        self._agents: dict[str, tuple[float, AgentState]] = {}
+
+    AGENT_TTL_S = 1.0
+    MAX_CACHED_AGENTS = 10_000
+
+    async def agent(self, agent_id: str, *, cached: bool = False) -> AgentState:
+        """The agent folded from its stream. ``cached``: a fold at most ``AGENT_TTL_S`` old will do (the message
+        route: folding on every message cost more than the rest of the ingress's work). This replica's own
+        changes refold at once; another replica's are seen within the TTL."""
+        now = time.monotonic()
+        hit = self._agents.get(agent_id)
+        if cached and hit is not None and now - hit[0] < self.AGENT_TTL_S:
+            return hit[1]
+        state = fold_agent(await self.store.read_stream(agent_stream(agent_id)))
+        if len(self._agents) >= self.MAX_CACHED_AGENTS:
+            self._agents.clear()
+        self._agents[agent_id] = (now, state)
+        return state
+
+    def forget_agent(self, agent_id: str) -> None:
+        self._agents.pop(agent_id, None)
 
     @staticmethod
     def new_agent_id() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from actors.entity import Context, Entity
 from actors.llm.budget import BudgetExceededError
@@ -25,6 +25,13 @@ class Turn(BaseModel):
     id: str
     role: str
     text: str
+    _message: ChatMessage | None = PrivateAttr(None)
+
+    def message(self) -> ChatMessage:
+        """The turn as the LLM sees it, built once: every reply resends the whole history."""
+        if self._message is None:
+            self._message = ChatMessage(role=self.role, content=self.text)
+        return self._message
 
 
 class ChatState(BaseModel):
@@ -59,7 +66,7 @@ class Conversation(Entity[ChatState]):
     def request_for(self, state: ChatState, message: RecordedEvent, settings: AgentSettings) -> CompletionRequest:
         history: list[ChatMessage] = [ChatMessage(role="system", content=settings.system_prompt)]
         for turn in state.turns:
-            history.append(ChatMessage(role=turn.role, content=turn.text))
+            history.append(turn.message())
             if turn.id == str(message.id):
                 break
         return CompletionRequest(

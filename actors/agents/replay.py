@@ -27,7 +27,7 @@ class ReplayReport:
     messages: int = 0
     verified_replies: int = 0
     mismatches: list[str] = field(default_factory=list)
-    provider_calls: int = 0
+    completions_from_log: int = 0
 
 
 def _recorded_completions(events: list[RecordedEvent]) -> dict[str, Completion]:
@@ -51,9 +51,11 @@ async def replay_chat(conv: Conversation, events: list[RecordedEvent], report: R
 
     async def from_log(request: CompletionRequest) -> Completion:
         try:
-            return completions[request.digest()]
+            found = completions[request.digest()]
         except KeyError:
             raise NotRecorded(f"no recorded completion for request {request.digest()}") from None
+        report.completions_from_log += 1
+        return found
 
     conv.complete = from_log
     by_cause: dict[str, list[RecordedEvent]] = {}

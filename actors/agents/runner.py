@@ -13,7 +13,7 @@ from actors.agents.agent import agent_stream, fold_agent
 from actors.agents.conversation import Conversation
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
-from actors.llm.actor import complete_via
+from actors.llm.actor import build_router
 from actors.llm.budget import BudgetExceededError, spent_usd
 from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
@@ -45,7 +45,10 @@ class AgentRunnerImpl(EntityActor):
     async def setup(self) -> None:
         await self.reload_config()
         self.spent = await spent_usd(self.store, "agent_id", self.agent_id)
-        self.llm = ray.get_actor("llm", namespace=self.config.namespace)
+        # The agent's own LLM client, as in the seed's AgentRunner: the router the ``llm`` actor wraps, here
+        # in-process, because the Ray call to a shared actor cost more CPU than the rest of a reply (see
+        # docs/architecture.md). Hub agents name no scripts (those are the team's), so nothing is shared.
+        self.router = build_router(self.config)
         self.host = self.hosts["chat"] = EntityHost(
             Conversation(lambda: self.settings, self._complete),
             self.store,
@@ -60,7 +63,7 @@ class AgentRunnerImpl(EntityActor):
         budget = self.settings.budget_usd
         if budget is not None and self.spent >= budget:
             raise BudgetExceededError("agent", self.spent, budget)
-        c = await complete_via(self.llm, request)
+        c = await self.router.complete(request)
         self.spent += c.cost_usd
         return c
 

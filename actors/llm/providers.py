@@ -62,6 +62,6 @@ def completed_event(c: Completion, request: CompletionRequest, agent_id: str, **
         total_tokens=c.total_tokens,
         latency_ms=c.latency_ms,
         cost_usd=c.cost_usd,
-        request_hash=request.digest(),
+        request_hash=c.request_hash or request.digest(),
         **extra,
     )

@@ -128,6 +128,7 @@ class LLMRouter:
             usage.attempts += e.attempts
             log.warning("llm.failed", provider=request.provider, model=request.model, attempts=e.attempts, error=str(e))
             raise
+        c.request_hash = key
         if use_cache and self.cache is not None:
             self.cache.put(key, c)
         usage = self._agent(request)
