@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import asyncpg
 import ray
 import structlog
 
 from actors import metrics
 from actors.config import RuntimeConfig
 from actors.observability import configure_logging, export_metrics
+from actors.statements import Statements
 from actors.team_projection import TEAM_CATEGORIES, TEAM_TABLES, project_team
 from events import RecordedEvent, Subscription
 from storage.errors import translate_errors
@@ -28,7 +28,7 @@ TABLES = ("proj_agents", "proj_chat_messages", "proj_token_usage", *TEAM_TABLES)
 SUBSCRIPTION = Subscription(name=PROJECTOR, categories=frozenset({"agent", "chat"}) | TEAM_CATEGORIES)
 
 
-async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
+async def project(conn: Statements, e: RecordedEvent) -> None:
     d: dict[str, Any] = e.data
     t = e.type
     if t == "agent.created":
@@ -69,24 +69,16 @@ async def project(conn: asyncpg.Connection, e: RecordedEvent) -> None:
             d.get("attempt"),
             d.get("reason"),
         )
-    elif t == "chat.message_received":
-        await conn.execute(
-            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'user', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+    elif t in ("chat.message_received", "chat.reply_sent"):
+        user = t == "chat.message_received"
+        await conn.execute(  # one statement for both sides, so a batch's chat rows go in one executemany
+            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
             e.position,
             d["agent_id"],
             d["chat_id"],
-            d["text"],
-            d.get("platform_user_id"),
-            d["channel"],
-            e.recorded_at,
-        )
-    elif t == "chat.reply_sent":
-        await conn.execute(
-            "INSERT INTO proj_chat_messages VALUES ($1, $2, $3, 'assistant', $4, NULL, $5, $6) ON CONFLICT DO NOTHING",
-            e.position,
-            d["agent_id"],
-            d["chat_id"],
-            d["response"],
+            "user" if user else "assistant",
+            d["text"] if user else d["response"],
+            d.get("platform_user_id") if user else None,
             d["channel"],
             e.recorded_at,
         )
@@ -122,11 +114,13 @@ class ProjectorImpl:
 
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
         store = await self._store()
+        batch = Statements()
+        for e in events:
+            await project(batch, e)
+            await project_team(batch, e)
         async with store.connection() as conn, conn.transaction():
             with translate_errors():
-                for e in events:
-                    await project(conn, e)
-                    await project_team(conn, e)
+                await batch.run(conn)
             await store.save_checkpoint(PROJECTOR, cursor, conn)
         self.projected += len(events)
         metrics.ROUTED.labels(PROJECTOR).inc(len(events))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-
+from actors.statements import Statements
 from events import RecordedEvent
 
 TEAM_TABLES = ("team_runs", "team_tasks", "team_memory", "team_activity", "team_decisions", "team_usage")
@@ -30,7 +29,7 @@ def _summary(e: RecordedEvent) -> str:
     return e.type
 
 
-async def project_team(conn: asyncpg.Connection, e: RecordedEvent) -> None:
+async def project_team(conn: Statements, e: RecordedEvent) -> None:
     d: dict[str, Any] = e.data
     t = e.type
     if t in ("run.started", "run.forked"):
