@@ -1,8 +1,10 @@
 """The orchestrator: tails the log, routes events to subscribed actors, supervises them, fires timers.
 
-One reader fans out to every subscriber. Each subscriber has its own cursor; a batch is delivered to all
-subscribers concurrently and the next batch is read when every delivery has finished (back-pressure, and
-per-subscriber order). A subscriber whose actor died is restarted and its cursor reset to its stored
+One reader fans out to every subscriber. Each subscriber has its own queue and its own deliveries, in order:
+a slow subscriber (an agent waiting seconds for its LLM) never holds up another, and the reader pauses only
+when some subscriber has a long backlog. An agent runner may hold two deliveries at once, so a message that
+arrives while its runner is busy starts at once (the runner keeps each chat in order and checkpoints in order;
+actors/subscriber.py). A subscriber whose actor died is restarted and its cursor reset to its stored
 checkpoint, so the reader rewinds and redelivers what was not recorded as done.
 """
 
@@ -39,6 +41,9 @@ log = structlog.get_logger(__name__)
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 BATCH = 500
+MAX_PENDING = 5 * BATCH  # a subscriber's backlog at which the reader waits for it
+RUNNER_IN_FLIGHT = 2
+PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
 
 
@@ -47,8 +52,17 @@ class Sub:
     subscription: Subscription
     factory: Callable[[], Any]
     handle: Any = None
-    cursor: Cursor = START
+    cursor: Cursor = START  # handled: delivered and acknowledged up to here
+    queued: Cursor = START  # read: every matching event up to here is handled, in flight or pending
     persisted: Cursor = START
+    pending: list[RecordedEvent] = field(default_factory=list)
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
+    max_in_flight: int = 1
+    linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
+    last_sent: float = 0.0
+    pump_later: asyncio.TimerHandle | None = None
+    epoch: int = 0  # moves on every rewind, so a delivery from before it changes nothing
     attempts: int = 0
     dead: bool = False
     agent_id: str | None = None
@@ -72,6 +86,7 @@ class OrchestratorImpl:
         self.fired: set[str] = set()
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
+        self.throttled = False
         self.timer_wake = asyncio.Event()
         self.routed = 0
         self.started_at = time.time()
@@ -110,7 +125,8 @@ class OrchestratorImpl:
                 running.pop(e.stream_id, None)
         for agent_id, started in running.items():
             await self._add_agent(agent_id, started)
-        await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
+        projector = await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
+        projector.linger_s = PROJECTOR_LINGER_S
         for e in await self._read_types(("subscriber.registered",)):
             await self._add_registered(SubscriberRegistered.model_validate(e.data))
         for e in await self._read_types(("timer.scheduled", "timer.fired")):
@@ -133,11 +149,13 @@ class OrchestratorImpl:
         factory: Callable[[], Any],
         start: Cursor = START,
         agent_id: str | None = None,
+        max_in_flight: int = 1,
     ) -> Sub:
-        sub = Sub(subscription, factory, agent_id=agent_id)
+        sub = Sub(subscription, factory, agent_id=agent_id, max_in_flight=max_in_flight)
+        sub.idle.set()
         sub.handle = factory()
         stored = await self.store.load_checkpoint(subscription.name)
-        sub.cursor = sub.persisted = stored if stored != START else start
+        sub.cursor = sub.queued = sub.persisted = stored if stored != START else start
         self.subs[subscription.name] = sub
         self.wake.set()
         return sub
@@ -152,10 +170,12 @@ class OrchestratorImpl:
 
         # A new agent's messages all come after its start event: begin there, not at the start of the log.
         before = (started.tx_id, started.position - 1) if started.tx_id else START
-        await self._add_sub(runner_subscription(agent_id), factory, before, agent_id)
+        await self._add_sub(runner_subscription(agent_id), factory, before, agent_id, RUNNER_IN_FLIGHT)
 
     async def _remove_sub(self, name: str) -> None:
         sub = self.subs.pop(name, None)
+        if sub is not None:
+            sub.dead = True  # its deliveries in flight end here
         if sub is not None and sub.handle is not None:
             with contextlib.suppress(Exception):
                 ray.kill(sub.handle, no_restart=True)
@@ -179,18 +199,23 @@ class OrchestratorImpl:
                 log.exception("routing step failed")
                 await asyncio.sleep(0.5)
                 continue
-            # A short batch was everything visible: wait for the next commit's NOTIFY (one that came while we
-            # were delivering has set ``wake`` already) instead of asking again at once.
+            # A short batch was everything visible: wait for the next commit's NOTIFY (one that came meanwhile
+            # has set ``wake`` already) instead of asking again at once. A backlog waits for a delivery to end.
             if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.config.poll_interval_s)
 
     async def _route_once(self) -> list[RecordedEvent]:
-        low = min([self.cursor, *(s.cursor for s in list(self.subs.values()) if not s.dead)])
+        live = [s for s in list(self.subs.values()) if not s.dead]
+        self.throttled = any(len(s.pending) >= MAX_PENDING for s in live)
+        if self.throttled:
+            return []
+        low = min([self.cursor, *(s.queued for s in live)])
         batch, _ = await self.store.read_committed(low, BATCH)
         if batch:
             await self._own(batch)
-            await asyncio.gather(*(self._deliver(s, batch) for s in list(self.subs.values())))
+            for sub in list(self.subs.values()):
+                self._enqueue(sub, batch)
         return batch
 
     async def _own(self, batch: list[RecordedEvent]) -> None:
@@ -211,29 +236,77 @@ class OrchestratorImpl:
                 self._track_timer(e)
         self.cursor = max(self.cursor, batch[-1].cursor)
 
-    async def _deliver(self, sub: Sub, batch: list[RecordedEvent]) -> None:
-        if sub.dead:
-            return
+    def _enqueue(self, sub: Sub, batch: list[RecordedEvent]) -> None:
         end = batch[-1].cursor
-        events = [e for e in batch if e.cursor > sub.cursor and sub.subscription.matches(e)]
-        if not events:
-            sub.cursor = max(sub.cursor, end)
+        if sub.dead or end <= sub.queued:
             return
-        sub.delivering_since = time.time()
+        sub.pending.extend(e for e in batch if e.cursor > sub.queued and sub.subscription.matches(e))
+        sub.queued = end
+        self._pump(sub)
+
+    def _pump(self, sub: Sub) -> None:
+        """Start deliveries of ``sub``'s pending events, up to its limit; with nothing left to deliver, its cursor
+        moves to what was read (events it does not subscribe to need no acknowledgement)."""
+        while not sub.dead and sub.in_flight < sub.max_in_flight:
+            if not sub.pending:
+                if sub.in_flight == 0:
+                    sub.cursor = max(sub.cursor, sub.queued)
+                return
+            wait = sub.last_sent + sub.linger_s - time.monotonic()
+            if wait > 0 and len(sub.pending) < BATCH:
+                if sub.pump_later is None:
+                    sub.pump_later = asyncio.get_running_loop().call_later(wait, self._pump_now, sub)
+                return
+            sub.last_sent = time.monotonic()
+            events, sub.pending = sub.pending[:BATCH], sub.pending[BATCH:]
+            end = events[-1].cursor if sub.pending else sub.queued
+            sub.in_flight += 1
+            sub.idle.clear()
+            sub.delivering_since = sub.delivering_since or time.time()
+            asyncio.get_running_loop().create_task(self._deliver(sub, events, end, sub.epoch))
+
+    def _pump_now(self, sub: Sub) -> None:
+        sub.pump_later = None
+        self._pump(sub)
+
+    def _rewind(self, sub: Sub) -> None:
+        """Forget what was queued past the handled cursor: the reader reads it again."""
+        sub.epoch += 1
+        sub.pending = []
+        sub.queued = sub.cursor
+
+    async def _deliver(self, sub: Sub, events: list[RecordedEvent], end: Cursor, epoch: int) -> None:
+        current = True
         try:
             await sub.handle.deliver.remote(events, end)
         except DEAD as e:
-            log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
-            sub.dead = True
-            asyncio.get_running_loop().create_task(self._restart(sub, f"died during delivery: {type(e).__name__}"))
+            if epoch == sub.epoch and not sub.dead and self.subs.get(sub.subscription.name) is sub:
+                log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
+                sub.dead = True
+                reason = f"died during delivery: {type(e).__name__}"
+                asyncio.get_running_loop().create_task(self._restart(sub, reason))
             return
-        except Exception as e:  # the store was down inside the actor: retry from the same cursor
-            log.warning("delivery failed, will retry", subscriber=sub.subscription.name, error=str(e))
-            await asyncio.sleep(0.2)
+        except Exception as e:  # the store was down inside the actor: redeliver from the handled cursor
+            if epoch == sub.epoch:
+                log.warning("delivery failed, will retry", subscriber=sub.subscription.name, error=str(e))
+                self._rewind(sub)
+                await asyncio.sleep(0.2)
+                self.wake.set()
             return
         finally:
-            sub.delivering_since = None
-        sub.cursor = sub.persisted = end
+            sub.in_flight -= 1
+            if sub.in_flight == 0:
+                sub.delivering_since = None
+                sub.idle.set()
+            current = epoch == sub.epoch
+            if current:
+                self._pump(sub)
+            if self.throttled:
+                self.wake.set()
+        if not current:
+            return
+        sub.cursor = max(sub.cursor, end)
+        sub.persisted = max(sub.persisted, end)
         sub.attempts = 0
         self.routed += len(events)
         metrics.ROUTING_LAG.labels(sub.subscription.name).set(
@@ -274,6 +347,7 @@ class OrchestratorImpl:
             except (*DEAD, TimeoutError, ValueError):
                 await asyncio.sleep(0.2)
         sub.cursor = sub.persisted = await self.store.load_checkpoint(name)
+        self._rewind(sub)
         sub.dead = False
         log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
         self.wake.set()
@@ -346,6 +420,8 @@ class OrchestratorImpl:
             "subscribers": {
                 n: {
                     "position": s.cursor[1],
+                    "pending": len(s.pending),
+                    "in_flight": s.in_flight,
                     "dead": s.dead,
                     "restarts": s.attempts,
                     "delivering_for_s": round(time.time() - s.delivering_since, 1) if s.delivering_since else None,
@@ -399,8 +475,10 @@ class OrchestratorImpl:
         await self.ready.wait()
         sub = self.subs[PROJECTOR]
         sub.dead = True  # pause deliveries while the tables are emptied
+        await sub.idle.wait()
         await sub.handle.rebuild.remote()
         sub.cursor = sub.persisted = START
+        self._rewind(sub)
         sub.dead = False
         self.wake.set()
         head = await self.store.head()

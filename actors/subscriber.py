@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -31,6 +32,9 @@ class EntityActor:
         self.store: EventLog
         self.hosts: dict[str, EntityHost[Any]] = {}
         self.failures = 0
+        self._limit = asyncio.Semaphore(CONCURRENCY)
+        self._entity_tails: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._last_delivery: asyncio.Future[bool] | None = None
         self._ready = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
@@ -48,28 +52,56 @@ class EntityActor:
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
         """Handle ``events``, then record ``cursor`` as this subscriber's checkpoint.
 
-        Events of one entity are handled in order; different entities of a batch are handled concurrently (at
-        most ``CONCURRENCY`` at a time), so one slow chat does not hold up the others. Effects are idempotent by
-        causation id (see actors/entity.py), so a batch redelivered after a crash repeats no effect. A store
-        outage propagates (the orchestrator redelivers later); any other handler error is logged and counted,
-        so one poison message cannot stall the subscriber."""
+        Events of one entity are handled in order; different entities are handled concurrently (at most
+        ``CONCURRENCY`` at a time), so one slow chat does not hold up the others. The orchestrator may send the
+        next delivery before this one is done: its events start at once, each after the same entity's earlier
+        events, and its checkpoint is written only after every earlier delivery's, so a checkpoint never passes
+        an unhandled event. Effects are idempotent by causation id (see actors/entity.py), so a batch redelivered
+        after a crash repeats no effect. A store outage propagates (the orchestrator redelivers later, and every
+        delivery after the failed one fails with it); any other handler error is logged and counted, so one
+        poison message cannot stall the subscriber."""
         await self._ready
-        groups: dict[tuple[str, str], list[RecordedEvent]] = {}
-        for event in events:
-            groups.setdefault(self.entity_of(event), []).append(event)
-        limit = asyncio.Semaphore(CONCURRENCY)
-
-        async def run(group: list[RecordedEvent]) -> None:
-            async with limit:
-                for event in group:
-                    await self._handle_one(event)
-
-        results = await asyncio.gather(*(run(g) for g in groups.values()), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        await self.store.save_checkpoint(self.subscriber, cursor)
+        earlier, mine = self._last_delivery, asyncio.get_running_loop().create_future()
+        self._last_delivery = mine
+        ok = False
+        try:
+            groups: dict[tuple[str, str], list[RecordedEvent]] = {}
+            for event in events:
+                groups.setdefault(self.entity_of(event), []).append(event)
+            runs = [self._after_earlier(key, group) for key, group in groups.items()]  # queued in order, now
+            results = await asyncio.gather(*runs, return_exceptions=True)
+            if earlier is not None and not await earlier:
+                raise StoreUnavailable("an earlier delivery failed; the orchestrator redelivers from the checkpoint")
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            await self.store.save_checkpoint(self.subscriber, cursor)
+            ok = True
+        finally:
+            mine.set_result(ok)
+            if self._last_delivery is mine:
+                self._last_delivery = None
         return cursor
+
+    def _after_earlier(self, key: tuple[str, str], group: list[RecordedEvent]) -> Coroutine[Any, Any, None]:
+        """Handle ``group`` once the entity's events from earlier deliveries are done (registered before any
+        await, so the order is the order of the deliveries)."""
+        before, done = self._entity_tails.get(key), asyncio.get_running_loop().create_future()
+        self._entity_tails[key] = done
+
+        async def run() -> None:
+            try:
+                if before is not None:
+                    await before
+                async with self._limit:
+                    for event in group:
+                        await self._handle_one(event)
+            finally:
+                done.set_result(None)
+                if self._entity_tails.get(key) is done:
+                    del self._entity_tails[key]
+
+        return run()
 
     def entity_of(self, event: RecordedEvent) -> tuple[str, str]:
         host = self.hosts.get(event.category)

@@ -275,6 +275,37 @@ async def test_openai_compatible_provider_over_http(http: httpx.AsyncClient, hub
     assert done.data["provider"] == "openai_compatible" and done.data["total_tokens"] == done.data["prompt_tokens"] + 6
 
 
+async def test_a_slow_reply_holds_up_neither_other_agents_nor_other_chats(
+    http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    with FakeOpenAI(free_port(), reply="worth the wait") as fake:
+        slow = await new_agent(http, provider="openai_compatible", base_url=fake.base_url)
+        quick = await new_agent(http)
+        warm = await http.post(f"/api/v1/agents/{quick}/messages", json={"text": "warm up", "chat_id": "q"})
+        assert warm.status_code == 200
+        fake.fail(delay_s=6)  # the next completion takes six seconds
+        r = await http.post(
+            f"/api/v1/agents/{slow}/messages", params={"timeout": 0.001}, json={"text": "think", "chat_id": "slow"}
+        )
+        assert r.status_code == 202
+
+        async def thinking() -> bool:
+            return fake.hits == 1
+
+        await eventually(thinking, what="the slow completion to start")
+        other_agent = await http.post(f"/api/v1/agents/{quick}/messages", json={"text": "hi", "chat_id": "q"})
+        other_chat = await http.post(f"/api/v1/agents/{slow}/messages", json={"text": "quick", "chat_id": "fast"})
+        assert other_agent.status_code == 200 and other_chat.status_code == 200
+        assert other_chat.json()["response"] == "worth the wait"
+        still = [e.type for e in await hub_log.read_stream(f"chat-{slow}/slow")]
+        assert still == ["chat.message_received"]  # both answered while the slow one was still thinking
+
+        async def answered() -> bool:
+            return "chat.reply_sent" in [e.type for e in await hub_log.read_stream(f"chat-{slow}/slow")]
+
+        await eventually(answered, what="the slow reply")
+
+
 async def test_provider_failure_is_recorded_and_answered_502(http: httpx.AsyncClient, hub_log: EventLog) -> None:
     agent_id = await new_agent(http, provider="openai_compatible", base_url=f"http://127.0.0.1:{free_port()}/v1")
     r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "anyone?", "chat_id": "down"})

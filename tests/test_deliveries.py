@@ -1,0 +1,90 @@
+"""Overlapping deliveries to one entity actor: other entities start at once, each entity keeps its order, and
+checkpoints are written in delivery order (never past an event still being handled)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import pytest
+
+from actors.config import RuntimeConfig
+from actors.subscriber import EntityActor
+from events import NewEvent, RecordedEvent
+from events.hub import AgentStopped
+from storage.errors import StoreUnavailable
+from storage.eventlog import START, EventLog
+
+
+class Gated(EntityActor):
+    """Handles an event once the test opens the gate named by its ``reason``; remembers the order."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.failing: set[str] = set()
+        self.handled: list[str] = []
+        super().__init__(config, "gated")
+
+    async def setup(self) -> None:
+        return None
+
+    def entity_of(self, event: RecordedEvent) -> tuple[str, str]:
+        return ("gated", event.stream)
+
+    async def handle(self, event: RecordedEvent) -> None:
+        name = event.data["reason"]
+        await self.gates[name].wait()
+        if name in self.failing:
+            raise StoreUnavailable("the store went away")
+        self.handled.append(name)
+
+
+async def events(log: EventLog, *placed: tuple[str, str]) -> list[RecordedEvent]:
+    for stream, name in placed:
+        await log.append(stream, [NewEvent.of(AgentStopped(reason=name))])
+    return await log.read_all(0)
+
+
+async def settled(task: asyncio.Task[object]) -> bool:
+    await asyncio.sleep(0.05)
+    return task.done()
+
+
+@pytest.fixture
+async def actor(db_url: str) -> AsyncIterator[Gated]:
+    gated = Gated(RuntimeConfig(database_url=db_url))
+    yield gated
+    await gated.store.close()
+
+
+async def test_a_later_delivery_overtakes_a_slow_one_but_checkpoints_after_it(actor: Gated, eventlog: EventLog) -> None:
+    a1, b1, a2 = await events(eventlog, ("agent-a", "a1"), ("agent-b", "b1"), ("agent-a", "a2"))
+    first = asyncio.ensure_future(actor.deliver([a1], a1.cursor))
+    second = asyncio.ensure_future(actor.deliver([b1, a2], a2.cursor))
+    actor.gates["b1"].set()
+    actor.gates["a2"].set()
+    await asyncio.sleep(0.05)
+    assert actor.handled == ["b1"]  # another entity went ahead; a2 waits for a1, the same entity's earlier event
+    assert not await settled(second)  # and the later delivery does not return before the earlier one
+    assert await eventlog.load_checkpoint("gated") == START
+
+    actor.gates["a1"].set()
+    assert await first == a1.cursor and await second == a2.cursor
+    assert actor.handled == ["b1", "a1", "a2"]
+    assert await eventlog.load_checkpoint("gated") == a2.cursor
+
+
+async def test_a_failed_delivery_fails_the_ones_after_it(actor: Gated, eventlog: EventLog) -> None:
+    a1, b1 = await events(eventlog, ("agent-a", "a1"), ("agent-b", "b1"))
+    actor.failing.add("a1")
+    first = asyncio.ensure_future(actor.deliver([a1], a1.cursor))
+    second = asyncio.ensure_future(actor.deliver([b1], b1.cursor))
+    actor.gates["b1"].set()
+    actor.gates["a1"].set()
+    with pytest.raises(StoreUnavailable):
+        await first
+    with pytest.raises(StoreUnavailable, match="earlier delivery failed"):
+        await second
+    assert actor.handled == ["b1"]  # handled, but not checkpointed: it is delivered again, and is idempotent
+    assert await eventlog.load_checkpoint("gated") == START
