@@ -24,6 +24,7 @@ from events import ANY, NO_STREAM, ExpectedVersion, NewEvent, RecordedEvent, Sub
 from events.envelope import validate_stream
 from storage import metrics
 from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion, translate_errors
+from storage.group_commit import GroupCommit, PendingAppend
 from storage.migrate import migrate
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,7 @@ class EventLog:
         self.url = url
         self.max_event_bytes = max_event_bytes
         self.notifier = Notifier(pool)
+        self.group = GroupCommit(self._append_batch)
 
     @classmethod
     async def connect(
@@ -203,6 +205,13 @@ class EventLog:
             mode, exp = "no_stream", 0
         else:
             mode, exp = "exact", int(expected)
+        if conn is None and checkpoint is None:  # on its own: share a transaction with concurrent appends
+            pending = PendingAppend(stream, mode, exp, idempotency_key, ids, types, datas, metas)
+            batched = await self.group.append(pending)
+            if batched is not None:
+                if batched[0][4] is not None:
+                    return await self._conflict(stream, expected, mode, int(batched[0][4]), idempotency_key)
+                return self._appended([(r[1], r[2]) for r in batched], bool(batched[0][3]), notify=True)
         cp_sub, cp_tx, cp_pos = (checkpoint.subscriber, *checkpoint.cursor) if checkpoint else (None, None, None)
         in_callers_tx = conn is not None
         args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos, in_callers_tx)
@@ -216,24 +225,56 @@ class EventLog:
                     rows = await c.fetch(sql, *args)
         except asyncpg.PostgresError as e:
             if e.sqlstate == "AH409":
-                if idempotency_key is not None:
-                    # A concurrent retry of the same command won the race: return what it wrote.
-                    original = await self._idempotent_lookup(idempotency_key)
-                    if original is not None:
-                        return original
-                raise WrongExpectedVersion(stream, expected if mode == "exact" else mode, int(e.detail)) from None
+                return await self._conflict(stream, expected, mode, int(e.detail), idempotency_key)
             if isinstance(e, asyncpg.UniqueViolationError) and idempotency_key is not None:
                 original = await self._idempotent_lookup(idempotency_key)
                 if original is not None:
                     return original
             raise
+        return self._appended([(r[0], r[1]) for r in rows], bool(rows and rows[0][2]), notify=not in_callers_tx)
+
+    def _appended(self, rows: list[tuple[int, int]], replayed: bool, *, notify: bool) -> AppendResult:
         rows = sorted(rows, key=lambda r: r[1])
-        result = AppendResult([r[0] for r in rows], [r[1] for r in rows], bool(rows and rows[0][2]))
-        if not result.replayed:
+        result = AppendResult([r[0] for r in rows], [r[1] for r in rows], replayed)
+        if not replayed:
             metrics.EVENTS_APPENDED.inc(len(rows))
-            if not in_callers_tx:
+            if notify:
                 self.notifier.poke()
         return result
+
+    async def _conflict(
+        self, stream: str, expected: ExpectedVersion, mode: str, actual: int, idempotency_key: str | None
+    ) -> AppendResult:
+        if idempotency_key is not None:
+            # A concurrent retry of the same command won the race: return what it wrote.
+            original = await self._idempotent_lookup(idempotency_key)
+            if original is not None:
+                return original
+        raise WrongExpectedVersion(stream, expected if mode == "exact" else mode, actual)
+
+    async def _append_batch(self, batch: list[PendingAppend]) -> list[asyncpg.Record]:
+        offsets, counts, ids, types, datas, metas = [], [], [], [], [], []
+        for p in batch:
+            offsets.append(len(ids) + 1)
+            counts.append(len(p.ids))
+            ids += p.ids
+            types += p.types
+            datas += p.datas
+            metas += p.metas
+        async with self.connection() as c:
+            return await c.fetch(
+                "SELECT * FROM agenthub_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb[], $10::jsonb[])",
+                [p.stream for p in batch],
+                [p.mode for p in batch],
+                [p.expected for p in batch],
+                [p.idempotency_key for p in batch],
+                offsets,
+                counts,
+                ids,
+                types,
+                datas,
+                metas,
+            )
 
     async def _idempotent_lookup(self, key: str) -> AppendResult | None:
         async with self.connection() as c:
