@@ -189,7 +189,7 @@ class OrchestratorImpl:
             try:
                 batch = await self._route_once()
                 if time.monotonic() - last_flush > 1.0:
-                    await self._flush_idle_cursors()
+                    await self._flush_cursors()
                     last_flush = time.monotonic()
             except StoreUnavailable as e:
                 log.warning("routing paused: event store unavailable", error=str(e))
@@ -278,7 +278,7 @@ class OrchestratorImpl:
     async def _deliver(self, sub: Sub, events: list[RecordedEvent], end: Cursor, epoch: int) -> None:
         current = True
         try:
-            await sub.handle.deliver.remote(events, end)
+            saved = await sub.handle.deliver.remote(events, end)  # the cursor it checkpointed itself, if any
         except DEAD as e:
             if epoch == sub.epoch and not sub.dead and self.subs.get(sub.subscription.name) is sub:
                 log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
@@ -306,15 +306,18 @@ class OrchestratorImpl:
         if not current:
             return
         sub.cursor = max(sub.cursor, end)
-        sub.persisted = max(sub.persisted, end)
+        if saved is not None:
+            sub.persisted = max(sub.persisted, saved)
         sub.attempts = 0
         self.routed += len(events)
         metrics.ROUTING_LAG.labels(sub.subscription.name).set(
             max(0.0, time.time() - events[-1].recorded_at.timestamp())
         )
 
-    async def _flush_idle_cursors(self) -> None:
-        """Persist the cursors of subscribers that had nothing to handle, so a restart need not reread."""
+    async def _flush_cursors(self) -> None:
+        """Persist, in one round trip, the cursors no subscriber checkpointed itself: those of entity actors and
+        of subscribers that had nothing to handle. A restart rereads at most a second's events, which entity
+        actors handle idempotently."""
         moved = {name: sub for name, sub in self.subs.items() if not sub.dead and sub.cursor > sub.persisted}
         if not moved:
             return

@@ -49,17 +49,18 @@ class EntityActor:
     async def setup(self) -> None:
         raise NotImplementedError
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
-        """Handle ``events``, then record ``cursor`` as this subscriber's checkpoint.
+    async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> None:
+        """Handle ``events``; return once they and every earlier delivery's events are handled.
 
         Events of one entity are handled in order; different entities are handled concurrently (at most
         ``CONCURRENCY`` at a time), so one slow chat does not hold up the others. The orchestrator may send the
         next delivery before this one is done: its events start at once, each after the same entity's earlier
-        events, and its checkpoint is written only after every earlier delivery's, so a checkpoint never passes
-        an unhandled event. Effects are idempotent by causation id (see actors/entity.py), so a batch redelivered
-        after a crash repeats no effect. A store outage propagates (the orchestrator redelivers later, and every
-        delivery after the failed one fails with it); any other handler error is logged and counted, so one
-        poison message cannot stall the subscriber."""
+        events, and it returns only after every earlier delivery, so the orchestrator's cursor never passes an
+        unhandled event. The orchestrator also writes the checkpoint (batched, about once a second): effects are
+        idempotent by causation id (see actors/entity.py), so what a crash redelivers repeats no effect, and a
+        checkpoint write per delivery would only add a round trip to every reply. A store outage propagates
+        (the orchestrator redelivers later, and every delivery after the failed one fails with it); any other
+        handler error is logged and counted, so one poison message cannot stall the subscriber."""
         await self._ready
         earlier, mine = self._last_delivery, asyncio.get_running_loop().create_future()
         self._last_delivery = mine
@@ -75,13 +76,11 @@ class EntityActor:
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
-            await self.store.save_checkpoint(self.subscriber, cursor)
             ok = True
         finally:
             mine.set_result(ok)
             if self._last_delivery is mine:
                 self._last_delivery = None
-        return cursor
 
     def _after_earlier(self, key: tuple[str, str], group: list[RecordedEvent]) -> Coroutine[Any, Any, None]:
         """Handle ``group`` once the entity's events from earlier deliveries are done (registered before any
