@@ -3,9 +3,10 @@
 One reader fans out to every subscriber. Each subscriber has its own queue and its own deliveries, in order:
 a slow subscriber (an agent waiting seconds for its LLM) never holds up another, and the reader pauses only
 when some subscriber has a long backlog. An agent runner may hold two deliveries at once, so a message that
-arrives while its runner is busy starts at once (the runner keeps each chat in order and checkpoints in order;
-actors/subscriber.py). A subscriber whose actor died is restarted and its cursor reset to its stored
-checkpoint, so the reader rewinds and redelivers what was not recorded as done.
+arrives while its runner is busy starts at once (the runner keeps each chat in order, actors/subscriber.py;
+the cursor moves past a delivery only when every earlier one is done too, actors/deliveries.py). A subscriber
+whose actor died is restarted and its cursor reset to its stored checkpoint, so the reader rewinds and
+redelivers what was not recorded as done.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from actors import metrics
 from actors.agents.agent import agent_stream
 from actors.agents.runner import AgentRunner, runner_name, runner_subscription
 from actors.config import RuntimeConfig
+from actors.deliveries import Delivery, InFlight
 from actors.llm.actor import LLMActor
 from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
@@ -56,7 +58,8 @@ class Sub:
     queued: Cursor = START  # read: every matching event up to here is handled, in flight or pending
     persisted: Cursor = START
     pending: list[RecordedEvent] = field(default_factory=list)
-    in_flight: int = 0
+    window: InFlight = field(default_factory=InFlight)  # this epoch's deliveries, in the order sent
+    in_flight: int = 0  # calls not yet returned, of any epoch
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
     max_in_flight: int = 1
     linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
@@ -263,7 +266,8 @@ class OrchestratorImpl:
             sub.in_flight += 1
             sub.idle.clear()
             sub.delivering_since = sub.delivering_since or time.time()
-            asyncio.get_running_loop().create_task(self._deliver(sub, events, end, sub.epoch))
+            delivery = sub.window.sent(end)
+            asyncio.get_running_loop().create_task(self._deliver(sub, events, delivery, sub.epoch))
 
     def _pump_now(self, sub: Sub) -> None:
         sub.pump_later = None
@@ -273,12 +277,13 @@ class OrchestratorImpl:
         """Forget what was queued past the handled cursor: the reader reads it again."""
         sub.epoch += 1
         sub.pending = []
+        sub.window.clear()
         sub.queued = sub.cursor
 
-    async def _deliver(self, sub: Sub, events: list[RecordedEvent], end: Cursor, epoch: int) -> None:
+    async def _deliver(self, sub: Sub, events: list[RecordedEvent], delivery: Delivery, epoch: int) -> None:
         current = True
         try:
-            saved = await sub.handle.deliver.remote(events, end)  # the cursor it checkpointed itself, if any
+            saved = await sub.handle.deliver.remote(events, delivery.end)  # the cursor it checkpointed, if any
         except DEAD as e:
             if epoch == sub.epoch and not sub.dead and self.subs.get(sub.subscription.name) is sub:
                 log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
@@ -305,7 +310,9 @@ class OrchestratorImpl:
                 self.wake.set()
         if not current:
             return
-        sub.cursor = max(sub.cursor, end)
+        handled = sub.window.finished(delivery)
+        if handled is not None:
+            sub.cursor = max(sub.cursor, handled)
         if saved is not None:
             sub.persisted = max(sub.persisted, saved)
         sub.attempts = 0

@@ -34,7 +34,6 @@ class EntityActor:
         self.failures = 0
         self._limit = asyncio.Semaphore(CONCURRENCY)
         self._entity_tails: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._last_delivery: asyncio.Future[bool] | None = None
         self._ready = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
@@ -50,37 +49,25 @@ class EntityActor:
         raise NotImplementedError
 
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> None:
-        """Handle ``events``; return once they and every earlier delivery's events are handled.
+        """Handle ``events``; return once they are handled.
 
         Events of one entity are handled in order; different entities are handled concurrently (at most
         ``CONCURRENCY`` at a time), so one slow chat does not hold up the others. The orchestrator may send the
-        next delivery before this one is done: its events start at once, each after the same entity's earlier
-        events, and it returns only after every earlier delivery, so the orchestrator's cursor never passes an
-        unhandled event. The orchestrator also writes the checkpoint (batched, about once a second): effects are
-        idempotent by causation id (see actors/entity.py), so what a crash redelivers repeats no effect, and a
-        checkpoint write per delivery would only add a round trip to every reply. A store outage propagates
-        (the orchestrator redelivers later, and every delivery after the failed one fails with it); any other
-        handler error is logged and counted, so one poison message cannot stall the subscriber."""
+        next delivery before this one is done: its events start at once, each after the same entity's events
+        from earlier deliveries, and it may finish first (actors/deliveries.py keeps the orchestrator's cursor
+        behind anything unfinished). The orchestrator also writes the checkpoint (batched, about once a second):
+        effects are idempotent by causation id (see actors/entity.py), so what a crash redelivers repeats no
+        effect, and a checkpoint write per delivery would only add a round trip to every reply. A store outage
+        propagates (the orchestrator redelivers from its cursor); any other handler error is logged and counted,
+        so one poison message cannot stall the subscriber."""
         await self._ready
-        earlier, mine = self._last_delivery, asyncio.get_running_loop().create_future()
-        self._last_delivery = mine
-        ok = False
-        try:
-            groups: dict[tuple[str, str], list[RecordedEvent]] = {}
-            for event in events:
-                groups.setdefault(self.entity_of(event), []).append(event)
-            runs = [self._after_earlier(key, group) for key, group in groups.items()]  # queued in order, now
-            results = await asyncio.gather(*runs, return_exceptions=True)
-            if earlier is not None and not await earlier:
-                raise StoreUnavailable("an earlier delivery failed; the orchestrator redelivers from the checkpoint")
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            ok = True
-        finally:
-            mine.set_result(ok)
-            if self._last_delivery is mine:
-                self._last_delivery = None
+        groups: dict[tuple[str, str], list[RecordedEvent]] = {}
+        for event in events:
+            groups.setdefault(self.entity_of(event), []).append(event)
+        runs = [self._after_earlier(key, group) for key, group in groups.items()]  # queued in order, now
+        for r in await asyncio.gather(*runs, return_exceptions=True):
+            if isinstance(r, BaseException):
+                raise r
 
     def _after_earlier(self, key: tuple[str, str], group: list[RecordedEvent]) -> Coroutine[Any, Any, None]:
         """Handle ``group`` once the entity's events from earlier deliveries are done (registered before any
