@@ -37,7 +37,7 @@ from events import NewEvent, RecordedEvent, Subscription
 from events.hub import AgentFailed, AgentRestarted
 from events.system import SubscriberRegistered, TimerFired
 from storage.errors import StoreUnavailable
-from storage.eventlog import START, Cursor, EventLog, Listener
+from storage.eventlog import HELD_BACK_RETRY_S, START, Cursor, EventLog, Listener
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +90,7 @@ class OrchestratorImpl:
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
         self.throttled = False
+        self.held_back = False
         self.timer_wake = asyncio.Event()
         self.routed = 0
         self.started_at = time.time()
@@ -205,8 +206,9 @@ class OrchestratorImpl:
             # A short batch was everything visible: wait for the next commit's NOTIFY (one that came meanwhile
             # has set ``wake`` already) instead of asking again at once. A backlog waits for a delivery to end.
             if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
+                wait = HELD_BACK_RETRY_S if self.held_back else self.config.poll_interval_s
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.config.poll_interval_s)
+                    await asyncio.wait_for(self.wake.wait(), wait)
 
     async def _route_once(self) -> list[RecordedEvent]:
         live = [s for s in list(self.subs.values()) if not s.dead]
@@ -214,7 +216,7 @@ class OrchestratorImpl:
         if self.throttled:
             return []
         low = min([self.cursor, *(s.queued for s in live)])
-        batch, _ = await self.store.read_committed(low, BATCH)
+        batch, _, self.held_back = await self.store.read_committed(low, BATCH)
         if batch:
             await self._own(batch)
             for sub in list(self.subs.values()):

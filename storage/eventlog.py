@@ -14,7 +14,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -46,6 +46,15 @@ class AppendResult:
     @property
     def last_position(self) -> int:
         return self.positions[-1]
+
+
+class Committed(NamedTuple):
+    events: list[RecordedEvent]
+    cursor: Cursor
+    held_back: bool  # committed events wait behind an older, still running transaction: look again soon
+
+
+HELD_BACK_RETRY_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -333,25 +342,31 @@ class EventLog:
         rows = await self.fetch(f"SELECT {_COLUMNS} FROM events WHERE {condition} ORDER BY position", *args)
         return _rows_to_events(rows)
 
-    async def read_committed(
-        self, after: Cursor, limit: int = 500, types: Sequence[str] | None = None
-    ) -> tuple[list[RecordedEvent], Cursor]:
+    async def read_committed(self, after: Cursor, limit: int = 500, types: Sequence[str] | None = None) -> Committed:
         """Events after ``after`` in commit order, only from transactions that can no longer be overtaken.
 
-        Returns the events and the cursor after the rows read. With ``types``, only events of those types are
+        Returns the events, the cursor after the rows read, and whether committed events are held back behind an
+        older transaction still running (its commit may send no NOTIFY: a projection's, say, so a subscriber that
+        only waited for one would wait for its poll interval). With ``types``, only events of those types are
         decoded and returned; the cursor still moves past the others."""
         wanted = "($4::text[] IS NULL OR type = ANY($4::text[]))"
+        horizon = "pg_snapshot_xmin(pg_current_snapshot())"
         rows = await self.fetch(
-            f"SELECT position, tx_id, id, stream, version, type, CASE WHEN {wanted} THEN data END, "
+            f"SELECT b.*, f.held FROM (SELECT EXISTS (SELECT 1 FROM events WHERE tx_id >= {horizon}) AS held) f "
+            f"LEFT JOIN LATERAL (SELECT position, tx_id, id, stream, version, type, CASE WHEN {wanted} THEN data END, "
             f"CASE WHEN {wanted} THEN meta END, recorded_at, {wanted} FROM events WHERE (tx_id, position) > "
-            "($1::xid8, $2) AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT $3",
+            f"($1::xid8, $2) AND tx_id < {horizon} ORDER BY tx_id, position LIMIT $3) b ON true "
+            "ORDER BY b.tx_id, b.position",
             after[0],
             after[1],
             limit,
             list(types) if types else None,
         )
-        cursor = (int(rows[-1][1]), int(rows[-1][0])) if rows else after
-        return _rows_to_events([r for r in rows if r[9]]), cursor
+        held = bool(rows[0][10])
+        if rows[0][0] is None:  # nothing visible: the one row only carries the flag
+            return Committed([], after, held)
+        cursor = (int(rows[-1][1]), int(rows[-1][0]))
+        return Committed(_rows_to_events([r for r in rows if r[9]]), cursor, held)
 
     async def cursor_at(self, position: int) -> Cursor:
         """The commit-order cursor of the event at ``position`` (``START`` for 0)."""
@@ -397,9 +412,10 @@ class EventLog:
         try:
             while True:
                 wake.clear()
+                wait = poll_interval
                 if active is None or active():
                     try:
-                        batch, after_batch = await self.read_committed(cursor, batch_size, types)
+                        batch, after_batch, held_back = await self.read_committed(cursor, batch_size, types)
                     except StoreUnavailable as e:
                         log.warning("subscription read failed, retrying", error=str(e))
                         await asyncio.sleep(min(poll_interval, 0.5))
@@ -409,8 +425,10 @@ class EventLog:
                         matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                         yield matching, cursor
                         continue
+                    if held_back:
+                        wait = HELD_BACK_RETRY_S
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), poll_interval)
+                    await asyncio.wait_for(wake.wait(), wait)
         finally:
             await listener.close()
 

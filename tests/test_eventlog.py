@@ -132,6 +132,35 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
     assert again == seen
 
 
+async def test_events_held_back_by_a_silent_transaction_arrive_without_waiting_for_the_poll(
+    eventlog: EventLog, db_url: str
+) -> None:
+    blocker = await asyncpg.connect(db_url)
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.execute("INSERT INTO secrets (ref, value) VALUES ('held', 'x')")  # an open write: no NOTIFY
+    await eventlog.append("agent-held", [started()])  # committed, but behind the open transaction
+    first = await eventlog.read_committed(START)
+    assert first.events == [] and first.cursor == START and first.held_back
+
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for batch, _ in eventlog.subscribe(START, poll_interval=60):
+            seen.extend(e.stream for e in batch)
+            if seen:
+                return
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)
+    assert seen == []  # still held back
+    await tx.commit()  # commits without a NOTIFY: the subscriber must not wait for its 60 s poll
+    await blocker.close()
+    await asyncio.wait_for(task, 5)
+    assert seen == ["agent-held"]
+    assert not (await eventlog.read_committed(START)).held_back
+
+
 async def test_checkpoint_written_in_the_same_transaction_as_an_append(eventlog: EventLog) -> None:
     await eventlog.append("agent-i", [started()])
     ev = (await eventlog.read_all())[0]
