@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 MAX_APPENDS = 64
+MAX_IN_FLIGHT = 2  # batches at once: Postgres works on one while the next is sent (both cores, on this machine)
 
 
 def _future() -> asyncio.Future[list[asyncpg.Record] | None]:
@@ -41,21 +42,29 @@ Flush = Callable[[list[PendingAppend]], Awaitable[list[asyncpg.Record]]]
 
 
 class GroupCommit:
-    def __init__(self, flush: Flush, max_appends: int = MAX_APPENDS) -> None:
+    def __init__(self, flush: Flush, max_appends: int = MAX_APPENDS, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self._flush_batch = flush
         self.max_appends = max_appends
+        self.max_in_flight = max_in_flight
         self._queue: list[PendingAppend] = []
-        self._task: asyncio.Task[None] | None = None
+        self._running = 0
         self.batches = 0
 
     async def append(self, pending: PendingAppend) -> list[asyncpg.Record] | None:
         """The rows ``agenthub_append_batch`` returned for this append, or ``None``: run it alone."""
         self._queue.append(pending)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._running < self.max_in_flight:
+            self._running += 1
+            asyncio.get_running_loop().create_task(self._run())
         return await pending.done
 
     async def _run(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self._running -= 1
+
+    async def _drain(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_appends], self._queue[self.max_appends :]
             self.batches += 1
