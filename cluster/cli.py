@@ -187,7 +187,7 @@ async def _replay_run(store: Any, run_id: str) -> int:
     console.print(
         f"replayed run {run_id}: {report.events} events, {len(report.tasks)} tasks {statuses}, "
         f"{len(report.decisions)} decisions, {len(report.memory)} memory notes, "
-        f"{len(report.mismatches)} mismatches, provider calls: 0"
+        f"{len(report.mismatches)} mismatches (a fold of the log: no provider is called)"
     )
     for m in report.mismatches:
         console.print(f"[red]mismatch[/] {m}")

@@ -224,14 +224,13 @@ class EventLog:
         cp_sub, cp_tx, cp_pos = (checkpoint.subscriber, *checkpoint.cursor) if checkpoint else (None, None, None)
         in_callers_tx = conn is not None
         args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos, in_callers_tx)
-        sql = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, $12)"
         try:
             if conn is not None:
                 with translate_errors():
-                    rows = await conn.fetch(sql, *args)
+                    rows = await conn.fetch(APPEND_SQL, *args)
             else:
                 async with self.connection() as c:
-                    rows = await c.fetch(sql, *args)
+                    rows = await c.fetch(APPEND_SQL, *args)
         except asyncpg.PostgresError as e:
             if e.sqlstate == "AH409":
                 return await self._conflict(stream, expected, mode, int(e.detail), idempotency_key)
@@ -261,7 +260,18 @@ class EventLog:
                 return original
         raise WrongExpectedVersion(stream, expected if mode == "exact" else mode, actual)
 
-    async def _append_batch(self, batch: list[PendingAppend]) -> list[asyncpg.Record]:
+    async def _append_batch(self, batch: list[PendingAppend]) -> list[Any]:
+        if len(batch) == 1:  # alone: the plain function, which does not copy a slice of the arrays (big appends)
+            p = batch[0]
+            args = (p.stream, p.mode, p.expected, p.ids, p.types, p.datas, p.metas, p.idempotency_key)
+            try:
+                async with self.connection() as c:
+                    rows = await c.fetch(APPEND_SQL, *args, None, None, None, False)
+            except asyncpg.PostgresError as e:
+                if e.sqlstate != "AH409":
+                    raise
+                return [(1, None, None, False, int(e.detail))]
+            return [(1, r[0], r[1], r[2], None) for r in rows]
         offsets, counts, ids, types, datas, metas = [], [], [], [], [], []
         for p in batch:
             offsets.append(len(ids) + 1)
@@ -468,6 +478,7 @@ class EventLog:
             await c.executemany(CHECKPOINT_SQL, [(name, tx, pos) for name, (tx, pos) in cursors.items()])
 
 
+APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, $12)"
 CHECKPOINT_SQL = (
     "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
     "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()"

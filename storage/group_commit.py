@@ -21,7 +21,7 @@ MAX_APPENDS = 64
 MAX_IN_FLIGHT = 2  # batches at once: Postgres works on one while the next is sent (both cores, on this machine)
 
 
-def _future() -> asyncio.Future[list[asyncpg.Record] | None]:
+def _future() -> asyncio.Future[list[Any] | None]:
     return asyncio.get_running_loop().create_future()
 
 
@@ -35,10 +35,10 @@ class PendingAppend:
     types: list[str]
     datas: list[Any]
     metas: list[Any]
-    done: asyncio.Future[list[asyncpg.Record] | None] = field(default_factory=_future)
+    done: asyncio.Future[list[Any] | None] = field(default_factory=_future)
 
 
-Flush = Callable[[list[PendingAppend]], Awaitable[list[asyncpg.Record]]]
+Flush = Callable[[list[PendingAppend]], Awaitable[list[Any]]]
 
 
 class GroupCommit:
@@ -50,7 +50,7 @@ class GroupCommit:
         self._running = 0
         self.batches = 0
 
-    async def append(self, pending: PendingAppend) -> list[asyncpg.Record] | None:
+    async def append(self, pending: PendingAppend) -> list[Any] | None:
         """The rows ``agenthub_append_batch`` returned for this append, or ``None``: run it alone."""
         self._queue.append(pending)
         if self._running < self.max_in_flight:
@@ -78,13 +78,13 @@ class GroupCommit:
                     if not p.done.done():
                         p.done.set_exception(e)
                 continue
-            by_append: dict[int, list[asyncpg.Record]] = {}
+            by_append: dict[int, list[Any]] = {}
             for r in rows:
                 by_append.setdefault(r[0], []).append(r)
             self._settle(batch, [by_append.get(k, []) for k in range(1, len(batch) + 1)])
 
     @staticmethod
-    def _settle(batch: list[PendingAppend], results: list[list[asyncpg.Record] | None]) -> None:
+    def _settle(batch: list[PendingAppend], results: list[list[Any] | None]) -> None:
         for p, result in zip(batch, results, strict=True):
             with contextlib.suppress(asyncio.InvalidStateError):  # the caller gave up waiting
                 p.done.set_result(result)

@@ -16,10 +16,11 @@ from uuid import UUID
 from actors.agents.team.decision import DecisionState, evolve_decision
 from actors.agents.team.services import fold_run
 from actors.agents.team.task import TaskState, evolve_task
+from actors.projections import PROJECTOR
 from events import Meta, NewEvent, RecordedEvent
 from events.envelope import new_id
 from events.team import RunForked
-from storage.eventlog import EventLog
+from storage.eventlog import START, Cursor, EventLog
 
 
 async def run_events(store: EventLog, run_id: str, up_to: int | None = None) -> list[RecordedEvent]:
@@ -44,25 +45,39 @@ class RunReplay:
     mismatches: list[str] = field(default_factory=list)
 
 
+def _apply(report: RunReplay, e: RecordedEvent) -> None:
+    report.events += 1
+    if e.category == "task":
+        report.tasks[e.stream_id] = evolve_task(report.tasks.get(e.stream_id, TaskState()), e)
+    elif e.category == "decision":
+        report.decisions[e.stream_id] = evolve_decision(report.decisions.get(e.stream_id, DecisionState()), e)
+    elif e.type == "memory.noted":
+        report.memory.append(e.data)
+
+
 async def replay_run(store: EventLog, run_id: str) -> RunReplay:
-    report = RunReplay(run_id)
+    """Fold the run from the log, and check the read models against the log as far as the projector has
+    projected it: the read models and the projector's checkpoint are written in one transaction and read here
+    in one snapshot, so read models that trail a live run are not a mismatch."""
+    async with store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        checkpoint = await conn.fetchrow("SELECT tx_id, position FROM checkpoints WHERE subscriber = $1", PROJECTOR)
+        task_rows = await conn.fetch("SELECT task_id, status FROM team_tasks WHERE run_id = $1", run_id)
+        decision_rows = await conn.fetch("SELECT decision_id, decision FROM team_decisions WHERE run_id = $1", run_id)
+    projected: Cursor = (int(checkpoint[0]), int(checkpoint[1])) if checkpoint else START
+    report, as_projected = RunReplay(run_id), RunReplay(run_id)
     for e in await run_events(store, run_id):
-        report.events += 1
-        if e.category == "task":
-            report.tasks[e.stream_id] = evolve_task(report.tasks.get(e.stream_id, TaskState()), e)
-        elif e.category == "decision":
-            report.decisions[e.stream_id] = evolve_decision(report.decisions.get(e.stream_id, DecisionState()), e)
-        elif e.type == "memory.noted":
-            report.memory.append(e.data)
-    for row in await store.fetch("SELECT task_id, status FROM team_tasks WHERE run_id = $1", run_id):
-        rebuilt = report.tasks.get(row["task_id"])
+        _apply(report, e)
+        if e.cursor <= projected:
+            _apply(as_projected, e)
+    for row in task_rows:
+        rebuilt = as_projected.tasks.get(row["task_id"])
         if rebuilt is None or rebuilt.status != row["status"]:
             report.mismatches.append(
                 f"task {row['task_id']}: read model says {row['status']}, log says "
                 f"{rebuilt.status if rebuilt else 'nothing'}"
             )
-    for row in await store.fetch("SELECT decision_id, decision FROM team_decisions WHERE run_id = $1", run_id):
-        rebuilt_d = report.decisions.get(row["decision_id"])
+    for row in decision_rows:
+        rebuilt_d = as_projected.decisions.get(row["decision_id"])
         if rebuilt_d is None or rebuilt_d.decision != row["decision"]:
             report.mismatches.append(f"decision {row['decision_id']}: read model {row['decision']}")
     return report
