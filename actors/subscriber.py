@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 
@@ -19,7 +19,6 @@ from storage.eventlog import Cursor, EventLog
 
 log = structlog.get_logger(__name__)
 CONCURRENCY = 8
-T = TypeVar("T")
 
 
 class EntityActor:
@@ -71,26 +70,18 @@ class EntityActor:
                 raise r
 
     def _after_earlier(self, key: tuple[str, str], group: list[RecordedEvent]) -> Coroutine[Any, Any, None]:
-        """Handle ``group`` once the entity's events from earlier deliveries are done."""
-
-        async def handle_group() -> None:
-            for event in group:
-                await self._handle_one(event)
-
-        return self.in_entity_order(key, handle_group)
-
-    def in_entity_order(self, key: tuple[str, str], work: Callable[[], Awaitable[T]]) -> Coroutine[Any, Any, T]:
-        """Run ``work`` once everything queued before it for the same entity is done (registered before any
-        await, so the order is the order of the calls)."""
+        """Handle ``group`` once the entity's events from earlier deliveries are done (registered before any
+        await, so the order is the order of the deliveries)."""
         before, done = self._entity_tails.get(key), asyncio.get_running_loop().create_future()
         self._entity_tails[key] = done
 
-        async def run() -> T:
+        async def run() -> None:
             try:
                 if before is not None:
                     await before
                 async with self._limit:
-                    return await work()
+                    for event in group:
+                        await self._handle_one(event)
             finally:
                 done.set_result(None)
                 if self._entity_tails.get(key) is done:

@@ -61,7 +61,7 @@ class ApiIngress:
                         c.database_url, max_size=10, max_event_bytes=c.max_event_bytes, run_migrations=False
                     )
                     orchestrator = ray.get_actor("orchestrator", namespace=c.namespace)
-                    hub = Hub(store, orchestrator, reply_timeout_s=c.reply_timeout_s, namespace=c.namespace)
+                    hub = Hub(store, orchestrator, reply_timeout_s=c.reply_timeout_s)
                     await hub.waiter.start()
                     self._hub = hub
         return self._hub

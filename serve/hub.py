@@ -6,29 +6,18 @@ import asyncio
 import contextlib
 import secrets
 import time
-from typing import Any
-
-import ray
-import structlog
 
 from actors.agents.agent import AgentState, agent_stream, fold_agent
-from actors.agents.runner import runner_name
 from events import RecordedEvent
 from serve.replies import REPLY_TYPES, ReplyWaiter
 from storage.eventlog import EventLog
 from storage.secrets import SecretStore
 
-log = structlog.get_logger(__name__)
-
 
 class Hub:
-    def __init__(
-        self, store: EventLog, orchestrator: object, *, reply_timeout_s: float, namespace: str = "agenthub"
-    ) -> None:
+    def __init__(self, store: EventLog, orchestrator: object, *, reply_timeout_s: float) -> None:
         self.store = store
         self.orchestrator = orchestrator
-        self.namespace = namespace
-        self._runners: dict[str, Any] = {}
         self.reply_timeout_s = reply_timeout_s
         self.waiter = ReplyWaiter(store)
         self.secrets = SecretStore(store)
@@ -62,42 +51,6 @@ class Hub:
     async def original_of(self, position: int) -> RecordedEvent:
         (event,) = await self.store.read_all(position - 1, limit=1)
         return event
-
-    async def reply_to(self, agent_id: str, message: RecordedEvent, timeout: float) -> RecordedEvent | None:
-        """The reply to ``message`` (just recorded), or ``None`` after ``timeout``. First straight from the agent's
-        runner, which handles it at once (one Ray call instead of a NOTIFY and a read of the log each way);
-        if that fails (no runner, a dead one, the store down inside it), from the log, where the orchestrator's
-        delivery puts it in any case."""
-        deadline = time.monotonic() + timeout
-        try:
-            reply = await asyncio.wait_for(self._runner(agent_id).converse.remote(message), timeout)
-        except TimeoutError:
-            return None
-        except Exception as e:  # the runner is gone or failed: the log has the last word
-            self._runners.pop(agent_id, None)
-            log.debug("direct reply failed; following the log", agent_id=agent_id, error=str(e))
-        else:
-            if reply is not None:
-                return reply
-        return await self.reply_from_log(message, max(0.0, deadline - time.monotonic()))
-
-    async def reply_from_log(self, message: RecordedEvent, timeout: float) -> RecordedEvent | None:
-        """The reply to ``message`` as the log records it, waiting up to ``timeout`` for it."""
-        key = str(message.id)
-        fut = self.waiter.expect(key)  # before looking, so a reply committed meanwhile reaches the future
-        try:
-            recorded = await self.find_reply(message)
-            return recorded if recorded is not None else await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            self.waiter.forget(key)
-
-    def _runner(self, agent_id: str) -> Any:
-        handle = self._runners.get(agent_id)
-        if handle is None:
-            handle = self._runners[agent_id] = ray.get_actor(runner_name(agent_id), namespace=self.namespace)
-        return handle
 
     async def find_reply(self, message: RecordedEvent) -> RecordedEvent | None:
         """The reply already recorded for ``message`` (for a retried request), if any."""

@@ -7,11 +7,11 @@ import contextlib
 
 import structlog
 
-from actors.agents.conversation import REPLY_TYPES
 from events import RecordedEvent
 from storage.eventlog import EventLog
 
 log = structlog.get_logger(__name__)
+REPLY_TYPES = frozenset({"chat.reply_sent", "chat.reply_failed"})
 
 
 class ReplyWaiter:

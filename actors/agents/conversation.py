@@ -14,7 +14,6 @@ from events import NewEvent, RecordedEvent
 from events.hub import AgentSettings, ReplyFailed, ReplySent
 
 HISTORY_TURNS = 40
-REPLY_TYPES = frozenset({"chat.reply_sent", "chat.reply_failed"})
 Complete = Callable[[CompletionRequest], Awaitable[Completion]]
 
 

@@ -10,14 +10,14 @@ import ray
 import structlog
 
 from actors.agents.agent import agent_stream, fold_agent
-from actors.agents.conversation import REPLY_TYPES, Conversation
+from actors.agents.conversation import Conversation
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
 from actors.llm.actor import build_router
 from actors.llm.budget import BudgetExceededError, spent_usd
 from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
-from events import RecordedEvent, Subscription
+from events import Subscription
 from events.hub import AgentSettings
 
 log = structlog.get_logger(__name__)
@@ -66,14 +66,6 @@ class AgentRunnerImpl(EntityActor):
         c = await self.router.complete(request)
         self.spent += c.cost_usd
         return c
-
-    async def converse(self, message: RecordedEvent) -> RecordedEvent | None:
-        """The ingress's direct path: handle a message it has just recorded, in its chat's order, and return the
-        reply recorded for it; ``None`` when it had been answered already (the ingress then reads the reply from
-        the log). The orchestrator still delivers the message, which the causation-id check turns into a no-op."""
-        await self._ready
-        appended = await self.in_entity_order(self.entity_of(message), lambda: self.host.handle(message))
-        return next((e for e in appended if e.type in REPLY_TYPES), None)
 
     async def reload_config(self) -> None:
         """Refold the agent's config (the orchestrator calls this on ``agent.updated``)."""
