@@ -18,7 +18,10 @@ from storage.errors import StoreUnavailable
 from storage.eventlog import Cursor, EventLog
 
 log = structlog.get_logger(__name__)
-CONCURRENCY = 8
+# Entities handled at once. Their appends share group-commit transactions, so more at once means fewer, larger
+# commits: 8 → 32 cut the CPU per HTTP reply by about a fifth in alternating runs (docs/architecture.md).
+CONCURRENCY = 32
+POOL_SIZE = 10  # appends share a connection per batch; loads of new entities are what need the others
 
 
 class EntityActor:
@@ -39,7 +42,7 @@ class EntityActor:
     async def _start(self) -> None:
         self.store = await EventLog.connect(
             self.config.database_url,
-            max_size=CONCURRENCY + 2,
+            max_size=POOL_SIZE,
             max_event_bytes=self.config.max_event_bytes,
             run_migrations=False,
         )
