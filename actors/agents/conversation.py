@@ -25,19 +25,34 @@ class Turn(BaseModel):
     id: str
     role: str
     text: str
-    _message: ChatMessage | None = PrivateAttr(None)
-
-    def message(self) -> ChatMessage:
-        """The turn as the LLM sees it, built once: every reply resends the whole history."""
-        if self._message is None:
-            self._message = ChatMessage(role=self.role, content=self.text)
-        return self._message
 
 
 class ChatState(BaseModel):
     turns: list[Turn] = Field(default_factory=list)
     messages: int = 0
     replies: int = 0
+    # The turns as the LLM sees them, kept beside ``turns``: every reply resends the whole history, and building
+    # it anew for each reply was the largest part of a runner's CPU per message.
+    _history: list[ChatMessage] = PrivateAttr(default_factory=list)
+
+    def model_post_init(self, context: Any) -> None:
+        self._history = [ChatMessage(role=t.role, content=t.text) for t in self.turns]
+
+    def add(self, turn: Turn) -> None:
+        """Append a turn, keeping the last ``HISTORY_TURNS`` exchanges."""
+        self.turns.append(turn)
+        self._history.append(ChatMessage(role=turn.role, content=turn.text))
+        excess = len(self.turns) - 2 * HISTORY_TURNS
+        if excess > 0:
+            del self.turns[:excess], self._history[:excess]
+
+    def history_until(self, turn_id: str) -> list[ChatMessage]:
+        """The history up to and including ``turn_id``: a redelivered message is asked with the history it first
+        had, not with the turns folded in after it."""
+        for i in range(len(self.turns) - 1, -1, -1):
+            if self.turns[i].id == turn_id:
+                return self._history[: i + 1]
+        return list(self._history)
 
 
 class Conversation(Entity[ChatState]):
@@ -55,24 +70,19 @@ class Conversation(Entity[ChatState]):
     def evolve(self, state: ChatState, event: RecordedEvent) -> ChatState:
         d = event.data
         if event.type == "chat.message_received":
-            state.turns.append(Turn(id=str(event.id), role="user", text=d["text"]))
+            state.add(Turn(id=str(event.id), role="user", text=d["text"]))
             state.messages += 1
         elif event.type == "chat.reply_sent":
-            state.turns.append(Turn(id=str(event.id), role="assistant", text=d["response"]))
+            state.add(Turn(id=str(event.id), role="assistant", text=d["response"]))
             state.replies += 1
-        del state.turns[: max(0, len(state.turns) - 2 * HISTORY_TURNS)]
         return state
 
     def request_for(self, state: ChatState, message: RecordedEvent, settings: AgentSettings) -> CompletionRequest:
-        history: list[ChatMessage] = [ChatMessage(role="system", content=settings.system_prompt)]
-        for turn in state.turns:
-            history.append(turn.message())
-            if turn.id == str(message.id):
-                break
+        system = ChatMessage(role="system", content=settings.system_prompt)
         return CompletionRequest(
             provider=settings.provider,
             model=settings.model_id,
-            messages=history,
+            messages=[system, *state.history_until(str(message.id))],
             temperature=settings.temperature,
             max_tokens=settings.max_tokens,
             base_url=settings.base_url,
