@@ -119,7 +119,6 @@ class EventLog:
         self.pool = pool
         self.url = url
         self.max_event_bytes = max_event_bytes
-        self.notifier = Notifier(pool)
         self.group = GroupCommit(self._append_batch)
 
     @classmethod
@@ -220,10 +219,9 @@ class EventLog:
             if batched is not None:
                 if batched[0][4] is not None:
                     return await self._conflict(stream, expected, mode, int(batched[0][4]), idempotency_key)
-                return self._appended([(r[1], r[2]) for r in batched], bool(batched[0][3]), notify=True)
+                return self._appended([(r[1], r[2]) for r in batched], bool(batched[0][3]))
         cp_sub, cp_tx, cp_pos = (checkpoint.subscriber, *checkpoint.cursor) if checkpoint else (None, None, None)
-        in_callers_tx = conn is not None
-        args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos, in_callers_tx)
+        args = (stream, mode, exp, ids, types, datas, metas, idempotency_key, cp_sub, cp_tx, cp_pos)
         try:
             if conn is not None:
                 with translate_errors():
@@ -239,15 +237,13 @@ class EventLog:
                 if original is not None:
                     return original
             raise
-        return self._appended([(r[0], r[1]) for r in rows], bool(rows and rows[0][2]), notify=not in_callers_tx)
+        return self._appended([(r[0], r[1]) for r in rows], bool(rows and rows[0][2]))
 
-    def _appended(self, rows: list[tuple[int, int]], replayed: bool, *, notify: bool) -> AppendResult:
+    def _appended(self, rows: list[tuple[int, int]], replayed: bool) -> AppendResult:
         rows = sorted(rows, key=lambda r: r[1])
         result = AppendResult([r[0] for r in rows], [r[1] for r in rows], replayed)
         if not replayed:
             metrics.EVENTS_APPENDED.inc(len(rows))
-            if notify:
-                self.notifier.poke()
         return result
 
     async def _conflict(
@@ -266,7 +262,7 @@ class EventLog:
             args = (p.stream, p.mode, p.expected, p.ids, p.types, p.datas, p.metas, p.idempotency_key)
             try:
                 async with self.connection() as c:
-                    rows = await c.fetch(APPEND_SQL, *args, None, None, None, False)
+                    rows = await c.fetch(APPEND_SQL, *args, None, None, None)
             except asyncpg.PostgresError as e:
                 if e.sqlstate != "AH409":
                     raise
@@ -282,7 +278,7 @@ class EventLog:
             metas += p.metas
         async with self.connection() as c:
             return await c.fetch(
-                "SELECT * FROM agenthub_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb[], $10::jsonb[])",
+                "SELECT * FROM agenthub_append_batch_notify($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb[], $10::jsonb[])",
                 [p.stream for p in batch],
                 [p.mode for p in batch],
                 [p.expected for p in batch],
@@ -478,40 +474,13 @@ class EventLog:
             await c.executemany(CHECKPOINT_SQL, [(name, tx, pos) for name, (tx, pos) in cursors.items()])
 
 
-APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, $12)"
+# Every append notifies inside its own transaction, so the NOTIFY arrives with the commit (migration 0007 says why
+# the notify lock no longer costs what it did when 0004 took NOTIFY out of the append).
+APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, true)"
 CHECKPOINT_SQL = (
     "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
     "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()"
 )
-
-
-class Notifier:
-    """One NOTIFY after commit for all the appends this process made meanwhile (trap 2).
-
-    At most one NOTIFY is in flight; appends committed while it runs are covered by one more. A NOTIFY that
-    fails is not retried: subscribers poll as a fallback."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self._pending = False
-        self._task: asyncio.Task[None] | None = None
-        self.sent = 0
-
-    def poke(self) -> None:
-        self._pending = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._send())
-
-    async def _send(self) -> None:
-        while self._pending:
-            self._pending = False
-            try:
-                async with self.pool.acquire() as c:
-                    await c.execute("SELECT pg_notify($1, '')", CHANNEL)
-                self.sent += 1
-            except Exception as e:
-                log.debug("notify failed; subscribers will poll", error=str(e))
-                return
 
 
 class Listener:

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from events import ANY, NO_STREAM, NewEvent, UnknownEventType
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from storage.errors import EventTooLarge, WrongExpectedVersion
-from storage.eventlog import START, Checkpoint, EventLog
+from storage.eventlog import CHANNEL, START, Checkpoint, EventLog
+from tests.conftest import eventually
 
 
 def started() -> NewEvent:
@@ -159,6 +160,31 @@ async def test_events_held_back_by_a_silent_transaction_arrive_without_waiting_f
     await asyncio.wait_for(task, 5)
     assert seen == ["agent-held"]
     assert not (await eventlog.read_committed(START)).held_back
+
+
+async def test_appends_notify_once_per_transaction_at_its_commit(eventlog: EventLog, db_url: str) -> None:
+    """One NOTIFY per committed transaction (trap 2), sent by the transaction itself: a lone append notifies, and
+    concurrent appends that share a group commit send one between them."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(db_url)
+    await listener.add_listener(CHANNEL, lambda *args: heard.append(args[2]))
+    try:
+        await eventlog.append("agent-n", [started()])
+        await eventually(lambda: _at_least(heard, 1), 5, "the NOTIFY of a lone append")
+        heard.clear()
+        batches = eventlog.group.batches
+        await asyncio.gather(*(eventlog.append(f"agent-n{i}", [started()]) for i in range(40)))
+        transactions = eventlog.group.batches - batches
+        assert transactions < 40  # they did share transactions
+        await eventually(lambda: _at_least(heard, transactions), 5, "a NOTIFY per transaction")
+        await asyncio.sleep(0.3)
+        assert len(heard) == transactions and set(heard) == {CHANNEL}
+    finally:
+        await listener.close()
+
+
+async def _at_least(items: list[str], n: int) -> bool:
+    return len(items) >= n
 
 
 async def test_checkpoint_written_in_the_same_transaction_as_an_append(eventlog: EventLog) -> None:
