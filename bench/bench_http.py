@@ -1,9 +1,9 @@
 """HTTP message → reply latency through Ray Serve, the log, the agent runner and the scripted provider.
 
 Why: this is what a user of the API waits for; it crosses every component (ingress, log append, routing,
-the agent's entity host, the LLM actor, the reply waiter), so it is the figure the others add up to. Each
-client is its own ``httpx.AsyncClient`` and its own chat, sending its next message when the last reply
-came. The clients use aiohttp, whose per-request CPU is a fraction of httpx's: the load generator shares the
+the agent's entity host, the agent's LLM router, the reply waiter), so it is the figure the others add up to.
+Each client is its own ``aiohttp.ClientSession`` and its own chat, sending its next message when the last
+reply came. The clients use aiohttp, whose per-request CPU is a fraction of httpx's: the load generator shares the
 same two cores, so a heavier client would be measured as the system's latency. Beside the figures, the same
 clients against a route that does no work (an unknown path: 404) show what Ray Serve and FastAPI alone allow
 on this machine. Run from the repository root (not while another Ray job is using this machine):
