@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import ray
@@ -37,6 +38,10 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None
             return
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _completions(usage: dict[str, Any]) -> int:
+    return sum(m["calls"] for m in usage["models"])
 
 
 def run_demo(settings: Settings, console: Console) -> int:
@@ -83,9 +88,11 @@ def _converse(system, console: Console) -> int:
             table.add_row(chat, text, escape(r.json()["response"]), f"{(time.perf_counter() - t) * 1000:.0f}")
     console.print(table)
 
-    _wait_for(lambda: http.get(f"/api/v1/agents/{aid}/usage").json()["total_tokens"] > 0, what="token usage")
+    sent = sum(len(texts) for texts in CHATS.values())
+    # the usage projection follows the log a moment behind the replies: wait until it has counted every one
+    _wait_for(lambda: _completions(http.get(f"/api/v1/agents/{aid}/usage").json()) >= sent, what="token usage")
     usage = http.get(f"/api/v1/agents/{aid}/usage").json()
-    console.print(f"token usage: {usage['total_tokens']} tokens over {usage['models'][0]['calls']} completions")
+    console.print(f"token usage: {usage['total_tokens']} tokens over {_completions(usage)} completions")
 
     runner = ray.get_actor(f"agent:{aid}", namespace=system.settings.ray_namespace)
     before = ray.get(runner.ping.remote())
