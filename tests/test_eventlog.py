@@ -162,6 +162,25 @@ async def test_events_held_back_by_a_silent_transaction_arrive_without_waiting_f
     assert not (await eventlog.read_committed(START)).held_back
 
 
+async def test_a_subscriber_misses_no_commit_made_while_it_handles_a_batch(eventlog: EventLog) -> None:
+    """A commit while the subscriber handles a batch must still reach it, and a full batch is followed by the next
+    read at once (both under a 60 s poll, so neither may rest on polling)."""
+    for i in range(5):
+        await eventlog.append(f"agent-early{i}", [started()])
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for batch, _ in eventlog.subscribe(START, batch_size=2, poll_interval=60):
+            seen.extend(e.stream for e in batch)
+            if len(seen) == 5:
+                await eventlog.append("agent-during", [started()])  # commits while this batch is handled
+            if len(seen) == 6:
+                return
+
+    await asyncio.wait_for(follow(), 5)
+    assert seen == [f"agent-early{i}" for i in range(5)] + ["agent-during"]
+
+
 async def test_appends_notify_once_per_transaction_at_its_commit(eventlog: EventLog, db_url: str) -> None:
     """One NOTIFY per committed transaction (trap 2), sent by the transaction itself: a lone append notifies, and
     concurrent appends that share a group commit send one between them."""
