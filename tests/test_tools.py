@@ -470,8 +470,9 @@ async def test_pytest_timeout_is_bounded(tmp_path: Path) -> None:
         },
     )
     started = time.monotonic()
-    report = await run_pytest(root, timeout_s=2)
-    assert time.monotonic() - started < 15
+    # 10 s, not less: under CI load the child pytest can take seconds to start; the test sleeps far longer.
+    report = await run_pytest(root, timeout_s=10)
+    assert time.monotonic() - started < 30
     assert report.timed_out and not report.ok and report.problem and "timed out" in report.problem
     # pytest was interrupted, so it still reported what had run, and where it hung.
     assert (report.passed, report.count, report.failed) == (1, 1, 0)
