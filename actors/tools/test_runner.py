@@ -32,6 +32,13 @@ _DROPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ERROR_LINE = re.compile(r"^\w*(Error|Exception)\b")
 _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
+# pytest with SIGINT handled: a process started in the background by a non-interactive shell (a CI job, say)
+# ignores SIGINT, and an ignored signal stays ignored across exec, so the timeout's SIGINT would do nothing and
+# pytest, killed after the grace period, would write no report.
+_PYTEST_MAIN = (
+    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.exit(pytest.console_main())"
+)
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
 
 
@@ -185,7 +192,7 @@ async def run_pytest(
     """Run pytest in ``root`` with a hard timeout and return the parsed JUnit report."""
     with tempfile.TemporaryDirectory(prefix="agenthub-pytest-") as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [python or sys.executable, "-m", "pytest", "-q", f"--junitxml={xml}", "-p", "no:cacheprovider"]
+        cmd = [python or sys.executable, "-c", _PYTEST_MAIN, "-q", f"--junitxml={xml}", "-p", "no:cacheprovider"]
         cmd += ["-o", "junit_family=xunit2", *(args or [])]
         run = await _run(cmd, Path(root), timeout_s, _child_env())
         return _pytest_report(xml, run, Path(root), timeout_s)
