@@ -32,12 +32,11 @@ _DROPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ERROR_LINE = re.compile(r"^\w*(Error|Exception)\b")
 _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
-# pytest with SIGINT handled: a process started in the background by a non-interactive shell (a CI job, say)
-# ignores SIGINT, and an ignored signal stays ignored across exec, so the timeout's SIGINT would do nothing and
-# pytest, killed after the grace period, would write no report.
-_PYTEST_MAIN = (
-    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "sys.exit(pytest.console_main())"
+# Starts a command with SIGINT at its default. A process started in the background by a non-interactive shell
+# (a CI job, say) ignores SIGINT, and an ignored signal stays ignored across exec, so the timeout's SIGINT would
+# do nothing and pytest, killed after the grace period, would write no report.
+_SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
 )
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
 
@@ -96,6 +95,9 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
     """Run ``cmd`` in its own process group; on timeout SIGINT the group, then SIGKILL it after a grace period."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SIGINT_DEFAULT,
         *cmd,
         cwd=cwd,
         env=env,
@@ -192,7 +194,7 @@ async def run_pytest(
     """Run pytest in ``root`` with a hard timeout and return the parsed JUnit report."""
     with tempfile.TemporaryDirectory(prefix="agenthub-pytest-") as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [python or sys.executable, "-c", _PYTEST_MAIN, "-q", f"--junitxml={xml}", "-p", "no:cacheprovider"]
+        cmd = [python or sys.executable, "-m", "pytest", "-q", f"--junitxml={xml}", "-p", "no:cacheprovider"]
         cmd += ["-o", "junit_family=xunit2", *(args or [])]
         run = await _run(cmd, Path(root), timeout_s, _child_env())
         return _pytest_report(xml, run, Path(root), timeout_s)
