@@ -82,7 +82,9 @@ async def _pg(_: Request, e: asyncpg.PostgresError) -> JSONResponse:
 class BodyLimit:
     """413 for a body over the limit, before it is parsed: at once from ``Content-Length``; a chunked body is
     read here first (bounded) and handed on whole. Pure ASGI, because ``BaseHTTPMiddleware`` costs a task and a
-    stream copy on every request, and Starlette's own limiter answers in plain text, not our JSON ``detail``."""
+    stream copy on every request. Starlette's own limiter answers in plain text, and FastAPI's (``max_body_size``,
+    0.165+) answers a fixed "Content Too Large" and takes its limit when the app is built; this one names the
+    limit and reads it from the deployment's settings."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
