@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.agents.agent import AgentState, agent_stream
 from actors.agents.conversation import chat_stream
-from events import ANY, NO_STREAM, Meta, NewEvent, UnknownEventType
+from events import ANY, NO_STREAM, Meta, NewEvent, RecordedEvent, UnknownEventType
 from events.hub import (
     AgentCreated,
     AgentDeleted,
@@ -271,33 +271,29 @@ async def send_message(
     event = NewEvent.of(MessageReceived(agent_id=agent_id, **body.model_dump()), actor="api")
     event.meta.correlation_id = event.id
     key = f"msg:{agent_id}:{idempotency_key}" if idempotency_key else None
-    fut = h.waiter.expect(str(event.id))
+    message_id = event.id
+    fut = h.waiter.expect(str(message_id))
+    recorded: RecordedEvent | None = None
     try:
         res = await h.store.append(chat_stream(agent_id, body.chat_id), [event], ANY, idempotency_key=key)
         if res.replayed:  # a retried request: answer with the original message's reply
-            h.waiter.forget(str(event.id))
+            h.waiter.forget(str(message_id))
             original = await h.original_of(res.positions[0])
-            event = NewEvent(id=original.id, type=original.type, data=original.data, meta=original.meta)
-            fut = h.waiter.expect(str(original.id))
+            message_id = original.id
+            fut = h.waiter.expect(str(message_id))  # before looking, so a reply committed meanwhile reaches it
             recorded = await h.find_reply(original)
-            if recorded is not None:
-                h.waiter.forget(str(original.id))
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_result(recorded)
-        reply = await asyncio.wait_for(fut, timeout or h.reply_timeout_s)
+        reply = recorded if recorded is not None else await asyncio.wait_for(fut, timeout or h.reply_timeout_s)
     except TimeoutError:
-        h.waiter.forget(str(event.id))
         return JSONResponse(
             Accepted(
-                event_id=event.id,
-                correlation_id=event.id,
+                event_id=message_id,
+                correlation_id=message_id,
                 detail="message recorded; the reply will arrive in the log",
             ).model_dump(mode="json"),
             202,
         )
-    except BaseException:
-        h.waiter.forget(str(event.id))
-        raise
+    finally:
+        h.waiter.forget(str(message_id))  # a no-op once the follower has resolved it
     if reply.type == "chat.reply_failed":  # 402: the agent's budget is spent (raise it with PATCH settings)
         status = 402 if reply.data.get("budget_exceeded") else 502
         raise HTTPException(status, f"agent failed to reply: {reply.data['error']}")
@@ -305,7 +301,7 @@ async def send_message(
         chat_id=reply.data["chat_id"],
         response=reply.data["response"],
         channel=reply.data["channel"],
-        event_id=event.id,
+        event_id=message_id,
         reply_event_id=reply.id,
     )
 
