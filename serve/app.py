@@ -277,7 +277,7 @@ async def send_message(
     try:
         res = await h.store.append(chat_stream(agent_id, body.chat_id), [event], ANY, idempotency_key=key)
         if res.replayed:  # a retried request: answer with the original message's reply
-            h.waiter.forget(str(message_id))
+            h.waiter.forget(str(message_id), fut)
             original = await h.original_of(res.positions[0])
             message_id = original.id
             fut = h.waiter.expect(str(message_id))  # before looking, so a reply committed meanwhile reaches it
@@ -293,7 +293,7 @@ async def send_message(
             202,
         )
     finally:
-        h.waiter.forget(str(message_id))  # a no-op once the follower has resolved it
+        h.waiter.forget(str(message_id), fut)  # a no-op once the follower has resolved it
     if reply.type == "chat.reply_failed":  # 402: the agent's budget is spent (raise it with PATCH settings)
         status = 402 if reply.data.get("budget_exceeded") else 502
         raise HTTPException(status, f"agent failed to reply: {reply.data['error']}")

@@ -17,12 +17,13 @@ REPLY_TYPES = frozenset({"chat.reply_sent", "chat.reply_failed"})
 class ReplyWaiter:
     """One subscription per ingress replica, started at the head of the log; futures keyed by correlation id.
 
-    A request registers its future *before* appending, so the reply cannot slip past unseen."""
+    A request registers its future *before* appending, so the reply cannot slip past unseen. Several requests
+    may wait for one reply (concurrent retries of one idempotent request), so each key holds a list."""
 
     def __init__(self, store: EventLog, poll_interval: float = 0.5) -> None:
         self.store = store
         self.poll_interval = poll_interval
-        self.pending: dict[str, asyncio.Future[RecordedEvent]] = {}
+        self.pending: dict[str, list[asyncio.Future[RecordedEvent]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
 
@@ -43,21 +44,26 @@ class ReplyWaiter:
                 async for batch, _ in follow:
                     for e in batch:
                         if e.type in REPLY_TYPES and e.meta.correlation_id is not None:
-                            fut = self.pending.pop(str(e.meta.correlation_id), None)
-                            if fut is not None and not fut.done():
-                                fut.set_result(e)
+                            for fut in self.pending.pop(str(e.meta.correlation_id), []):
+                                if not fut.done():
+                                    fut.set_result(e)
             except Exception as e:  # the store went away: wait and follow again from the new head
                 log.warning("reply follower restarting", error=str(e))
                 await asyncio.sleep(0.5)
 
     def expect(self, correlation_id: str) -> asyncio.Future[RecordedEvent]:
         fut: asyncio.Future[RecordedEvent] = asyncio.get_running_loop().create_future()
-        self.pending[correlation_id] = fut
+        self.pending.setdefault(correlation_id, []).append(fut)
         return fut
 
-    def forget(self, correlation_id: str) -> None:
-        fut = self.pending.pop(correlation_id, None)
-        if fut is not None and not fut.done():
+    def forget(self, correlation_id: str, fut: asyncio.Future[RecordedEvent]) -> None:
+        """Stop waiting with ``fut`` (a no-op once the reply resolved it); other waiters for the key stay."""
+        waiting = self.pending.get(correlation_id, [])
+        if fut in waiting:
+            waiting.remove(fut)
+            if not waiting:
+                del self.pending[correlation_id]
+        if not fut.done():
             fut.cancel()
 
     async def close(self) -> None:
