@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from events.pickling import PickledAsJson
 
-STREAM_RE = re.compile(r"^[a-z][a-z0-9_]*-[^\s]{1,200}$")
+STREAM_RE = re.compile(r"^[a-z][a-z0-9_]*-[^\s\x00-\x1f\x7f]{1,200}\Z")
+"""A whole stream name, anchored with ``\\Z`` (``$`` also matches before a trailing newline, so ``"agent-7\\n"``
+passed): no whitespace or control characters in the id."""
 
 
 class _Sentinel(Enum):
@@ -42,7 +44,7 @@ def category_of(stream: str) -> str:
 
 
 def validate_stream(stream: str) -> str:
-    if not STREAM_RE.match(stream):
+    if not isinstance(stream, str) or not STREAM_RE.fullmatch(stream):
         raise ValueError(f"invalid stream name {stream!r}: expected '<category>-<id>' (lowercase category)")
     return stream
 

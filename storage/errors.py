@@ -19,13 +19,23 @@ class WrongExpectedVersion(StoreError):
 
 
 class EventTooLarge(StoreError):
+    """An event's data and meta together, as JSON, are over the log's ``max_event_bytes``."""
+
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"event payload is {size} bytes, over the {limit}-byte limit")
+        super().__init__(f"event is {size} bytes (data and meta), over the {limit}-byte limit")
         self.size, self.limit = size, limit
 
 
+class InvalidEvent(StoreError, ValueError):
+    """The event cannot be stored as given (a NUL character, an integer beyond 64 bits, an expected version out of
+    range, an invalid stream name ...): the caller's fault, nothing was written. A ``ValueError`` too, as invalid
+    stream names were before it existed."""
+
+
 class StoreUnavailable(StoreError):
-    """Postgres cannot be reached; nothing was acknowledged."""
+    """Postgres cannot be reached, or the connection broke during the call. The outcome of a write is unknown: a
+    connection lost during its COMMIT may have committed it. Retry a write with the same idempotency key, which
+    returns the original positions if it did commit."""
 
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

@@ -3,8 +3,10 @@
 Trap 1 (skipped events) is solved with transaction-id visibility: every row records the id of the transaction
 that wrote it (``tx_id``), and a subscriber reads only rows whose transaction is older than the oldest
 transaction still running (``pg_snapshot_xmin``), in ``(tx_id, position)`` order. A row committed late by a
-slow transaction is therefore never behind a subscriber's cursor. Trap 2: one NOTIFY per append transaction,
-with polling as a fallback. See docs/architecture.md.
+slow transaction is therefore never behind a subscriber's cursor. Within a stream, that order is version order:
+every append locks its streams before its first write (migration 0008), so a transaction never gets its id before
+another that writes an earlier version of one of its streams. Trap 2: one NOTIFY per append transaction, with
+polling as a fallback. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import structlog
 from events import ANY, NO_STREAM, ExpectedVersion, NewEvent, RecordedEvent, Subscription, registry
 from events.envelope import validate_stream
 from storage import metrics
-from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion, translate_errors
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion, translate_errors
 from storage.group_commit import GroupCommit, PendingAppend
 from storage.migrate import migrate
 
@@ -34,6 +36,7 @@ Cursor = tuple[int, int]
 
 START: Cursor = (0, 0)
 CHANNEL = "agenthub_events"
+INT64_MAX = 2**63 - 1
 _COLUMNS = "position, tx_id, id, stream, version, type, data, meta, recorded_at"
 
 
@@ -67,6 +70,28 @@ class Checkpoint:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _stored_size(value: dict[str, Any], what: str) -> int:
+    """The size of ``value`` as stored, or ``InvalidEvent`` if Postgres could not store it: found here, before the
+    append joins a group commit, it fails only its own caller."""
+    try:
+        raw = orjson.dumps(value)
+    except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, say
+        raise InvalidEvent(f"event {what} cannot be stored: {e}") from None
+    if b"\\u0000" in raw and _has_nul(value):  # jsonb rejects U+0000 (22P05); the search is cheap, the walk rare
+        raise InvalidEvent(f"event {what} contains a NUL character (U+0000), which the log cannot store")
+    return len(raw)
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -160,7 +185,7 @@ class EventLog:
                 async with self.pool.acquire() as conn:
                     yield conn
         except StoreUnavailable:
-            self.pool.expire_connections()
+            await self.pool.expire_connections()  # a coroutine in asyncpg 0.32: without the await nothing expired
             raise
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -179,16 +204,20 @@ class EventLog:
     # ---- writing -------------------------------------------------------------------------------------
 
     def _prepare(self, events: Sequence[NewEvent]) -> tuple[list[Any], list[str], list[Any], list[Any]]:
+        """Validate, upcast and size the events; everything the database would reject for their content is raised
+        here as ``InvalidEvent`` or ``EventTooLarge``."""
         ids, types, datas, metas = [], [], [], []
         for e in events:
             data = registry.validate(e.type, e.data, e.meta.schema_version)
-            size = len(orjson.dumps(data))
+            meta = e.meta.model_dump(mode="json", exclude_none=True)
+            meta["schema_version"] = registry.spec(e.type).schema_version  # ``data`` is upcast to it: read as such
+            size = _stored_size(data, "data") + _stored_size(meta, "meta")
             if size > self.max_event_bytes:
                 raise EventTooLarge(size, self.max_event_bytes)
             ids.append(e.id)
             types.append(e.type)
             datas.append(data)
-            metas.append(e.meta.model_dump(mode="json", exclude_none=True))
+            metas.append(meta)
         return ids, types, datas, metas
 
     async def append(
@@ -201,11 +230,23 @@ class EventLog:
         checkpoint: Checkpoint | None = None,
         conn: asyncpg.Connection | None = None,
     ) -> AppendResult:
-        """Append atomically. Raises ``WrongExpectedVersion``, ``EventTooLarge``, ``UnknownEventType``,
-        ``StoreUnavailable``. With ``idempotency_key``, a retry returns the original positions."""
-        validate_stream(stream)
+        """Append atomically. Raises ``WrongExpectedVersion``, ``EventTooLarge``, ``InvalidEvent`` (a bad stream
+        name, idempotency key, expected version or payload: nothing the caller can retry), ``UnknownEventType``,
+        ``StoreUnavailable`` (outcome unknown: retry with an idempotency key). With ``idempotency_key``, a retry
+        returns the original positions.
+
+        With ``conn``, the append joins the caller's transaction. If that transaction has already written anything,
+        call ``lock_streams(conn, ...)`` before its first write, with every stream it will append to: otherwise its
+        transaction id, assigned at that first write, may be older than that of a transaction that appends an
+        earlier version of one of these streams meanwhile, and subscribers would get the two out of order."""
+        try:
+            validate_stream(stream)
+        except ValueError as e:
+            raise InvalidEvent(str(e)) from None
         if not events:
             raise ValueError("append needs at least one event")
+        if idempotency_key is not None and "\x00" in idempotency_key:
+            raise InvalidEvent("idempotency key contains a NUL character")
         ids, types, datas, metas = self._prepare(events)
         if expected is ANY:
             mode, exp = "any", 0
@@ -213,6 +254,8 @@ class EventLog:
             mode, exp = "no_stream", 0
         else:
             mode, exp = "exact", int(expected)
+            if not 0 <= exp <= INT64_MAX:
+                raise InvalidEvent(f"expected version {exp} is out of range (0 to {INT64_MAX}, ANY or NO_STREAM)")
         if conn is None and checkpoint is None:  # on its own: share a transaction with concurrent appends
             pending = PendingAppend(stream, mode, exp, idempotency_key, ids, types, datas, metas)
             batched = await self.group.append(pending)
@@ -232,6 +275,8 @@ class EventLog:
         except asyncpg.PostgresError as e:
             if e.sqlstate == "AH409":
                 return await self._conflict(stream, expected, mode, int(e.detail), idempotency_key)
+            if isinstance(e, asyncpg.DataError):  # class 22: what _prepare did not catch is still the input's fault
+                raise InvalidEvent(f"the log cannot store this event: {e}") from e
             if isinstance(e, asyncpg.UniqueViolationError) and idempotency_key is not None:
                 original = await self._idempotent_lookup(idempotency_key)
                 if original is not None:
@@ -290,6 +335,14 @@ class EventLog:
                 datas,
                 metas,
             )
+
+    async def lock_streams(self, conn: asyncpg.Connection, streams: Sequence[str]) -> None:
+        """Hold ``streams`` until the end of ``conn``'s transaction, as every append does before its first write:
+        for a transaction that writes something else before it appends (see ``append``), or that appends to
+        several streams and must take their locks in the one order every batch does. Taking a lock assigns no
+        transaction id."""
+        with translate_errors():
+            await conn.execute("SELECT agenthub_lock_streams($1::text[])", list(streams))
 
     async def _idempotent_lookup(self, key: str) -> AppendResult | None:
         async with self.connection() as c:
@@ -375,14 +428,22 @@ class EventLog:
         return Committed(_rows_to_events([r for r in rows if r[9]]), cursor, held)
 
     async def cursor_at(self, position: int) -> Cursor:
-        """The commit-order cursor of the event at ``position`` (``START`` for 0)."""
+        """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the
+        commit-order cursor of the last event at or before ``position``, ``START`` when there is none. For a
+        position with an event that is the event's own cursor; a position without one (the gap an aborted append
+        leaves, an append not committed yet, a position past the head) resumes after the event before it, so past
+        the head means at the head. Commit order is not position order across transactions, so this is a position's
+        meaning only up to that: an event after ``position`` written by a transaction older than the one at
+        ``position`` comes before it in commit order and is not delivered from here. An event's ``cursor`` is the
+        exact place to resume from."""
         if position <= 0:
             return START
         async with self.connection() as c:
-            tx = await c.fetchval("SELECT tx_id FROM events WHERE position = $1", position)
-        if tx is None:
-            raise ValueError(f"no event at position {position}")
-        return (int(tx), position)
+            r = await c.fetchrow(
+                "SELECT tx_id, position FROM events WHERE position <= $1 ORDER BY position DESC LIMIT 1",
+                min(position, INT64_MAX),
+            )
+        return (int(r[0]), int(r[1])) if r else START
 
     async def head(self) -> int:
         async with self.connection() as c:
@@ -462,6 +523,8 @@ class EventLog:
         return (int(r[0]), int(r[1])) if r else START
 
     async def save_checkpoint(self, subscriber: str, cursor: Cursor, conn: asyncpg.Connection | None = None) -> None:
+        """Move ``subscriber``'s checkpoint forward to ``cursor``; one already past it stays (a flush that captured
+        an older cursor must not undo what the subscriber recorded in its own transaction)."""
         if conn is not None:
             with translate_errors():
                 await conn.execute(CHECKPOINT_SQL, subscriber, cursor[0], cursor[1])
@@ -469,7 +532,8 @@ class EventLog:
         await self.save_checkpoints({subscriber: cursor})
 
     async def save_checkpoints(self, cursors: dict[str, Cursor]) -> None:
-        """Several subscribers' checkpoints in one round trip (asyncpg pipelines ``executemany``)."""
+        """Several subscribers' checkpoints in one round trip (asyncpg pipelines ``executemany``); forward only, as
+        ``save_checkpoint``."""
         async with self.connection() as c:
             await c.executemany(CHECKPOINT_SQL, [(name, tx, pos) for name, (tx, pos) in cursors.items()])
 
@@ -477,10 +541,7 @@ class EventLog:
 # Every append notifies inside its own transaction, so the NOTIFY arrives with the commit (migration 0007 says why
 # the notify lock no longer costs what it did when 0004 took NOTIFY out of the append).
 APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, true)"
-CHECKPOINT_SQL = (
-    "INSERT INTO checkpoints (subscriber, tx_id, position) VALUES ($1, $2::xid8, $3) "
-    "ON CONFLICT (subscriber) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()"
-)
+CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 
 
 class Listener:

@@ -4,8 +4,11 @@ A process that appends for many callers at once (the HTTP ingress for its client
 chats) would otherwise pay a round trip, a transaction and a WAL flush per append. Here the first append goes
 at once; those that arrive while it is in flight wait and go together as the next batch, so nothing waits for a
 timer and a busy process sends ever larger batches. Each append keeps its own outcome (storage/migrations/
-0006_append_batch.sql). A database error that breaks the whole batch (a duplicate event id, say) sends every
-append of it back to be run alone, where it gets its own answer."""
+0006_append_batch.sql). What is wrong with an append's own content (a NUL character, an integer beyond 64 bits,
+an expected version out of range, the size) is raised to its caller before it joins a batch (``EventLog._prepare``),
+so it breaks no batch. A database error that still breaks the whole batch (a duplicate event id, say) sends every
+append of it back to be run alone, where it gets its own answer. A batch locks all its streams before its first
+write (migration 0008), so per stream its events reach subscribers in version order."""
 
 from __future__ import annotations
 

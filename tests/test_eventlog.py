@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import asyncpg
+import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
 from events import ANY, NO_STREAM, NewEvent, UnknownEventType
+from events.envelope import Meta, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
-from storage.errors import EventTooLarge, WrongExpectedVersion
+from events.registry import EventData, EventSpec, registry
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
 from storage.eventlog import CHANNEL, START, Checkpoint, EventLog
+from storage.export import export_parquet
 from tests.conftest import eventually
 
 
@@ -244,3 +250,147 @@ async def test_upcaster_lifts_old_payloads_on_read(eventlog: EventLog) -> None:
     with pytest.raises(ValueError, match="no upcaster"):
         reg.register("test.other", Renamed, schema_version=3)
         reg.decode("test.other", {}, 1)
+
+
+# ---- a throwaway event type at schema version 2, registered for one test ----------------------------------------
+
+
+class _RenamedV2(EventData):
+    full_name: str
+    n: int = 0
+    extra: dict[str, Any] = {}
+
+
+@pytest.fixture
+def renamed_v2(monkeypatch: pytest.MonkeyPatch) -> str:
+    """``test.renamed`` at schema version 2; version 1 called ``full_name`` ``name``."""
+    spec = EventSpec("test.renamed", _RenamedV2, 2, {1: lambda d: {"full_name": d.pop("name"), **d}})
+    monkeypatch.setitem(registry._by_name, spec.name, spec)
+    monkeypatch.setitem(registry._by_model, _RenamedV2, spec)
+    return spec.name
+
+
+async def test_an_event_upcast_at_append_is_stored_at_the_current_schema_version(
+    eventlog: EventLog, renamed_v2: str
+) -> None:
+    await eventlog.append("user-1", [NewEvent(type=renamed_v2, data={"name": "Ada"})])  # a v1 payload (meta's default)
+    await eventlog.append("user-1", [NewEvent.of(_RenamedV2(full_name="Grace"))])  # already v2
+    events = await eventlog.read_stream("user-1")
+    assert [e.meta.schema_version for e in events] == [2, 2]
+    assert events[0].data == {"full_name": "Ada", "n": 0, "extra": {}}
+    assert [e.payload() for e in events] == [_RenamedV2(full_name="Ada"), _RenamedV2(full_name="Grace")]
+
+
+async def test_input_the_database_cannot_store_is_a_typed_error_and_fails_only_its_own_append(
+    eventlog: EventLog, renamed_v2: str
+) -> None:
+    def named(**data: Any) -> NewEvent:
+        return NewEvent.of(_RenamedV2(full_name="x", **data))
+
+    bad: list[tuple[str, Any]] = [
+        ("NUL in data", eventlog.append("user-2", [NewEvent.of(_RenamedV2(full_name="a\x00b"))])),
+        ("NUL in a nested key", eventlog.append("user-2", [named(extra={"k\x00": 1})])),
+        ("NUL in meta", eventlog.append("user-2", [NewEvent.of(AgentStarted(), actor="api\x00")])),
+        (
+            "NUL in client meta",
+            eventlog.append("user-2", [NewEvent(type="agent.started", data={}, meta=Meta(x=["\x00"]))]),
+        ),
+        ("NUL in the idempotency key", eventlog.append("user-2", [started()], idempotency_key="k\x00")),
+        ("int beyond 64 bits in data", eventlog.append("user-2", [named(n=2**64)])),
+        (
+            "int beyond 64 bits in meta",
+            eventlog.append("user-2", [NewEvent(type="agent.started", data={}, meta=Meta(x=-(2**70)))]),
+        ),
+        ("expected version beyond bigint", eventlog.append("user-2", [started()], 2**63)),
+        ("negative expected version", eventlog.append("user-2", [started()], -1)),
+        ("stream with a trailing newline", eventlog.append("user-2\n", [started()])),
+    ]
+    good = [eventlog.append(f"user-ok{i}", [named()]) for i in range(3)]
+    results = await asyncio.gather(*(c for _, c in bad), *good, return_exceptions=True)
+    for (what, _), r in zip(bad, results, strict=False):
+        assert isinstance(r, InvalidEvent), f"{what}: {r!r}"
+    assert all(not isinstance(r, BaseException) for r in results[len(bad) :]), results[len(bad) :]
+    assert await eventlog.stream_version("user-2") == 0
+    assert not [e for e in await eventlog.read_all() if e.stream == "user-2\n"]
+    # \\u0000 as text (a backslash, then "u0000") is no NUL and is stored as it is
+    await eventlog.append("user-2", [NewEvent.of(_RenamedV2(full_name="\\u0000"))])
+    assert (await eventlog.read_stream("user-2"))[0].data["full_name"] == "\\u0000"
+
+
+async def test_meta_counts_against_the_event_size_limit(eventlog: EventLog) -> None:
+    with pytest.raises(EventTooLarge):  # the fixture's limit is 4096 bytes
+        await eventlog.append("agent-meta", [NewEvent(type="agent.started", data={}, meta=Meta(note="x" * 5000))])
+    assert await eventlog.stream_version("agent-meta") == 0
+
+
+def test_a_stream_name_is_matched_whole() -> None:
+    for bad in ("agent-7\n", "agent-7\x00", "agent-a\tb", "agent-", "Agent-7", "agent-" + "x" * 201):
+        with pytest.raises(ValueError, match="invalid stream"):
+            validate_stream(bad)
+    assert validate_stream("agent-7") == "agent-7" and validate_stream("chat-a/b:c") == "chat-a/b:c"
+
+
+async def test_an_outage_expires_the_pooled_connections(eventlog: EventLog) -> None:
+    async with eventlog.connection() as c:
+        before = await c.fetchval("SELECT pg_backend_pid()")
+    with pytest.raises(StoreUnavailable):
+        async with eventlog.connection():
+            raise ConnectionResetError("connection lost")  # as a dropped connection surfaces
+    async with eventlog.connection() as c:  # a fresh connection, not the pooled one of before the outage
+        assert await c.fetchval("SELECT pg_backend_pid()") != before
+
+
+async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(eventlog: EventLog) -> None:
+    assert await eventlog.cursor_at(0) == START
+    assert await eventlog.cursor_at(5) == START  # nothing at or before it
+    first = await eventlog.append("agent-p", [started()])
+    async with eventlog.connection() as c:  # an aborted append leaves a gap in the positions
+        tx = c.transaction()
+        await tx.start()
+        gap = (await eventlog.append("agent-p", [started()], conn=c)).positions[0]
+        await tx.rollback()
+    after = await eventlog.append("agent-p", [started()])
+    first_event = (await eventlog.read_all())[0]  # read_stream leaves tx_id out
+    assert await eventlog.cursor_at(first.positions[0]) == first_event.cursor
+    assert await eventlog.cursor_at(gap) == first_event.cursor
+    resumed = await eventlog.read_committed(await eventlog.cursor_at(gap))
+    assert [e.position for e in resumed.events] == [e.position for e in await eventlog.read_all(gap)]
+    assert [e.position for e in resumed.events] == after.positions
+    head = await eventlog.head_cursor()
+    assert await eventlog.cursor_at(after.positions[0] + 1000) == head  # past the head: only new events
+    assert await eventlog.cursor_at(2**70) == head
+
+
+async def test_checkpoints_only_move_forward(eventlog: EventLog) -> None:
+    await eventlog.save_checkpoint("proj", (10, 20))
+    await eventlog.save_checkpoints({"proj": (9, 30), "other": (1, 1)})  # a flush that captured an older cursor
+    await eventlog.save_checkpoint("proj", (10, 19))
+    async with eventlog.connection() as c, c.transaction():
+        await eventlog.save_checkpoint("proj", (10, 5), conn=c)
+    await eventlog.append("agent-q", [started()], checkpoint=Checkpoint("proj", (3, 3)))
+    assert await eventlog.load_checkpoint("proj") == (10, 20)
+    assert await eventlog.load_checkpoint("other") == (1, 1)
+    await eventlog.save_checkpoints({"proj": (10, 21)})
+    assert await eventlog.load_checkpoint("proj") == (10, 21)
+    await eventlog.append("agent-q", [started()], checkpoint=Checkpoint("proj", (11, 1)))
+    assert await eventlog.load_checkpoint("proj") == (11, 1)
+
+
+async def test_incremental_export_misses_no_event_committed_late(eventlog: EventLog, tmp_path: Path) -> None:
+    await eventlog.append("agent-x0", [started()])
+    async with eventlog.connection() as slow:  # holds a lower position while later appends commit
+        tx = slow.transaction()
+        await tx.start()
+        await eventlog.append("agent-slow", [started()], conn=slow)
+        await eventlog.append("agent-x2", [started()])
+        await eventlog.append("agent-x3", [started()])
+        first = await export_parquet(eventlog, tmp_path / "1.parquet")
+        await tx.commit()
+    rows1 = pq.read_table(tmp_path / "1.parquet").column("position").to_pylist()
+    assert first == len(rows1)
+    # resume from the last row written, as the docstring says
+    second = await export_parquet(eventlog, tmp_path / "2.parquet", from_position=rows1[-1])
+    rows2 = pq.read_table(tmp_path / "2.parquet").column("position").to_pylist()
+    assert second == len(rows2)
+    assert sorted(rows1 + rows2) == [e.position for e in await eventlog.read_all()]
+    assert len(rows1 + rows2) == 4

@@ -9,7 +9,7 @@ import pytest
 
 from events import ANY, NO_STREAM, NewEvent
 from events.hub import AgentStarted
-from storage.errors import WrongExpectedVersion
+from storage.errors import InvalidEvent, WrongExpectedVersion
 from storage.eventlog import AppendResult, EventLog
 
 
@@ -82,3 +82,19 @@ async def test_an_append_in_a_callers_transaction_is_not_batched(eventlog: Event
     assert eventlog.group.batches == before
     with pytest.raises(WrongExpectedVersion):
         await eventlog.append("agent-tx", [started()], NO_STREAM)
+
+
+async def test_an_append_the_log_cannot_store_fails_alone_and_breaks_no_batch(eventlog: EventLog) -> None:
+    before = eventlog.group.batches
+    results = await asyncio.gather(
+        eventlog.append("agent-v1", [started()]),
+        eventlog.append("agent-v2", [NewEvent.of(AgentStarted(), actor="api\x00")]),  # jsonb cannot hold U+0000
+        eventlog.append("agent-v3", [started()], idempotency_key="k\x00"),
+        eventlog.append("agent-v4", [started()]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], InvalidEvent) and isinstance(results[2], InvalidEvent)
+    assert eventlog.group.batches - before == 1
+    written = {e.stream: e.tx_id for e in await eventlog.read_all()}
+    assert set(written) == {"agent-v1", "agent-v4"}
+    assert written["agent-v1"] == written["agent-v4"]  # one transaction, not rerun alone after a failed batch

@@ -28,7 +28,7 @@ async def test_database_outage_gives_503_loses_nothing_and_recovers(system: Syst
         assert r.status_code == 503 and "event store unavailable" in r.json()["detail"]
         assert r.headers["retry-after"] == "1"
         r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "during", "chat_id": "db"})
-        assert r.status_code == 503 and "nothing was recorded" in r.json()["detail"]
+        assert r.status_code == 503 and "outcome is unknown" in r.json()["detail"]
         health = await http.get("/healthz")
         assert health.status_code == 503 and health.json()["checks"]["database"] != "ok"
     finally:
