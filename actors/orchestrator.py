@@ -16,13 +16,14 @@ import contextlib
 import heapq
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import structlog
+from prometheus_client import Counter
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors import metrics
@@ -35,11 +36,12 @@ from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
 from events import NewEvent, RecordedEvent, Subscription
 from events.hub import AgentFailed, AgentRestarted
-from events.system import SubscriberRegistered, TimerFired
+from events.system import SubscriberRegistered, TimerFailed, TimerFired
 from storage.errors import StoreUnavailable
 from storage.eventlog import HELD_BACK_RETRY_S, START, Cursor, EventLog, Listener
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 BATCH = 500
@@ -47,6 +49,34 @@ MAX_PENDING = 5 * BATCH  # a subscriber's backlog at which the reader waits for 
 RUNNER_IN_FLIGHT = 2
 PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
+TIMER_TYPES = ("timer.scheduled", "timer.fired", "timer.failed")
+RETRY_S = 0.2  # a failed delivery is sent again after this, doubled for each failure in a row ...
+RETRY_MAX_S = 5.0  # ... up to this
+FAULTS_BEFORE_RESTART = 5  # failures in a row (deliveries, or pings) other than a store outage: restart the actor
+RELOAD_WAIT_S = 5.0  # the reader waits this long for a runner's reload_config before it moves on
+RELOAD_ATTEMPTS = 8
+START_RETRY_MAX_S = 10.0
+
+SKIPPED = Counter(
+    "agenthub_orchestrator_skipped_total",
+    "Registrations and timers the orchestrator could not act on, logged and skipped",
+    ["kind"],
+)
+
+
+def _backoff(failures: int) -> float:
+    return min(RETRY_MAX_S, RETRY_S * 2 ** max(0, failures - 1))
+
+
+def actor_class(path: str) -> Any:
+    """The ``ray.remote`` class named by ``module:Class``; raises if it does not import or is not one."""
+    module, sep, cls_name = path.partition(":")
+    if not sep or not module or not cls_name:
+        raise ValueError(f"expected 'module:Class', got {path!r}")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if not callable(getattr(cls, "options", None)):
+        raise TypeError(f"{path} is not a ray.remote actor class")
+    return cls
 
 
 @dataclass
@@ -64,12 +94,25 @@ class Sub:
     max_in_flight: int = 1
     linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
     last_sent: float = 0.0
+    retry_at: float = 0.0  # after a failed delivery, send nothing before this (monotonic clock)
     pump_later: asyncio.TimerHandle | None = None
     epoch: int = 0  # moves on every rewind, so a delivery from before it changes nothing
-    attempts: int = 0
-    dead: bool = False
+    attempts: int = 0  # restarts since the last delivery that succeeded
+    failures: int = 0  # deliveries failed in a row, for any reason (the retry delay)
+    faults: int = 0  # deliveries failed in a row, store outages aside (a restart at FAULTS_BEFORE_RESTART)
+    ping_faults: int = 0  # pings failed in a row, store outages aside
+    dead: bool = False  # its actor is gone: a restart is under way, or failed and is tried again by supervision
+    restarting: bool = False
+    restart_reason: str | None = None  # set while dead and not yet restarted
+    paused: bool = False  # nothing is delivered (a projection rebuild); still supervised
     agent_id: str | None = None
     delivering_since: float | None = None
+    reload_waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    reloading: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self.dead and not self.paused
 
 
 @dataclass(order=True)
@@ -86,7 +129,7 @@ class OrchestratorImpl:
         self.ns = config.namespace
         self.subs: dict[str, Sub] = {}
         self.timers: list[Timer] = []
-        self.fired: set[str] = set()
+        self.fired: set[str] = set()  # timers fired, or recorded as failed: never fired (again)
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
         self.throttled = False
@@ -95,22 +138,21 @@ class OrchestratorImpl:
         self.routed = 0
         self.started_at = time.time()
         self.ready = asyncio.Event()
+        self.listener: Listener | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # deliveries, restarts, reloads: kept until done
+        self._flushing = asyncio.Lock()
+        self._rebuilding = asyncio.Lock()
         self._main = asyncio.get_running_loop().create_task(self._run())
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            try:
-                self.store = await EventLog.connect(
-                    self.config.database_url, max_size=6, max_event_bytes=self.config.max_event_bytes
-                )
-                break
-            except StoreUnavailable as e:
-                log.warning("orchestrator waiting for the event store", error=str(e))
-                await asyncio.sleep(1)
-        self.llm = LLMActor.options(name="llm", namespace=self.ns, get_if_exists=True).remote(self.config)
-        await self._restore()
+        self.store = await self._until_done("connect to the event store", self._connect)
+        self.llm = self._start_llm()
+        # A failed restore (the store went away, a bug) is tried again: an orchestrator that gave up here would
+        # stay alive and never answer, since ``status``/``register``/``wait_routed`` all wait for ``ready``.
+        await self._until_done("restore routing state", self._restore)
         self.listener = Listener(self.config.database_url, self.wake)
         await self.listener.start()
         loop = asyncio.get_running_loop()
@@ -118,8 +160,48 @@ class OrchestratorImpl:
         self.ready.set()
         await self._route_forever()
 
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.5
+        while True:
+            try:
+                return await step()
+            except StoreUnavailable as e:
+                log.warning("orchestrator waiting for the event store", step=what, error=str(e))
+            except Exception:
+                log.exception("orchestrator start step failed; trying again", step=what)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, START_RETRY_MAX_S)
+
+    async def _connect(self) -> EventLog:
+        return await EventLog.connect(self.config.database_url, max_size=6, max_event_bytes=self.config.max_event_bytes)
+
+    def _start_llm(self) -> Any:
+        return LLMActor.options(name="llm", namespace=self.ns, get_if_exists=True).remote(self.config)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        """Stop the loops and close connections (tests; in the cluster Ray ends the process)."""
+        for sub in self.subs.values():
+            if sub.pump_later is not None:
+                sub.pump_later.cancel()
+        tasks = [self._main, *self._tasks, *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.listener is not None:
+            await self.listener.close()
+        if hasattr(self, "store"):
+            await self.store.close()
+
     async def _restore(self) -> None:
-        """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints."""
+        """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
+        from nothing, so a try that failed half-way can simply run again (the actors' names are reused)."""
+        self.subs, self.timers, self.fired = {}, [], set()
         self.cursor = await self.store.head_cursor()
         running: dict[str, RecordedEvent] = {}
         for e in await self._read_types(LIFECYCLE):
@@ -132,8 +214,8 @@ class OrchestratorImpl:
         projector = await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
         projector.linger_s = PROJECTOR_LINGER_S
         for e in await self._read_types(("subscriber.registered",)):
-            await self._add_registered(SubscriberRegistered.model_validate(e.data))
-        for e in await self._read_types(("timer.scheduled", "timer.fired")):
+            await self._add_registered(e.data)
+        for e in await self._read_types(TIMER_TYPES):
             self._track_timer(e)
 
     async def _read_types(self, types: tuple[str, ...]) -> list[RecordedEvent]:
@@ -147,6 +229,22 @@ class OrchestratorImpl:
     def _projector_factory(self) -> Any:
         return Projector.options(name=PROJECTOR, namespace=self.ns, get_if_exists=True).remote(self.config)
 
+    def _runner_factory(self, agent_id: str) -> Callable[[], Any]:
+        name = runner_name(agent_id)
+
+        def factory() -> Any:
+            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(self.config, agent_id)
+
+        return factory
+
+    @staticmethod
+    def _kill(handle: Any) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+
+    def _current(self, sub: Sub) -> bool:
+        return self.subs.get(sub.subscription.name) is sub
+
     async def _add_sub(
         self,
         subscription: Subscription,
@@ -157,32 +255,26 @@ class OrchestratorImpl:
     ) -> Sub:
         sub = Sub(subscription, factory, agent_id=agent_id, max_in_flight=max_in_flight)
         sub.idle.set()
-        sub.handle = factory()
         stored = await self.store.load_checkpoint(subscription.name)
+        sub.handle = factory()
         sub.cursor = sub.queued = sub.persisted = stored if stored != START else start
         self.subs[subscription.name] = sub
         self.wake.set()
         return sub
 
     async def _add_agent(self, agent_id: str, started: RecordedEvent) -> None:
-        name = runner_name(agent_id)
-        if name in self.subs:
+        if runner_name(agent_id) in self.subs:
             return
-
-        def factory() -> Any:
-            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(self.config, agent_id)
-
         # A new agent's messages all come after its start event: begin there, not at the start of the log.
         before = (started.tx_id, started.position - 1) if started.tx_id else START
+        factory = self._runner_factory(agent_id)
         await self._add_sub(runner_subscription(agent_id), factory, before, agent_id, RUNNER_IN_FLIGHT)
 
     async def _remove_sub(self, name: str) -> None:
         sub = self.subs.pop(name, None)
         if sub is not None:
             sub.dead = True  # its deliveries in flight end here
-        if sub is not None and sub.handle is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(sub.handle, no_restart=True)
+            self._kill(sub.handle)
 
     # ---- routing -----------------------------------------------------------------------------------
 
@@ -211,7 +303,7 @@ class OrchestratorImpl:
                     await asyncio.wait_for(self.wake.wait(), wait)
 
     async def _route_once(self) -> list[RecordedEvent]:
-        live = [s for s in list(self.subs.values()) if not s.dead]
+        live = [s for s in list(self.subs.values()) if s.active]
         self.throttled = any(len(s.pending) >= MAX_PENDING for s in live)
         if self.throttled:
             return []
@@ -224,7 +316,8 @@ class OrchestratorImpl:
         return batch
 
     async def _own(self, batch: list[RecordedEvent]) -> None:
-        """The orchestrator's own subscription: agent lifecycle and timers."""
+        """The orchestrator's own subscription: agent lifecycle and timers. Each event moves ``self.cursor``
+        once acted on, so a batch that fails half-way (the store went away) is not acted on twice."""
         for e in batch:
             if e.cursor <= self.cursor:
                 continue
@@ -235,15 +328,56 @@ class OrchestratorImpl:
             elif e.type == "agent.updated":
                 sub = self.subs.get(runner_name(e.stream_id))
                 if sub is not None and not sub.dead:
-                    with contextlib.suppress(*DEAD):
-                        await sub.handle.reload_config.remote()
-            elif e.type in ("timer.scheduled", "timer.fired"):
+                    # Messages after the update should meet the new config: wait a little for it, but never let
+                    # a runner that cannot reload hold up the reader (it keeps trying in the background).
+                    await asyncio.wait({self._reload_config(sub)}, timeout=RELOAD_WAIT_S)
+            elif e.type in TIMER_TYPES:
                 self._track_timer(e)
+            self.cursor = e.cursor
         self.cursor = max(self.cursor, batch[-1].cursor)
+
+    def _reload_config(self, sub: Sub) -> asyncio.Future[None]:
+        """Have ``sub``'s runner refold its config; the future is done after the first try (whatever its outcome:
+        a failed one is tried again in the background)."""
+        tried = asyncio.get_running_loop().create_future()
+        sub.reload_waiters.append(tried)
+        if sub.reloading is None or sub.reloading.done():
+            sub.reloading = self._spawn(self._reload_loop(sub))
+        return tried
+
+    async def _reload_loop(self, sub: Sub) -> None:
+        """Ask the runner to refold its config until it has, once more for each update that came meanwhile.
+        A restarted runner folds its config as it starts, so a new handle ends this."""
+        handle, failures = sub.handle, 0
+        try:
+            while sub.reload_waiters or failures:
+                if sub.handle is not handle or sub.dead or not self._current(sub):
+                    return
+                waiters, sub.reload_waiters = sub.reload_waiters, []
+                try:
+                    await asyncio.wait_for(handle.ping.remote(), 30)  # its start is done (or was tried again)
+                    await asyncio.wait_for(handle.reload_config.remote(), 30)
+                    failures = 0
+                except Exception as e:
+                    failures += 1
+                    if failures >= RELOAD_ATTEMPTS:
+                        log.error("runner did not reload its config", subscriber=sub.subscription.name, error=repr(e))
+                        return
+                    log.warning("runner reload failed, will retry", subscriber=sub.subscription.name, error=repr(e))
+                finally:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
+                if failures:
+                    await asyncio.sleep(_backoff(failures))
+        finally:
+            for w in sub.reload_waiters:
+                if not w.done():
+                    w.set_result(None)
 
     def _enqueue(self, sub: Sub, batch: list[RecordedEvent]) -> None:
         end = batch[-1].cursor
-        if sub.dead or end <= sub.queued:
+        if not sub.active or end <= sub.queued:
             return
         sub.pending.extend(e for e in batch if e.cursor > sub.queued and sub.subscription.matches(e))
         sub.queued = end
@@ -252,24 +386,26 @@ class OrchestratorImpl:
     def _pump(self, sub: Sub) -> None:
         """Start deliveries of ``sub``'s pending events, up to its limit; with nothing left to deliver, its cursor
         moves to what was read (events it does not subscribe to need no acknowledgement)."""
-        while not sub.dead and sub.in_flight < sub.max_in_flight:
+        while sub.active and sub.in_flight < sub.max_in_flight:
             if not sub.pending:
                 if sub.in_flight == 0:
                     sub.cursor = max(sub.cursor, sub.queued)
                 return
-            wait = sub.last_sent + sub.linger_s - time.monotonic()
-            if wait > 0 and len(sub.pending) < BATCH:
+            now = time.monotonic()
+            linger = sub.last_sent + sub.linger_s - now if len(sub.pending) < BATCH else 0.0
+            wait = max(linger, sub.retry_at - now)
+            if wait > 0:
                 if sub.pump_later is None:
                     sub.pump_later = asyncio.get_running_loop().call_later(wait, self._pump_now, sub)
                 return
-            sub.last_sent = time.monotonic()
+            sub.last_sent = now
             events, sub.pending = sub.pending[:BATCH], sub.pending[BATCH:]
             end = events[-1].cursor if sub.pending else sub.queued
             sub.in_flight += 1
             sub.idle.clear()
             sub.delivering_since = sub.delivering_since or time.time()
             delivery = sub.window.sent(end)
-            asyncio.get_running_loop().create_task(self._deliver(sub, events, delivery, sub.epoch))
+            self._spawn(self._deliver(sub, events, delivery, sub.epoch))
 
     def _pump_now(self, sub: Sub) -> None:
         sub.pump_later = None
@@ -283,138 +419,246 @@ class OrchestratorImpl:
         sub.queued = sub.cursor
 
     async def _deliver(self, sub: Sub, events: list[RecordedEvent], delivery: Delivery, epoch: int) -> None:
-        current = True
         try:
             saved = await sub.handle.deliver.remote(events, delivery.end)  # the cursor it checkpointed, if any
         except DEAD as e:
-            if epoch == sub.epoch and not sub.dead and self.subs.get(sub.subscription.name) is sub:
+            if epoch == sub.epoch and not sub.dead and self._current(sub):
                 log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
-                sub.dead = True
-                reason = f"died during delivery: {type(e).__name__}"
-                asyncio.get_running_loop().create_task(self._restart(sub, reason))
+                self._schedule_restart(sub, f"died during delivery: {type(e).__name__}")
             return
-        except Exception as e:  # the store was down inside the actor: redeliver from the handled cursor
-            if epoch == sub.epoch:
-                log.warning("delivery failed, will retry", subscriber=sub.subscription.name, error=str(e))
-                self._rewind(sub)
-                await asyncio.sleep(0.2)
-                self.wake.set()
+        except Exception as e:
+            if epoch == sub.epoch and not sub.dead and self._current(sub):
+                self._delivery_failed(sub, e)
             return
         finally:
             sub.in_flight -= 1
             if sub.in_flight == 0:
                 sub.delivering_since = None
                 sub.idle.set()
-            current = epoch == sub.epoch
-            if current:
-                self._pump(sub)
+            # Whatever this delivery's epoch: after a rewind the reader may have queued events again while this
+            # call still held a place, and nothing else would send them (a re-read of the same range adds none).
+            self._pump(sub)
             if self.throttled:
                 self.wake.set()
-        if not current:
+        if epoch != sub.epoch:
             return
         handled = sub.window.finished(delivery)
         if handled is not None:
             sub.cursor = max(sub.cursor, handled)
         if saved is not None:
             sub.persisted = max(sub.persisted, saved)
-        sub.attempts = 0
+        sub.attempts = sub.failures = sub.faults = 0
         self.routed += len(events)
         metrics.ROUTING_LAG.labels(sub.subscription.name).set(
             max(0.0, time.time() - events[-1].recorded_at.timestamp())
         )
 
+    def _delivery_failed(self, sub: Sub, e: Exception) -> None:
+        """Redeliver from the handled cursor after a delay that grows with each failure in a row. A store outage
+        inside the actor is waited out; any other failure, again and again, restarts the actor (say, its start
+        keeps failing), which in the end records ``agent.failed`` rather than retrying forever."""
+        name = sub.subscription.name
+        sub.failures += 1
+        if not isinstance(e, StoreUnavailable):
+            sub.faults += 1
+        if sub.faults >= FAULTS_BEFORE_RESTART:
+            log.warning("delivery keeps failing: restarting the subscriber", subscriber=name, error=str(e))
+            self._schedule_restart(sub, f"{sub.faults} deliveries failed: {type(e).__name__}: {e}"[:500])
+            return
+        delay = _backoff(sub.failures)
+        log.warning("delivery failed, will retry", subscriber=name, error=str(e), retry_in_s=delay)
+        sub.retry_at = time.monotonic() + delay
+        self._rewind(sub)
+        self.wake.set()
+
     async def _flush_cursors(self) -> None:
         """Persist, in one round trip, the cursors no subscriber checkpointed itself: those of entity actors and
         of subscribers that had nothing to handle. A restart rereads at most a second's events, which entity
         actors handle idempotently."""
-        moved = {name: sub for name, sub in self.subs.items() if not sub.dead and sub.cursor > sub.persisted}
-        if not moved:
-            return
-        cursors = {name: sub.cursor for name, sub in moved.items()}
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.save_checkpoints(cursors)
-            for name, sub in moved.items():
-                sub.persisted = max(sub.persisted, cursors[name])
+        async with self._flushing:  # a projection rebuild waits for a flush under way (see rebuild_projection)
+            moved = {name: sub for name, sub in self.subs.items() if sub.active and sub.cursor > sub.persisted}
+            if not moved:
+                return
+            cursors = {name: sub.cursor for name, sub in moved.items()}
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.save_checkpoints(cursors)
+                for name, sub in moved.items():
+                    sub.persisted = max(sub.persisted, cursors[name])
 
     # ---- supervision -------------------------------------------------------------------------------
 
+    def _schedule_restart(self, sub: Sub, reason: str) -> None:
+        """Mark ``sub`` dead and restart it in the background; a restart that fails is tried again by
+        ``_supervise`` each heartbeat until it succeeds or gives up (``agent.failed``)."""
+        sub.dead = True
+        sub.restart_reason = reason
+        if not sub.restarting:
+            sub.restarting = True
+            self._spawn(self._restart_guarded(sub))
+
+    async def _restart_guarded(self, sub: Sub) -> None:
+        try:
+            await self._restart(sub, sub.restart_reason or "restart")
+        except Exception:
+            log.exception("restart failed; supervision will try again", subscriber=sub.subscription.name)
+        finally:
+            sub.restarting = False
+
     async def _restart(self, sub: Sub, reason: str) -> None:
         name = sub.subscription.name
-        sub.attempts += 1
-        metrics.ACTOR_RESTARTS.labels(name).inc()
-        with contextlib.suppress(Exception):
-            ray.kill(sub.handle, no_restart=True)
+        if not self._current(sub):
+            return
+        # Read first: in a store outage this fails before anything changed, and the next try starts clean.
+        checkpoint = await self.store.load_checkpoint(name)
+        self._kill(sub.handle)
+        attempt = sub.attempts + 1
         if sub.agent_id is not None:
             stream = agent_stream(sub.agent_id)
-            if sub.attempts > self.config.max_restart_attempts:
+            if attempt > self.config.max_restart_attempts:
                 await self.store.append(stream, [NewEvent.of(AgentFailed(reason=f"gave up after {reason}"))])
-                self.subs.pop(name, None)
+                if self._current(sub):
+                    del self.subs[name]
                 return
-            await self.store.append(stream, [NewEvent.of(AgentRestarted(attempt=sub.attempts, reason=reason))])
-        for _ in range(50):  # the name is released asynchronously after a kill
-            try:
-                sub.handle = sub.factory()
-                await asyncio.wait_for(sub.handle.ping.remote(), 30)
-                break
-            except (*DEAD, TimeoutError, ValueError):
-                await asyncio.sleep(0.2)
-        sub.cursor = sub.persisted = await self.store.load_checkpoint(name)
+            await self.store.append(stream, [NewEvent.of(AgentRestarted(attempt=attempt, reason=reason))])
+        sub.attempts = attempt
+        metrics.ACTOR_RESTARTS.labels(name).inc()
+        handle = await self._new_handle(sub)
+        if not self._current(sub):  # stopped meanwhile
+            self._kill(handle)
+            return
+        sub.handle = handle
+        sub.cursor = sub.persisted = checkpoint
         self._rewind(sub)
+        sub.failures = sub.faults = sub.ping_faults = 0
+        sub.retry_at = 0.0
         sub.dead = False
+        sub.restart_reason = None
         log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
+        self._pump(sub)
         self.wake.set()
 
+    async def _new_handle(self, sub: Sub) -> Any:
+        """A new actor that answers a ping. The name is released asynchronously after a kill, and a new actor's
+        start may fail for a while (it is tried again on each call): ask again for a while, then give up (the
+        restart is tried again)."""
+        last: BaseException | None = None
+        for _ in range(50):
+            try:
+                handle = sub.factory()
+                await asyncio.wait_for(handle.ping.remote(), 30)
+                return handle
+            except Exception as e:
+                last = e
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"{sub.subscription.name} did not come back: {last!r}")
+
     async def _supervise(self) -> None:
-        """Ping every subscriber each heartbeat interval; restart the ones that do not answer."""
+        """Ping every subscriber each heartbeat interval; restart the ones that do not answer, and try again the
+        restarts that failed. One subscriber's trouble, whatever it is, never ends this loop."""
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            for sub in list(self.subs.values()):
-                if sub.dead:
-                    continue
-                try:
-                    await asyncio.wait_for(sub.handle.ping.remote(), max(5.0, self.config.heartbeat_interval_s))
-                except (*DEAD, TimeoutError, GetTimeoutError) as e:
-                    if sub.dead or self.subs.get(sub.subscription.name) is not sub:
-                        continue
-                    sub.dead = True
-                    await self._restart(sub, f"missed heartbeat: {type(e).__name__}")
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(self._check(sub) for sub in list(self.subs.values())))
+
+    async def _check(self, sub: Sub) -> None:
+        name = sub.subscription.name
+        try:
+            if sub.dead:
+                if not sub.restarting and sub.restart_reason is not None and self._current(sub):
+                    self._schedule_restart(sub, sub.restart_reason)
+                return
+            handle = sub.handle
+            try:
+                await asyncio.wait_for(handle.ping.remote(), max(5.0, self.config.heartbeat_interval_s))
+            except (*DEAD, TimeoutError, GetTimeoutError) as e:
+                if not sub.dead and sub.handle is handle and self._current(sub):
+                    log.warning("subscriber missed its heartbeat", subscriber=name, error=repr(e))
+                    self._schedule_restart(sub, f"missed heartbeat: {type(e).__name__}")
+                return
+            except StoreUnavailable as e:  # its start waits for the store: a new actor would too
+                log.warning("subscriber waits for the event store", subscriber=name, error=str(e))
+                return
+            except Exception as e:  # alive but broken (its start keeps failing, say)
+                sub.ping_faults += 1
+                log.warning("subscriber ping failed", subscriber=name, error=repr(e), in_a_row=sub.ping_faults)
+                if sub.ping_faults >= FAULTS_BEFORE_RESTART and not sub.dead and sub.handle is handle:
+                    self._schedule_restart(sub, f"{sub.ping_faults} pings failed: {type(e).__name__}: {e}"[:500])
+                return
+            sub.ping_faults = 0
+        except Exception:
+            log.exception("supervision step failed", subscriber=name)
 
     # ---- timers ------------------------------------------------------------------------------------
 
     def _track_timer(self, e: RecordedEvent) -> None:
-        tid = e.data["timer_id"]
-        if e.type == "timer.fired":
-            self.fired.add(tid)
-        elif tid not in self.fired:
-            fire_at = datetime.fromisoformat(e.data["fire_at"]).timestamp()
-            heapq.heappush(self.timers, Timer(fire_at, tid, e))
-            self.timer_wake.set()
+        try:
+            tid = e.data["timer_id"]
+            if e.type in ("timer.fired", "timer.failed"):
+                self.fired.add(tid)
+            elif tid not in self.fired:
+                fire_at = datetime.fromisoformat(e.data["fire_at"]).timestamp()
+                heapq.heappush(self.timers, Timer(fire_at, tid, e))
+                self.timer_wake.set()
+        except Exception:
+            SKIPPED.labels("timer").inc()
+            log.exception("unreadable timer event skipped", event=str(e.id), type=e.type)
 
     async def _fire_timers(self) -> None:
         while True:
-            self.timer_wake.clear()
-            while self.timers and self.timers[0].timer_id in self.fired:
-                heapq.heappop(self.timers)
-            delay = (self.timers[0].fire_at - time.time()) if self.timers else 3600.0
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.timer_wake.wait(), delay)
-                continue
-            t = self.timers[0]
-            fired = NewEvent.of(
-                TimerFired(timer_id=t.timer_id, scheduled_position=t.event.position, payload=t.event.data["payload"]),
-                causation_id=t.event.id,
-                correlation_id=t.event.meta.correlation_id or t.event.id,
-                actor="orchestrator",
-            )
             try:
-                # the idempotency key makes a timer fire once, even if a restart fires it again
-                await self.store.append(t.event.data["target_stream"], [fired], idempotency_key=f"timer:{t.timer_id}")
-            except StoreUnavailable:
+                await self._fire_next_timer()
+            except Exception:  # never let one bad timer stop the others
+                log.exception("timer step failed")
                 await asyncio.sleep(0.5)
-                continue
+
+    async def _fire_next_timer(self) -> None:
+        self.timer_wake.clear()
+        while self.timers and self.timers[0].timer_id in self.fired:
             heapq.heappop(self.timers)
+        delay = (self.timers[0].fire_at - time.time()) if self.timers else 3600.0
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.timer_wake.wait(), delay)
+            return
+        t = self.timers[0]
+        try:
+            await self._fire(t)
+        except StoreUnavailable:
+            await asyncio.sleep(0.5)
+            return
+        except Exception as e:
+            # It will never fire (a target stream the log refuses, a payload over the size limit): skip it, and
+            # record that, so the orchestrator does not try again after every restart.
             self.fired.add(t.timer_id)
+            SKIPPED.labels("timer").inc()
+            log.exception("timer cannot fire; recorded as failed", timer=t.timer_id)
+            await self._record_timer_failure(t, e)
+            return
+        # Marked by id, not popped: while the append was awaited the reader may have pushed an earlier timer, and
+        # the heap's top may be that one now. A fired timer leaves the heap when it comes to the top.
+        self.fired.add(t.timer_id)
+
+    async def _fire(self, t: Timer) -> None:
+        fired = NewEvent.of(
+            TimerFired(timer_id=t.timer_id, scheduled_position=t.event.position, payload=t.event.data["payload"]),
+            causation_id=t.event.id,
+            correlation_id=t.event.meta.correlation_id or t.event.id,
+            actor="orchestrator",
+        )
+        # the idempotency key makes a timer fire once, even if a restart fires it again
+        await self.store.append(t.event.data["target_stream"], [fired], idempotency_key=f"timer:{t.timer_id}")
+
+    async def _record_timer_failure(self, t: Timer, error: Exception) -> None:
+        failed = NewEvent.of(
+            TimerFailed(timer_id=t.timer_id, scheduled_position=t.event.position, error=f"{error!r}"[:1000]),
+            causation_id=t.event.id,
+            correlation_id=t.event.meta.correlation_id or t.event.id,
+            actor="orchestrator",
+        )
+        try:  # the same idempotency key as the firing: a timer either fires or fails, once
+            await self.store.append(t.event.stream, [failed], idempotency_key=f"timer:{t.timer_id}")
+        except Exception:
+            log.exception("could not record the timer's failure", timer=t.timer_id)
 
     # ---- API ---------------------------------------------------------------------------------------
 
@@ -435,6 +679,7 @@ class OrchestratorImpl:
                     "pending": len(s.pending),
                     "in_flight": s.in_flight,
                     "dead": s.dead,
+                    "paused": s.paused,
                     "restarts": s.attempts,
                     "delivering_for_s": round(time.time() - s.delivering_since, 1) if s.delivering_since else None,
                 }
@@ -449,34 +694,46 @@ class OrchestratorImpl:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sub = self.subs.get(subscriber)
-            if sub is not None and sub.cursor >= target and not sub.dead:
+            if sub is not None and sub.cursor >= target and sub.active:
                 return True
             await asyncio.sleep(0.01)
         return False
 
     async def register(self, subscription: Subscription, actor: str, args: list[Any] | None = None) -> None:
         """Route ``subscription`` to a Ray actor ``actor`` (``module:Class`` of a ``ray.remote`` class, built as
-        ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts."""
+        ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts; a class that
+        does not import is refused (``ValueError``) before anything is recorded."""
         await self.ready.wait()
         if subscription.name in self.subs:
             return
+        try:
+            actor_class(actor)
+        except Exception as e:
+            raise ValueError(f"cannot route {subscription.name!r} to {actor!r}: {e!r}") from None
         reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
         await self.store.append(
             "system-subscribers",
             [NewEvent.of(reg, actor="orchestrator")],
             idempotency_key=f"register:{subscription.name}",
         )
-        await self._add_registered(reg)
+        await self._add_registered(reg.model_dump(mode="json"))
 
-    async def _add_registered(self, reg: SubscriberRegistered) -> None:
-        subscription = Subscription.model_validate(reg.subscription)
+    async def _add_registered(self, data: dict[str, Any]) -> None:
+        """Route a recorded registration. One that cannot be routed (its class no longer imports) is logged,
+        counted and skipped: it must not stop the orchestrator from starting, now or after any restart."""
+        try:
+            reg = SubscriberRegistered.model_validate(data)
+            subscription = Subscription.model_validate(reg.subscription)
+            cls = actor_class(reg.actor)
+        except Exception:
+            SKIPPED.labels("registration").inc()
+            log.exception("registered subscriber skipped: it cannot be routed", registration=data)
+            return
         if subscription.name in self.subs:
             return
-        module, _, cls_name = reg.actor.partition(":")
-        actor_class = getattr(importlib.import_module(module), cls_name)
 
         def factory() -> Any:
-            return actor_class.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(
+            return cls.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(
                 self.config, *reg.args
             )
 
@@ -486,13 +743,18 @@ class OrchestratorImpl:
         """Empty the hub's read models and replay the whole log into them; returns events projected."""
         await self.ready.wait()
         sub = self.subs[PROJECTOR]
-        sub.dead = True  # pause deliveries while the tables are emptied
-        await sub.idle.wait()
-        await sub.handle.rebuild.remote()
-        sub.cursor = sub.persisted = START
-        self._rewind(sub)
-        sub.dead = False
-        self.wake.set()
+        async with self._rebuilding:
+            async with self._flushing:  # a flush under way must not write the old cursor after the rebuild
+                sub.paused = True  # no deliveries, no cursor flushes, while the tables are emptied
+            try:
+                await sub.idle.wait()
+                await sub.handle.rebuild.remote()
+                sub.cursor = sub.persisted = START
+                self._rewind(sub)
+            finally:  # the rebuild may fail: deliveries go on either way
+                sub.paused = False
+                self._pump(sub)
+                self.wake.set()
         head = await self.store.head()
         if head:
             await self.wait_routed(PROJECTOR, head, timeout=300)

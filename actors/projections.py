@@ -113,18 +113,36 @@ class ProjectorImpl:
         return self.store
 
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:
+        """Project ``events`` and move the checkpoint to ``cursor``, in one transaction. Events at or below the
+        stored checkpoint are skipped: a delivery may come again (its commit's answer was lost, or the orchestrator
+        rewound), and a second application would count token usage twice. The checkpoint row is locked first, so
+        two deliveries (an old actor still finishing after a restart) cannot both apply one event."""
         store = await self._store()
-        batch = Statements()
-        for e in events:
-            await project(batch, e)
-            await project_team(batch, e)
         async with store.connection() as conn, conn.transaction():
             with translate_errors():
+                stored = await self._lock_checkpoint(conn)
+                batch = Statements()
+                fresh = [e for e in events if e.cursor > stored]
+                for e in fresh:
+                    await project(batch, e)
+                    await project_team(batch, e)
                 await batch.run(conn)
-            await store.save_checkpoint(PROJECTOR, cursor, conn)
-        self.projected += len(events)
-        metrics.ROUTED.labels(PROJECTOR).inc(len(events))
-        return cursor
+            if cursor > stored:
+                await store.save_checkpoint(PROJECTOR, cursor, conn)
+        self.projected += len(fresh)
+        metrics.ROUTED.labels(PROJECTOR).inc(len(fresh))
+        return max(cursor, stored)
+
+    @staticmethod
+    async def _lock_checkpoint(conn: Any) -> Cursor:
+        """The stored checkpoint, its row locked until the transaction ends (created if missing, so there is a row
+        to lock). One round trip: the no-op update takes the lock and returns the row as it is."""
+        row = await conn.fetchrow(
+            "INSERT INTO checkpoints AS c (subscriber, tx_id, position) VALUES ($1, '0'::xid8, 0) "
+            "ON CONFLICT (subscriber) DO UPDATE SET tx_id = c.tx_id RETURNING c.tx_id, c.position",
+            PROJECTOR,
+        )
+        return (int(row[0]), int(row[1]))
 
     async def rebuild(self) -> None:
         store = await self._store()

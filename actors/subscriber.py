@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import structlog
@@ -37,16 +37,51 @@ class EntityActor:
         self.failures = 0
         self._limit = asyncio.Semaphore(CONCURRENCY)
         self._entity_tails: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._ready = asyncio.get_running_loop().create_task(self._start())
+        self._connected = False
+        self._started = False
+        self._starting: asyncio.Task[None] | None = None
+        self._start_once()  # begin at once; every call waits for it
+
+    @property
+    def _ready(self) -> Awaitable[None]:
+        """``await self._ready``: the actor's start is done. A start that failed (the database was away for a
+        moment) is not kept: the next call starts again, so the actor recovers instead of failing every call."""
+        return self._ensure_started()
+
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        task = self._starting
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._start_once()
+        await asyncio.shield(task)  # a caller that gives up does not cancel the start others wait for
+
+    def _start_once(self) -> asyncio.Task[None]:
+        self._starting = asyncio.get_running_loop().create_task(self._start())
+        self._starting.add_done_callback(self._start_done)
+        return self._starting
+
+    def _start_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "actor start failed; the next call tries again",
+                subscriber=self.subscriber,
+                error=repr(task.exception()),
+            )
 
     async def _start(self) -> None:
-        self.store = await EventLog.connect(
-            self.config.database_url,
-            max_size=POOL_SIZE,
-            max_event_bytes=self.config.max_event_bytes,
-            run_migrations=False,
-        )
+        """Connect (once) and run ``setup``; run again after a failure, so ``setup`` must tolerate a second run
+        after a partial first one."""
+        if not self._connected:
+            self.store = await EventLog.connect(
+                self.config.database_url,
+                max_size=POOL_SIZE,
+                max_event_bytes=self.config.max_event_bytes,
+                run_migrations=False,
+            )
+            self._connected = True
         await self.setup()
+        self._started = True
 
     async def setup(self) -> None:
         raise NotImplementedError

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from events.envelope import validate_stream
 from events.registry import EventData, event_type
 
 
@@ -19,12 +20,28 @@ class TimerScheduled(EventData):
     target_stream: str
     payload: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("target_stream")
+    @classmethod
+    def _stream_name(cls, v: str) -> str:
+        """Checked when the timer is scheduled: a name the log refuses could only fail when the timer fires."""
+        return validate_stream(v)
+
 
 @event_type("timer.fired")
 class TimerFired(EventData):
     timer_id: str
     scheduled_position: int
     payload: dict[str, Any] = Field(default_factory=dict)
+
+
+@event_type("timer.failed")
+class TimerFailed(EventData):
+    """A timer the log refused to fire (a target stream scheduled before names were checked, a payload over the
+    size limit): recorded in the timer's own stream, so the orchestrator does not try it again after a restart."""
+
+    timer_id: str
+    scheduled_position: int
+    error: str
 
 
 @event_type("subscriber.registered")

@@ -88,6 +88,37 @@ async def test_a_store_outage_fails_only_its_delivery(actor: Gated, eventlog: Ev
     assert actor.handled == ["b1"]
 
 
+class StartsLate(Gated):
+    """Its start fails the first time (the database was away for a moment when the actor came up)."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.setups = 0
+        super().__init__(config)
+
+    async def setup(self) -> None:
+        self.setups += 1
+        if self.setups == 1:
+            raise StoreUnavailable("the store was away at start")
+
+
+async def test_a_failed_start_is_tried_again_by_the_next_call(db_url: str, eventlog: EventLog) -> None:
+    actor = StartsLate(RuntimeConfig(database_url=db_url))
+    try:
+        (a1,) = await events(eventlog, ("agent-a", "a1"))
+        for _ in range(100):  # the start begun in the constructor fails
+            if actor.setups == 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)
+        actor.gates["a1"].set()
+        await actor.deliver([a1], a1.cursor)  # not the cached failure: the call starts the actor again
+        assert actor.handled == ["a1"] and actor.setups == 2
+        assert (await actor.ping())["subscriber"] == "gated"
+        assert actor.setups == 2  # started once, for good
+    finally:
+        await actor.store.close()
+
+
 def test_the_handled_cursor_waits_for_every_earlier_delivery() -> None:
     window = InFlight()
     first, second, third = window.sent((1, 10)), window.sent((1, 20)), window.sent((2, 5))

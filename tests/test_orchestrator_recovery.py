@@ -1,0 +1,488 @@
+"""The orchestrator recovering from faults, driven for real (its reader, supervision and timer loops against a real
+Postgres) with in-process stand-ins for the Ray actors it routes to: no Ray here."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import ray
+
+from actors import orchestrator
+from actors.config import RuntimeConfig
+from actors.orchestrator import OrchestratorImpl
+from actors.projections import PROJECTOR
+from events import NewEvent, RecordedEvent, Subscription
+from events.hub import AgentStarted, AgentStopped, AgentUpdated
+from events.system import SubscriberRegistered, TimerScheduled
+from storage.errors import StoreUnavailable
+from storage.eventlog import EventLog
+from tests.conftest import eventually
+
+HERE = __name__  # "tests.test_orchestrator_recovery": registrations name classes of this module
+
+
+# ---- stand-ins for Ray actors -------------------------------------------------------------------------
+
+
+class Recorder:
+    """A subscriber that works: records what it is sent."""
+
+    def __init__(self) -> None:
+        self.seen: list[RecordedEvent] = []
+        self.pings = 0
+        self.reloads = 0
+        self.killed = False
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        self.seen.extend(events)
+
+    async def ping(self) -> dict[str, Any]:
+        self.pings += 1
+        return {"projected": len(self.seen)}
+
+    async def reload_config(self) -> None:
+        self.reloads += 1
+
+    async def rebuild(self) -> None:
+        self.seen.clear()
+
+    def metrics(self) -> bytes:
+        return b""
+
+
+class _Remote:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> asyncio.Future[Any]:
+        async def call() -> Any:
+            r = self.fn(*args)
+            return await r if inspect.isawaitable(r) else r
+
+        return asyncio.ensure_future(call())  # started at once, like a Ray call
+
+
+class Handle:
+    """Looks like a Ray actor handle: ``handle.method.remote(...)`` runs ``impl.method`` and is awaitable."""
+
+    def __init__(self, impl: Any) -> None:
+        self.impl = impl
+
+    def __getattr__(self, name: str) -> _Remote:
+        return _Remote(getattr(self.impl, name))
+
+
+class Actors:
+    """Named actors as Ray keeps them: ``get_if_exists`` returns the live one, a killed one is replaced. What a
+    new instance is can be set per name (``make[name] = lambda nth: ...``, ``nth`` from 0)."""
+
+    def __init__(self) -> None:
+        self.make: dict[str, Callable[[int], Any]] = {}
+        self.instances: defaultdict[str, list[Any]] = defaultdict(list)
+
+    def get(self, name: str) -> Handle:
+        live = self.instances[name]
+        if not live or live[-1].killed:
+            impl = self.make.get(name, lambda _: Recorder())(len(live))
+            impl.killed = False
+            live.append(impl)
+        return Handle(live[-1])
+
+    def seen(self, name: str) -> list[RecordedEvent]:
+        return [e for impl in self.instances[name] for e in getattr(impl, "seen", [])]
+
+
+ACTORS = Actors()
+
+
+class FakeActorClass:
+    """Stands in for a ``ray.remote`` class: ``Cls.options(name=...).remote(config, *args)``."""
+
+    def options(self, *, name: str, **_: Any) -> Any:
+        class Builder:
+            def remote(self, config: RuntimeConfig, *args: Any) -> Handle:
+                return ACTORS.get(name)
+
+        return Builder()
+
+
+Fake = FakeActorClass()
+
+
+@pytest.fixture
+def actors(monkeypatch: pytest.MonkeyPatch) -> Actors:
+    global ACTORS
+    ACTORS = Actors()
+
+    def kill(handle: Handle, no_restart: bool = True) -> None:
+        handle.impl.killed = True
+
+    monkeypatch.setattr(ray, "kill", kill)  # never start Ray from a unit test
+    monkeypatch.setattr(orchestrator, "Projector", Fake)
+    monkeypatch.setattr(orchestrator, "AgentRunner", Fake)
+    monkeypatch.setattr(orchestrator, "LLMActor", Fake)
+    monkeypatch.setattr(orchestrator, "RETRY_S", 0.02, raising=False)  # retries in tenths of a second, not seconds
+    return ACTORS
+
+
+Start = Callable[..., Awaitable[OrchestratorImpl]]
+
+
+@pytest.fixture
+async def start(db_url: str, actors: Actors) -> AsyncIterator[Start]:
+    started: list[OrchestratorImpl] = []
+
+    async def go(**settings: Any) -> OrchestratorImpl:
+        config = RuntimeConfig(database_url=db_url, heartbeat_interval_s=0.2, poll_interval_s=0.2, **settings)
+        o = OrchestratorImpl(config)
+        started.append(o)
+        await asyncio.wait_for(o.ready.wait(), 15)
+        return o
+
+    yield go
+    for o in started:
+        if hasattr(o, "close"):
+            await o.close()
+            continue
+        for task in [o._main, *getattr(o, "_tasks", [])]:
+            task.cancel()
+        await asyncio.gather(o._main, *getattr(o, "_tasks", []), return_exceptions=True)
+        if getattr(o, "listener", None) is not None:
+            await o.listener.close()
+        if hasattr(o, "store"):
+            await o.store.close()
+
+
+async def route(o: OrchestratorImpl, name: str, *categories: str) -> None:
+    await o.register(Subscription(name=name, categories=frozenset(categories)), f"{HERE}:Fake")
+
+
+async def put(log: EventLog, stream: str, n: int = 1) -> list[int]:
+    res = await log.append(stream, [NewEvent.of(AgentStopped(reason=f"{stream} {i}")) for i in range(n)])
+    return res.positions
+
+
+def positions(actors: Actors, name: str) -> list[int]:
+    return sorted({e.position for e in actors.seen(name)})
+
+
+# ---- 1. a failed delivery never strands what was read meanwhile ------------------------------------------
+
+
+async def test_events_read_again_during_a_failed_deliverys_retry_are_sent(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """A delivery fails; while its retry waits, an unrelated commit makes the reader read the same range again.
+    Those events must still go out, without waiting for yet another append."""
+
+    class FailsOnce(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            self.calls += 1
+            if self.calls == 1:
+
+                async def unrelated_commit() -> None:
+                    await asyncio.sleep(0.05)  # lands while the failed delivery's retry waits
+                    await put(eventlog, "other-x")
+
+                self.later = asyncio.ensure_future(unrelated_commit())
+                raise RuntimeError("store blip inside the actor")
+            await super().deliver(events, cursor)
+
+    actors.make["s"] = lambda _: FailsOnce()
+    o = await start()
+    await route(o, "s", "work")
+    wanted = await put(eventlog, "work-1", 2)
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=5, what="both events delivered after the failed delivery")
+    assert o.subs["s"].pending == [] and o.subs["s"].in_flight == 0
+
+
+# ---- 2, 3. timers -------------------------------------------------------------------------------------
+
+
+def timer(tid: str, fire_at: datetime, target: str | None = None) -> NewEvent:
+    return NewEvent.of(TimerScheduled(timer_id=tid, fire_at=fire_at, target_stream=target or f"reminder-{tid}"))
+
+
+async def fired_in(log: EventLog, stream: str) -> list[str]:
+    return [e.type for e in await log.read_stream(stream)]
+
+
+async def test_an_earlier_timer_scheduled_while_one_fires_fires_too(start: Start, eventlog: EventLog) -> None:
+    o = await start()
+    now = datetime.now(UTC)
+    real_append = o.store.append
+    held = asyncio.Event()
+
+    async def append(stream: str, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if stream == "reminder-a" and not held.is_set():
+            held.set()  # while timer a's firing is being appended, the reader tracks an earlier, overdue timer b
+            await eventlog.append("timer-b", [timer("b", now - timedelta(seconds=10))])
+
+            async def b_tracked() -> bool:
+                return any(t.timer_id == "b" for t in o.timers)
+
+            await eventually(b_tracked, timeout=5, what="timer b tracked")
+        return await real_append(stream, events, *args, **kwargs)
+
+    o.store.append = append  # type: ignore[method-assign]
+    await eventlog.append("timer-a", [timer("a", now - timedelta(seconds=1))])
+
+    async def both_fired() -> bool:
+        return await fired_in(eventlog, "reminder-a") == ["timer.fired"] and await fired_in(eventlog, "reminder-b") == [
+            "timer.fired"
+        ]
+
+    await eventually(both_fired, timeout=5, what="timers a and b fired")
+    assert (await o.status())["pending_timers"] == 0
+
+
+def test_a_timer_for_an_invalid_stream_is_refused_when_scheduled() -> None:
+    with pytest.raises(ValueError, match="invalid stream name"):
+        TimerScheduled(timer_id="x", fire_at=datetime.now(UTC), target_stream="Not A Stream")
+
+
+async def test_a_timer_that_cannot_fire_is_recorded_and_the_others_fire(start: Start, eventlog: EventLog) -> None:
+    """A timer scheduled before target streams were checked (written here behind the model's back) fails when it
+    fires: it is recorded as failed, the timers after it still fire, and a restart does not try it again."""
+    now = datetime.now(UTC)
+    await eventlog.append("timer-bad", [timer("bad", now - timedelta(seconds=2))])
+    await eventlog.execute(
+        "UPDATE events SET data = jsonb_set(data, '{target_stream}', '\"Not A Stream\"') WHERE stream = 'timer-bad'"
+    )
+    await eventlog.append("timer-good", [timer("good", now - timedelta(seconds=1))])
+    o = await start()
+
+    async def good_fired() -> bool:
+        return await fired_in(eventlog, "reminder-good") == ["timer.fired"]
+
+    await eventually(good_fired, timeout=5, what="the good timer fired")
+    assert await fired_in(eventlog, "timer-bad") == ["timer.scheduled", "timer.failed"]
+    assert not o._tasks[1].done()  # the timer loop lives on
+
+    again = await start()  # a restart rebuilds timers from the log: the failed one is not pending
+    status = await again.status()
+    assert status["pending_timers"] == 0 and not again._tasks[1].done()
+    later = now + timedelta(seconds=0.3)
+    await eventlog.append("timer-next", [timer("next", later)])
+
+    async def next_fired() -> bool:
+        return await fired_in(eventlog, "reminder-next") == ["timer.fired"]
+
+    await eventually(next_fired, timeout=5, what="a timer after the restart fired")
+    assert await fired_in(eventlog, "timer-bad") == ["timer.scheduled", "timer.failed"]
+
+
+# ---- 4. supervision -----------------------------------------------------------------------------------
+
+
+async def test_a_subscriber_whose_pings_fail_is_restarted_and_supervision_goes_on(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    class Broken(Recorder):
+        async def ping(self) -> dict[str, Any]:
+            raise RuntimeError("its start failed")  # what a RayTaskError from an actor's ping looks like
+
+    actors.make["s"] = lambda nth: Broken() if nth == 0 else Recorder()
+    o = await start()
+    await route(o, "s", "work")
+    await route(o, "t", "work")
+
+    async def restarted() -> bool:
+        return len(actors.instances["s"]) == 2 and not o.subs["s"].dead
+
+    await eventually(restarted, timeout=10, what="the broken subscriber restarted")
+    pings = actors.instances["t"][-1].pings
+    await eventually(lambda: _gt(actors.instances["t"][-1].pings, pings + 2), timeout=5, what="t still pinged")
+    wanted = await put(eventlog, "work-1")
+
+    async def delivered() -> bool:
+        return positions(actors, "s")[-1:] == wanted and positions(actors, "t")[-1:] == wanted
+
+    await eventually(delivered, timeout=5, what="delivered after the restart")
+
+
+async def _gt(a: int, b: int) -> bool:
+    return a > b
+
+
+async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    class Failing(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            raise RuntimeError("setup is broken in this process")
+
+    actors.make["s"] = lambda nth: Failing() if nth == 0 else Recorder()
+    o = await start()
+    await route(o, "s", "work")
+    wanted = await put(eventlog, "work-1", 3)
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=15, what="delivered by a restarted subscriber")
+    assert len(actors.instances["s"]) == 2 and o.subs["s"].attempts == 0
+
+
+async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    class Outage(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            self.calls += 1
+            if self.calls <= orchestrator.FAULTS_BEFORE_RESTART + 1:
+                raise StoreUnavailable("the store went away")
+            await super().deliver(events, cursor)
+
+    actors.make["s"] = lambda _: Outage()
+    o = await start()
+    await route(o, "s", "work")
+    wanted = await put(eventlog, "work-1")
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=20, what="delivered once the store is back")
+    assert len(actors.instances["s"]) == 1
+
+
+async def test_a_runner_that_cannot_reload_its_config_does_not_stall_the_reader(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    class NoReload(Recorder):
+        async def reload_config(self) -> None:
+            raise RuntimeError("runner not started")
+
+    actors.make["agent:x"] = lambda _: NoReload()
+    o = await start()
+    await route(o, "s", "work")
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("agent-x", [NewEvent.of(AgentUpdated(name="renamed"))])
+    wanted = await put(eventlog, "work-1")
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=10, what="events after the update routed")
+    assert "agent:x" in o.subs
+
+
+async def test_a_restart_that_fails_is_tried_again(start: Start, actors: Actors, eventlog: EventLog) -> None:
+    class Hung(Recorder):
+        async def ping(self) -> dict[str, Any]:
+            raise TimeoutError  # no answer: restart it
+
+    actors.make["s"] = lambda nth: Hung() if nth == 0 else Recorder()
+    o = await start()
+    real = o.store.load_checkpoint
+    outage = {"left": 2}
+
+    async def load_checkpoint(name: str) -> Any:
+        if name == "s" and "s" in o.subs and o.subs["s"].dead and outage["left"]:
+            outage["left"] -= 1  # the store is away while the restart reads the checkpoint
+            raise StoreUnavailable("the store went away")
+        return await real(name)
+
+    o.store.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+    await route(o, "s", "work")
+
+    async def back() -> bool:
+        return len(actors.instances["s"]) == 2 and not o.subs["s"].dead
+
+    await eventually(back, timeout=10, what="the subscriber restarted after failed restarts")
+    assert outage["left"] == 0
+    wanted = await put(eventlog, "work-1")
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=5, what="delivered after the restart")
+
+
+# ---- 5. the orchestrator always comes up ------------------------------------------------------------------
+
+
+async def test_a_store_outage_during_restore_is_retried(
+    start: Start, monkeypatch: pytest.MonkeyPatch, eventlog: EventLog
+) -> None:
+    real = EventLog.head_cursor
+    calls = {"n": 0}
+
+    async def head_cursor(self: EventLog) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreUnavailable("the store went away")
+        return await real(self)
+
+    monkeypatch.setattr(EventLog, "head_cursor", head_cursor)
+    o = await start()
+    assert calls["n"] >= 2 and PROJECTOR in (await o.status())["subscribers"]
+
+
+async def test_a_registration_whose_class_does_not_import_is_skipped(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    bad = SubscriberRegistered(subscription={"name": "gone"}, actor="no_such_module:Gone")
+    good = SubscriberRegistered(
+        subscription=Subscription(name="s", categories=frozenset({"work"})).model_dump(mode="json"),
+        actor=f"{HERE}:Fake",
+    )
+    await eventlog.append("system-subscribers", [NewEvent.of(bad), NewEvent.of(good)])
+    o = await start()
+    assert "gone" not in o.subs and "s" in o.subs
+    wanted = await put(eventlog, "work-1")
+
+    async def delivered() -> bool:
+        return positions(actors, "s") == wanted
+
+    await eventually(delivered, timeout=5, what="the good registration routed")
+
+
+async def test_register_refuses_a_class_that_does_not_import(start: Start, eventlog: EventLog) -> None:
+    o = await start()
+    for actor in ("no_such_module:Gone", f"{HERE}:NoSuchClass", f"{HERE}:Recorder", "no colon"):
+        with pytest.raises(ValueError, match="cannot route"):
+            await o.register(Subscription(name="gone"), actor)
+    assert await eventlog.read_stream("system-subscribers") == [] and "gone" not in o.subs
+
+
+# ---- 7. a failed projection rebuild does not stop the projector ---------------------------------------------
+
+
+async def test_a_failed_rebuild_leaves_the_projector_running(start: Start, actors: Actors, eventlog: EventLog) -> None:
+    class CannotRebuild(Recorder):
+        async def rebuild(self) -> None:
+            raise RuntimeError("truncate failed")
+
+    actors.make[PROJECTOR] = lambda _: CannotRebuild()
+    o = await start()
+    with pytest.raises(RuntimeError, match="truncate failed"):
+        await o.rebuild_projection()
+    sub = o.subs[PROJECTOR]
+    assert not sub.dead and not sub.paused
+    wanted = await put(eventlog, "agent-p")
+
+    async def projected() -> bool:
+        return positions(actors, PROJECTOR)[-1:] == wanted
+
+    await eventually(projected, timeout=5, what="the projector still receives events")
+    pings = actors.instances[PROJECTOR][-1].pings
+    await eventually(lambda: _gt(actors.instances[PROJECTOR][-1].pings, pings), timeout=5, what="still supervised")

@@ -1,0 +1,68 @@
+"""The hub projector against a real Postgres: a delivery that comes again is not projected twice."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from actors.config import RuntimeConfig
+from actors.projections import PROJECTOR, ProjectorImpl
+from events import NewEvent, RecordedEvent
+from events.hub import LLMCompleted
+from storage.eventlog import EventLog
+
+
+def completion(tokens: int) -> NewEvent:
+    return NewEvent.of(
+        LLMCompleted(
+            agent_id="a",
+            provider="scripted",
+            model="m",
+            text="hi",
+            prompt_tokens=tokens,
+            completion_tokens=1,
+            total_tokens=tokens + 1,
+            latency_ms=1.0,
+            cost_usd=0.5,
+            request_hash="h",
+        )
+    )
+
+
+@pytest.fixture
+async def projector(db_url: str) -> AsyncIterator[ProjectorImpl]:
+    p = ProjectorImpl(RuntimeConfig(database_url=db_url))
+    yield p
+    if p.store is not None:
+        await p.store.close()
+
+
+async def usage(log: EventLog) -> tuple[int, int, float]:
+    r = (await log.fetch("SELECT calls, prompt_tokens, cost_usd FROM proj_token_usage WHERE agent_id = 'a'"))[0]
+    return int(r[0]), int(r[1]), float(r[2])
+
+
+async def test_a_delivery_that_comes_again_is_not_counted_twice(projector: ProjectorImpl, eventlog: EventLog) -> None:
+    await eventlog.append("agent-a", [completion(10), completion(20), completion(30)])
+    e1, e2, e3 = await eventlog.read_all(0)
+    assert await projector.deliver([e1, e2], e2.cursor) == e2.cursor
+    # The commit's answer was lost, and the orchestrator sends the same delivery again.
+    assert await projector.deliver([e1, e2], e2.cursor) == e2.cursor
+    assert await usage(eventlog) == (2, 30, 1.0)
+    # A rewind to an older cursor sends less than was projected: nothing is applied, the checkpoint stays.
+    assert await projector.deliver([e1], e1.cursor) == e2.cursor
+    assert await eventlog.load_checkpoint(PROJECTOR) == e2.cursor
+    # A delivery overlapping what was projected applies only what is new.
+    assert await projector.deliver([e2, e3], e3.cursor) == e3.cursor
+    assert await usage(eventlog) == (3, 60, 1.5)
+    assert projector.projected == 3
+
+
+async def test_after_a_rebuild_everything_is_projected_again(projector: ProjectorImpl, eventlog: EventLog) -> None:
+    await eventlog.append("agent-a", [completion(10), completion(20)])
+    events: list[RecordedEvent] = await eventlog.read_all(0)
+    await projector.deliver(events, events[-1].cursor)
+    await projector.rebuild()
+    await projector.deliver(events, events[-1].cursor)
+    assert await usage(eventlog) == (2, 30, 1.0)
