@@ -24,6 +24,7 @@ app.add_typer(events_app, name="events")
 team_app = typer.Typer(help="The autonomous role-agent team.", no_args_is_help=True)
 app.add_typer(team_app, name="team")
 console = Console()
+POSITION_MAX = 2**63 - 1  # positions are Postgres bigints
 
 
 def _settings(address: str | None = None, port: int | None = None) -> Settings:
@@ -95,7 +96,12 @@ def fork(
     """Start a new team run from any point of an earlier one, with another model or prompt."""
     from actors.agents.team.history import fork_run
 
-    prompts = dict(p.split("=", 1) for p in prompt or [])
+    prompts: dict[str, str] = {}
+    for p in prompt or []:
+        role, eq, text = p.partition("=")
+        if not eq or not role.strip():
+            raise typer.BadParameter(f"expected ROLE=TEXT, got {p!r}", param_hint="'--prompt'")
+        prompts[role.strip()] = text
 
     async def go() -> str:
         store = await _open_store(get_settings())
@@ -113,7 +119,9 @@ def fork(
 
 @events_app.command("tail")
 def events_tail(
-    from_position: Annotated[int | None, typer.Option("--from", help="start after this position")] = None,
+    from_position: Annotated[
+        int | None, typer.Option("--from", min=0, max=POSITION_MAX, help="start after this position")
+    ] = None,
     stream: Annotated[str | None, typer.Option(help="only this stream")] = None,
     follow: Annotated[bool, typer.Option(help="keep following new events")] = True,
 ) -> None:
@@ -197,19 +205,30 @@ async def _replay_run(store: Any, run_id: str) -> int:
 @app.command()
 def export(
     out: Annotated[Path, typer.Option(help="Parquet file to write")],
-    from_position: Annotated[int, typer.Option("--from-position", help="export events after this position")] = 0,
+    from_position: Annotated[
+        int, typer.Option("--from-position", min=0, max=POSITION_MAX, help="export events after this position")
+    ] = 0,
 ) -> None:
     """Write the event log to a Parquet file."""
     from storage.export import export_parquet
 
     async def run() -> int:
         store = await _open_store(get_settings())
-        total = max(0, await store.head() - from_position)
+        # the events to write, counted: positions have gaps (a rolled-back append still uses up its positions)
+        total = await store.fetchval("SELECT count(*) FROM events WHERE position > $1", from_position)
         with Progress(
             TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as bar:
             task = bar.add_task("export", total=total)
-            n = await export_parquet(store, out, from_position, progress=lambda k: bar.advance(task, k))
+
+            done = 0
+
+            def advance(k: int) -> None:
+                nonlocal done
+                done += k
+                bar.update(task, completed=done, total=max(total, done))  # more: appended while exporting
+
+            n = await export_parquet(store, out, from_position, progress=advance)
         console.print(f"wrote {n} events to {out}")
         return n
 

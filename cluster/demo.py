@@ -40,6 +40,37 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+RESTART_REPLY_TIMEOUT_S = 120.0
+
+
+def _reply_text(http: httpx.Client, agent_id: str, chat: str, r: httpx.Response, timeout: float = 120.0) -> str:
+    """The reply to a message: from the response, or, after a 202 (the reply had not come in time), from the log."""
+    r.raise_for_status()
+    if r.status_code != 202:
+        return r.json()["response"]
+    message_id = r.json()["event_id"]
+    found: list[dict[str, Any]] = []
+
+    def replied() -> bool:
+        events = http.get(
+            "/api/v1/events",
+            params={
+                "stream": f"chat-{agent_id}/{chat}",
+                "type": ["chat.reply_sent", "chat.reply_failed"],
+                "limit": 1000,
+            },
+        )
+        events.raise_for_status()
+        found.extend(e for e in events.json() if e["meta"].get("correlation_id") == message_id)
+        return bool(found)
+
+    _wait_for(replied, timeout, what=f"the reply to message {message_id}")
+    reply = found[0]
+    if reply["type"] != "chat.reply_sent":
+        raise RuntimeError(f"the agent failed to reply: {reply['data'].get('error')}")
+    return reply["data"]["response"]
+
+
 def _completions(usage: dict[str, Any]) -> int:
     return sum(m["calls"] for m in usage["models"])
 
@@ -84,8 +115,8 @@ def _converse(system, console: Console) -> int:
                 f"/api/v1/agents/{aid}/messages",
                 json={"text": text, "chat_id": chat, "platform_user_id": chat, "channel": "api"},
             )
-            r.raise_for_status()
-            table.add_row(chat, text, escape(r.json()["response"]), f"{(time.perf_counter() - t) * 1000:.0f}")
+            response = _reply_text(http, aid, chat, r)
+            table.add_row(chat, text, escape(response), f"{(time.perf_counter() - t) * 1000:.0f}")
     console.print(table)
 
     sent = sum(len(texts) for texts in CHATS.values())
@@ -98,11 +129,16 @@ def _converse(system, console: Console) -> int:
     before = ray.get(runner.ping.remote())
     console.print(f"[yellow]killing the agent actor[/] agent:{aid} (pid {before['pid']})")
     ray.kill(runner, no_restart=True)
-    r = http.post(f"/api/v1/agents/{aid}/messages", json={"text": "Are you still there?", "chat_id": "alice"})
-    r.raise_for_status()
-    console.print(
-        f"after the kill, alice gets: [bold]{escape(r.json()['response'])}[/]  (turn 4: history came from the log)"
+    # the orchestrator restarts the runner first (it may take a while on a busy machine): wait long for the reply,
+    # and if the ingress still answers 202, read the reply from the log once it arrives
+    r = http.post(
+        f"/api/v1/agents/{aid}/messages",
+        params={"timeout": RESTART_REPLY_TIMEOUT_S},
+        json={"text": "Are you still there?", "chat_id": "alice"},
+        timeout=RESTART_REPLY_TIMEOUT_S + 30,
     )
+    response = _reply_text(http, aid, "alice", r)
+    console.print(f"after the kill, alice gets: [bold]{escape(response)}[/]  (turn 4: history came from the log)")
     after = ray.get(ray.get_actor(f"agent:{aid}", namespace=system.settings.ray_namespace).ping.remote())
     status = http.get(f"/api/v1/agents/{aid}").json()
     console.print(

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.agents.agent import AgentState, agent_stream
 from actors.agents.conversation import chat_stream
 from events import ANY, NO_STREAM, Meta, NewEvent, RecordedEvent, UnknownEventType
+from events.envelope import validate_stream
 from events.hub import (
     AgentCreated,
     AgentDeleted,
@@ -31,6 +32,7 @@ from serve.deps import HubDep, api, state
 from serve.hub import Hub
 from serve.metrics import merge_expositions
 from serve.schemas import (
+    INT64_MAX,
     Accepted,
     AgentCreate,
     AgentOut,
@@ -39,9 +41,14 @@ from serve.schemas import (
     AppendOut,
     MessageIn,
     MessageOut,
+    storable,
 )
 from serve.team_routes import build_router
-from storage.errors import EventTooLarge, StoreUnavailable, WrongExpectedVersion
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
+from storage.eventlog import Cursor
+
+STREAM_NAME_MAX = 200  # events/envelope.py STREAM_RE: a stream's id (after the category's dash) has 1-200 characters
+XID8_MAX = 2**64 - 1
 
 app = FastAPI(title="agenthub", version="0.1.0")
 
@@ -51,7 +58,12 @@ app = FastAPI(title="agenthub", version="0.1.0")
 
 @app.exception_handler(StoreUnavailable)
 async def _unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
-    return JSONResponse({"detail": f"{e}; retry later, nothing was recorded"}, 503, headers={"Retry-After": "1"})
+    # The connection may have dropped while a commit was in flight: whether a write went through is unknown.
+    detail = (
+        f"{e}; the outcome is unknown: a write may or may not have been recorded. Retry later with the same "
+        "Idempotency-Key (or idempotency_key) so that it is applied at most once"
+    )
+    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "1"})
 
 
 @app.exception_handler(WrongExpectedVersion)
@@ -62,6 +74,11 @@ async def _conflict(_: Request, e: WrongExpectedVersion) -> JSONResponse:
 @app.exception_handler(EventTooLarge)
 async def _too_large(_: Request, e: EventTooLarge) -> JSONResponse:
     return JSONResponse({"detail": str(e)}, 413)
+
+
+@app.exception_handler(InvalidEvent)
+async def _invalid_event(_: Request, e: InvalidEvent) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, 422)
 
 
 @app.exception_handler(UnknownEventType)
@@ -76,6 +93,8 @@ async def _invalid(_: Request, e: ValidationError) -> JSONResponse:
 
 @app.exception_handler(asyncpg.PostgresError)
 async def _pg(_: Request, e: asyncpg.PostgresError) -> JSONResponse:
+    if isinstance(e, asyncpg.DataError):  # SQLSTATE class 22: the input cannot be stored (a NUL character, ...)
+        return JSONResponse({"detail": f"invalid input: {e}"}, 422)
     return JSONResponse({"detail": f"database error: {type(e).__name__}"}, 500)
 
 
@@ -268,6 +287,13 @@ async def send_message(
     state = await load_agent(h, agent_id, cached=True)
     if state.status != "running":
         raise HTTPException(409, f"agent {agent_id!r} is {state.status}; start it first")
+    stream = chat_stream(agent_id, body.chat_id)
+    try:
+        validate_stream(stream)
+    except ValueError as e:
+        most = STREAM_NAME_MAX - len(agent_id) - 1  # the stream is chat-<agent>/<chat>
+        why = f"at most {most} characters for agent {agent_id!r}" if len(body.chat_id) > most else str(e)
+        raise HTTPException(422, f"chat_id cannot name a chat: {why}") from None
     event = NewEvent.of(MessageReceived(agent_id=agent_id, **body.model_dump()), actor="api")
     event.meta.correlation_id = event.id
     key = f"msg:{agent_id}:{idempotency_key}" if idempotency_key else None
@@ -275,10 +301,16 @@ async def send_message(
     fut = h.waiter.expect(str(message_id))
     recorded: RecordedEvent | None = None
     try:
-        res = await h.store.append(chat_stream(agent_id, body.chat_id), [event], ANY, idempotency_key=key)
+        res = await h.store.append(stream, [event], ANY, idempotency_key=key)
         if res.replayed:  # a retried request: answer with the original message's reply
             h.waiter.forget(str(message_id), fut)
             original = await h.original_of(res.positions[0])
+            if original.type != event.type or original.data != event.data:
+                raise HTTPException(
+                    422,
+                    f"Idempotency-Key {idempotency_key!r} was already used for a different message (event "
+                    f"{original.id} in {original.stream}); use a new key for a new message",
+                )
             message_id = original.id
             fut = h.waiter.expect(str(message_id))  # before looking, so a reply committed meanwhile reaches it
             recorded = await h.find_reply(original)
@@ -306,7 +338,7 @@ async def send_message(
     )
 
 
-@app.get("/api/v1/agents/{agent_id}/chats/{chat_id}/messages", dependencies=api)
+@app.get("/api/v1/agents/{agent_id}/chats/{chat_id:path}/messages", dependencies=api)
 async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
     await load_agent(h, agent_id)
     rows = await h.store.fetch(
@@ -343,7 +375,7 @@ async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
 async def list_events(
     h: HubDep,
     stream: str | None = None,
-    from_: Annotated[int, Query(alias="from", ge=0)] = 0,
+    from_: Annotated[int, Query(alias="from", ge=0, le=INT64_MAX)] = 0,
     type: Annotated[list[str] | None, Query()] = None,
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
@@ -351,25 +383,51 @@ async def list_events(
     return [e.model_dump(mode="json") for e in events]
 
 
+def sse_id(cursor: Cursor) -> str:
+    """An SSE event id: the event's commit-order cursor ``<tx_id>:<position>``, exact to resume from."""
+    return f"{cursor[0]}:{cursor[1]}"
+
+
+def parse_sse_id(value: str) -> Cursor | int:
+    """A ``Last-Event-ID``: a cursor ``<tx_id>:<position>`` (what this route sends), or a bare position."""
+    parts = value.strip().split(":")
+    if len(parts) <= 2 and all(p.isascii() and p.isdigit() for p in parts):
+        numbers = [int(p) for p in parts]
+        if numbers[-1] <= INT64_MAX and numbers[0] <= XID8_MAX:
+            return (numbers[0], numbers[1]) if len(numbers) == 2 else numbers[0]
+    raise HTTPException(422, f"Last-Event-ID {value[:100]!r} is not an event id of this stream (<tx_id>:<position>)")
+
+
 @app.get("/api/v1/events/stream", dependencies=api)
 async def stream_events(
-    h: HubDep, from_: Annotated[int | None, Query(alias="from", ge=0)] = None
+    h: HubDep,
+    from_: Annotated[int | None, Query(alias="from", ge=0, le=INT64_MAX)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=200)] = None,
 ) -> EventSourceResponse:
-    """Server-sent events: catch up from ``from`` (a position; default: only new events), then live."""
-    start = await (h.store.head_cursor() if from_ is None else h.store.cursor_at(from_))
+    """Server-sent events: catch up from ``from`` (a position; default: only new events), then live. Each event's
+    id is its commit-order cursor; a reconnect's ``Last-Event-ID`` resumes right after it (and wins over
+    ``from``)."""
+    resume = parse_sse_id(last_event_id) if last_event_id else from_
+    if resume is None:
+        start = await h.store.head_cursor()
+    elif isinstance(resume, tuple):
+        start = resume
+    else:
+        start = await h.store.cursor_at(resume)
 
     async def gen() -> AsyncIterator[dict[str, str]]:
         async for batch, _ in h.store.subscribe(start, poll_interval=0.5):
             for e in batch:
-                yield {"id": str(e.position), "event": e.type, "data": e.model_dump_json()}
+                yield {"id": sse_id(e.cursor), "event": e.type, "data": e.model_dump_json()}
 
     return EventSourceResponse(gen(), ping=15)
 
 
-@app.post("/api/v1/streams/{stream}/events", status_code=201, dependencies=api)
+@app.post("/api/v1/streams/{stream:path}/events", status_code=201, dependencies=api)
 async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
     expected = {"any": ANY, "no_stream": NO_STREAM}.get(body.expected_version, body.expected_version)  # type: ignore[arg-type]
     try:
+        storable(stream, "stream")
         events = [
             NewEvent(type=e.type, data=e.data, meta=Meta.model_validate({**e.meta, "actor": "api"}))
             for e in body.events
@@ -384,6 +442,18 @@ async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
     return AppendOut(positions=res.positions, versions=res.versions, replayed=res.replayed)
 
 
+@app.get("/api/v1/streams/{stream:path}", dependencies=api)
+async def read_stream(
+    stream: str, h: HubDep, from_version: Annotated[int, Query(ge=1, le=INT64_MAX)] = 1
+) -> dict[str, Any]:
+    events = await h.store.read_stream(stream, from_version)
+    return {
+        "stream": stream,
+        "version": await h.store.stream_version(stream),
+        "events": [e.model_dump(mode="json") for e in events],
+    }
+
+
 # ---- system -------------------------------------------------------------------------------------------
 
 
@@ -395,16 +465,6 @@ async def system_status(h: HubDep) -> dict[str, Any]:
 @app.post("/api/v1/projections/rebuild", dependencies=api)
 async def rebuild_projections(h: HubDep) -> dict[str, int]:
     return {"projected": await h.orchestrator.rebuild_projection.remote()}
-
-
-@app.get("/api/v1/streams/{stream}", dependencies=api)
-async def read_stream(stream: str, h: HubDep, from_version: int = Query(1, ge=1)) -> dict[str, Any]:
-    events = await h.store.read_stream(stream, from_version)
-    return {
-        "stream": stream,
-        "version": await h.store.stream_version(stream),
-        "events": [e.model_dump(mode="json") for e in events],
-    }
 
 
 app.include_router(build_router())

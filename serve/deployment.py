@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import ray
 from fastapi import FastAPI
 from pydantic import BaseModel
 from ray import serve
 
 from actors.observability import configure_logging
 from serve.hub import Hub
-from storage.eventlog import EventLog
 
 
 class IngressConfig(BaseModel):
@@ -57,11 +55,10 @@ class ApiIngress:
             async with self._lock:
                 if self._hub is None:
                     c = self.config
-                    store = await EventLog.connect(
-                        c.database_url, max_size=10, max_event_bytes=c.max_event_bytes, run_migrations=False
+                    self._hub = await Hub.open(
+                        c.database_url,
+                        namespace=c.namespace,
+                        reply_timeout_s=c.reply_timeout_s,
+                        max_event_bytes=c.max_event_bytes,
                     )
-                    orchestrator = ray.get_actor("orchestrator", namespace=c.namespace)
-                    hub = Hub(store, orchestrator, reply_timeout_s=c.reply_timeout_s)
-                    await hub.waiter.start()
-                    self._hub = hub
         return self._hub

@@ -23,6 +23,31 @@ class Hub:
         self.secrets = SecretStore(store)
         self.team_registered = False
         self._agents: dict[str, tuple[float, AgentState]] = {}
+        self._forgotten: dict[str, int] = {}  # agent → how often this replica forgot it (a generation)
+        self._folding = 0
+
+    @classmethod
+    async def open(
+        cls, database_url: str, *, namespace: str, reply_timeout_s: float, max_event_bytes: int, max_size: int = 10
+    ) -> Hub:
+        """Connect, find the orchestrator and start following replies; a failure (or cancellation) on the way
+        closes what was opened, so a replica that retries on its next request leaks no pool."""
+        import ray
+
+        store = await EventLog.connect(
+            database_url, max_size=max_size, max_event_bytes=max_event_bytes, run_migrations=False
+        )
+        hub: Hub | None = None
+        try:
+            orchestrator = ray.get_actor("orchestrator", namespace=namespace)
+            hub = cls(store, orchestrator, reply_timeout_s=reply_timeout_s)
+            await hub.waiter.start()
+        except BaseException:
+            if hub is not None:
+                await hub.waiter.close()
+            store.pool.terminate()  # at once: closing gracefully would wait on whatever the failure left behind
+            raise
+        return hub
 
     AGENT_TTL_S = 1.0
     MAX_CACHED_AGENTS = 10_000
@@ -35,14 +60,25 @@ class Hub:
         hit = self._agents.get(agent_id)
         if cached and hit is not None and now - hit[0] < self.AGENT_TTL_S:
             return hit[1]
-        state = fold_agent(await self.store.read_stream(agent_stream(agent_id)))
+        generation = self._forgotten.get(agent_id, 0)
+        self._folding += 1
+        try:
+            state = fold_agent(await self.store.read_stream(agent_stream(agent_id)))
+        finally:
+            self._folding -= 1
+        if self._forgotten.get(agent_id, 0) != generation:
+            return state  # forgotten while folding: a fold that began after this replica's change is cached instead
         if len(self._agents) >= self.MAX_CACHED_AGENTS:
             self._agents.clear()
         self._agents[agent_id] = (now, state)
         return state
 
     def forget_agent(self, agent_id: str) -> None:
+        """After this replica changed the agent: drop its fold, and keep any fold begun before from being cached."""
         self._agents.pop(agent_id, None)
+        if len(self._forgotten) >= self.MAX_CACHED_AGENTS and not self._folding:
+            self._forgotten.clear()  # no fold in flight compares with a generation
+        self._forgotten[agent_id] = self._forgotten.get(agent_id, 0) + 1
 
     @staticmethod
     def new_agent_id() -> str:

@@ -17,6 +17,17 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _with_actor(labels: dict[str, str], actor: str) -> dict[str, str]:
+    """``labels`` plus ``actor=<the process that exported it>``. A metric that has an ``actor`` label of its own
+    (the orchestrator's restarts, labelled with the restarted actor) keeps it, and the process goes under
+    ``source`` instead (``exported_source`` and so on if that is taken too): overwriting it would fold every
+    restarted actor's series into one."""
+    name = "actor"
+    while name in labels:
+        name = "source" if name == "actor" else f"exported_{name}"
+    return {**labels, name: actor}
+
+
 def merge_expositions(pages: dict[str, bytes]) -> str:
     """Merge Prometheus text pages from several processes into one valid page."""
     families: dict[str, tuple[str, str, list[Sample]]] = {}
@@ -25,7 +36,7 @@ def merge_expositions(pages: dict[str, bytes]) -> str:
             if fam.name.startswith(("python_", "process_")) and actor != "ingress":
                 continue  # runtime metrics of each worker process would only repeat per actor
             entry = families.setdefault(fam.name, (fam.type, fam.documentation, []))
-            entry[2].extend(s._replace(labels={**s.labels, "actor": actor}) for s in fam.samples)
+            entry[2].extend(s._replace(labels=_with_actor(s.labels, actor)) for s in fam.samples)
     lines: list[str] = []
     for name, (typ, doc, samples) in families.items():
         lines.append(f"# HELP {name} {doc}")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+import ray
+
 from actors.agents.agent import agent_stream
 from events import NewEvent
 from events.hub import AgentCreated, AgentSettings, AgentStarted, AgentStopped
 from serve.hub import Hub
+from serve.replies import ReplyWaiter
 from storage.eventlog import EventLog
 
 
@@ -39,3 +45,67 @@ async def test_forgetting_an_agent_refolds_it_at_once(eventlog: EventLog) -> Non
     await eventlog.append(stream, [NewEvent.of(AgentStopped())])
     hub.forget_agent("forgot")  # what this replica does after its own change
     assert (await hub.agent("forgot", cached=True)).status == "stopped"
+
+
+async def test_a_fold_begun_before_a_change_does_not_overwrite_the_fresh_one(
+    eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message route's fold starts, this replica stops the agent and refolds, then the slow fold finishes:
+    the cache must keep the fold made after the stop."""
+    hub = Hub(eventlog, orchestrator=None, reply_timeout_s=1)
+    stream = agent_stream("slow")
+    await eventlog.append(
+        stream,
+        [NewEvent.of(AgentCreated(agent_id="slow", name="s", settings=AgentSettings())), NewEvent.of(AgentStarted())],
+    )
+    read_stream, read, release = eventlog.read_stream, asyncio.Event(), asyncio.Event()
+
+    async def slow_read(*args: object, **kwargs: object) -> object:
+        events = await read_stream(*args, **kwargs)
+        read.set()
+        await release.wait()
+        return events
+
+    monkeypatch.setattr(eventlog, "read_stream", slow_read)
+    slow_fold = asyncio.create_task(hub.agent("slow", cached=True))
+    await read.wait()  # it has read the stream while the agent was running
+    monkeypatch.setattr(eventlog, "read_stream", read_stream)
+    await eventlog.append(stream, [NewEvent.of(AgentStopped())])  # this replica's stop
+    hub.forget_agent("slow")
+    assert (await hub.agent("slow")).status == "stopped"
+    release.set()
+    assert (await slow_fold).status == "running"  # its own caller gets what it read
+    assert (await hub.agent("slow", cached=True)).status == "stopped"  # but the cache keeps the fresh fold
+
+
+async def test_opening_the_hub_closes_its_pool_when_setup_fails(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[EventLog] = []
+    connect = EventLog.connect
+
+    async def spy(*args: object, **kwargs: object) -> EventLog:
+        opened.append(await connect(*args, **kwargs))
+        return opened[-1]
+
+    def no_orchestrator(*_: object, **__: object) -> object:
+        raise ValueError("Failed to look up actor 'orchestrator'")
+
+    monkeypatch.setattr(EventLog, "connect", spy)
+    monkeypatch.setattr(ray, "get_actor", no_orchestrator)
+    with pytest.raises(ValueError, match="orchestrator"):
+        await Hub.open(db_url, namespace="test", reply_timeout_s=1, max_event_bytes=4096)
+    assert len(opened) == 1 and opened[0].pool.is_closing()
+
+    starting = asyncio.Event()
+
+    async def never_started(self: ReplyWaiter) -> None:
+        starting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ray, "get_actor", lambda *_, **__: object())
+    monkeypatch.setattr(ReplyWaiter, "start", never_started)
+    opening = asyncio.create_task(Hub.open(db_url, namespace="test", reply_timeout_s=1, max_event_bytes=4096))
+    await asyncio.wait_for(starting.wait(), 10)
+    opening.cancel()  # the replica's request gave up while the reply follower was starting
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert opened[1].pool.is_closing()

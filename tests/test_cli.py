@@ -5,6 +5,12 @@ Synchronous tests: the CLI runs its own event loop, as it does from a shell."""
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +23,9 @@ from typer.testing import CliRunner
 from cluster.bootstrap import System
 from cluster.cli import app
 from cluster.settings import get_settings
+from events import NewEvent
+from events.hub import AgentStarted
+from storage.eventlog import EventLog
 
 runner = CliRunner()
 
@@ -127,3 +136,72 @@ def test_team_replay_and_fork_from_the_command_line(cli_env: None, system: Syste
     forked = client.get(f"/api/v1/streams/run-{new_run}").json()["events"]
     assert [e["type"] for e in forked][:2] == ["run.started", "run.forked"]
     assert forked[1]["data"]["model"] == "scripted-v3" and forked[1]["data"]["from_run"] == run_id
+
+
+# ---- without Ray: the CLI on a fresh database of its own ------------------------------------------------
+
+
+@pytest.fixture
+def cli_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    yield db_url
+    get_settings.cache_clear()
+
+
+def append_with_a_gap(db_url: str) -> tuple[list[int], int]:
+    """Two events, a position used up by nothing (as a rolled-back append leaves), two more: positions, gap."""
+
+    async def run() -> tuple[list[int], int]:
+        store = await EventLog.connect(db_url, run_migrations=False)
+        try:
+            before = [(await store.append("agent-gap", [NewEvent.of(AgentStarted())])).positions[0] for _ in "ab"]
+            gap = int(await store.fetchval("SELECT nextval(pg_get_serial_sequence('events', 'position'))"))
+            after = [(await store.append("agent-gap", [NewEvent.of(AgentStarted())])).positions[0] for _ in "cd"]
+            return before + after, gap
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_export_progress_counts_events_not_positions(cli_db: str, tmp_path: Path) -> None:
+    positions, _ = append_with_a_gap(cli_db)
+    out = tmp_path / "gap.parquet"
+    result = runner.invoke(app, ["export", "--out", str(out), "--from-position", str(positions[0])])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).column("position").to_pylist() == positions[1:]
+    assert "3/3" in result.output and "wrote 3 events" in result.output  # positions to the head: 4
+
+
+def test_events_tail_follows_from_a_position_with_no_event(cli_db: str) -> None:
+    positions, gap = append_with_a_gap(cli_db)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "events", "tail", "--from", str(gap)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "DATABASE_URL": cli_db},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout], daemon=True).start()
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while sum('"position":' in line for line in seen) < 2:
+            try:
+                seen.append(lines.get(timeout=0.2))
+            except queue.Empty:
+                assert tail.poll() is None and time.monotonic() < deadline, "".join(seen)
+        printed = [int(line.split(":")[1].strip(" ,\n")) for line in seen if '"position":' in line]
+        assert printed == positions[2:]
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_bad_command_line_values_are_usage_errors() -> None:
+    result = runner.invoke(app, ["fork", "--at", "5", "--prompt", "cfo: be frugal"])
+    assert result.exit_code == 2 and "ROLE=TEXT" in result.output and "Traceback" not in result.output
+    assert runner.invoke(app, ["events", "tail", "--from", "-1"]).exit_code == 2
+    assert runner.invoke(app, ["export", "--out", "x.parquet", "--from-position", "-3"]).exit_code == 2

@@ -133,6 +133,8 @@ async def test_conversation_history_usage_and_events(http: httpx.AsyncClient) ->
     assert completion["meta"]["causation_id"] == events[0]["id"] == events[2]["meta"]["correlation_id"]
     only = (await http.get("/api/v1/events", params={"type": "llm.completed", "from": events[0]["position"]})).json()
     assert {e["type"] for e in only} == {"llm.completed"} and len(only) >= 3
+    stream = (await http.get(f"/api/v1/streams/chat-{agent_id}/chat-1")).json()  # a chat stream's "/" in the path
+    assert stream["version"] == 9 and [e["id"] for e in stream["events"]] == [e["id"] for e in events]
 
 
 async def test_idempotency_key_answers_a_retry_once(http: httpx.AsyncClient, hub_log: EventLog) -> None:
@@ -211,11 +213,15 @@ async def test_sse_stream_delivers_new_events(http: httpx.AsyncClient) -> None:
     async def listen() -> None:
         async with http.stream("GET", "/api/v1/events/stream") as resp:
             assert resp.status_code == 200
+            event_id = None
             async for line in resp.aiter_lines():
+                if line.startswith("id:"):
+                    event_id = line[3:].strip()
                 if line.startswith("data:"):
                     event = json.loads(line[5:])
                     if event["stream"] == f"agent-{agent_id}":
                         got.append(event)
+                        assert event_id == f"{event['tx_id']}:{event['position']}"  # resumable (Last-Event-ID)
                         return
 
     task = asyncio.create_task(listen())

@@ -1,0 +1,280 @@
+"""The HTTP API in this process: the FastAPI app under uvicorn on a real port, on a real Postgres, without Ray.
+
+Routes that need no actor (input checks, streams, SSE, idempotency, error mapping) are tested here; the whole
+system over Ray Serve is tests/test_hub_api.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from actors.agents.agent import agent_stream
+from events import NewEvent
+from events.hub import AgentCreated, AgentSettings, AgentStarted
+from serve.app import app
+from serve.deps import state
+from serve.hub import Hub
+from serve.metrics import merge_expositions
+from storage.errors import InvalidEvent, StoreUnavailable
+from storage.eventlog import EventLog
+from tests.conftest import free_port
+
+TOKEN = "local-token"
+
+
+class LocalIngress:
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    async def hub(self) -> Hub:
+        return self._hub
+
+
+@pytest.fixture
+async def hub(eventlog: EventLog) -> Hub:
+    return Hub(eventlog, orchestrator=None, reply_timeout_s=5)
+
+
+@pytest.fixture
+async def api(hub: Hub) -> AsyncIterator[httpx.AsyncClient]:
+    saved = (state.ingress, state.api_token, state.max_body_bytes)
+    state.ingress, state.api_token, state.max_body_bytes = LocalIngress(hub), TOKEN, 64 * 1024
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+        ) as client:
+            yield client
+    finally:
+        server.should_exit = server.force_exit = True
+        await serving
+        state.ingress, state.api_token, state.max_body_bytes = saved
+
+
+async def running_agent(store: EventLog, agent_id: str) -> str:
+    created = AgentCreated(agent_id=agent_id, name=agent_id, settings=AgentSettings())
+    await store.append(agent_stream(agent_id), [NewEvent.of(created), NewEvent.of(AgentStarted())])
+    return agent_id
+
+
+async def read_sse(
+    api: httpx.AsyncClient,
+    n: int,
+    *,
+    params: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    then: Callable[[], Awaitable[object]] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``n`` events of ``/api/v1/events/stream`` as (id, event); ``then`` runs once the stream is open."""
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    async def read() -> None:
+        async with api.stream("GET", "/api/v1/events/stream", params=params, headers=headers) as r:
+            assert r.status_code == 200, await r.aread()
+            if then is not None:
+                await then()
+            event_id = None
+            async for line in r.aiter_lines():
+                if line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line.startswith("data:"):
+                    got.append((event_id, json.loads(line[5:])))
+                    if len(got) == n:
+                        return
+
+    await asyncio.wait_for(read(), 15)
+    return got
+
+
+async def append_started(store: EventLog, stream: str, n: int) -> list[int]:
+    """``n`` events in ``stream``, each in its own transaction; their positions."""
+    return [(await store.append(stream, [NewEvent.of(AgentStarted())])).positions[0] for _ in range(n)]
+
+
+# ---- bad input: 422 with a JSON detail, never 500 ------------------------------------------------------
+
+
+async def test_a_chat_id_too_long_for_its_stream_name_is_422(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    agent_id = await running_agent(eventlog, "longchat")
+    r = await api.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "hi", "chat_id": "c" * 199})
+    assert r.status_code == 422 and "chat_id" in r.json()["detail"] and "at most 191" in r.json()["detail"]
+    r = await api.post(
+        f"/api/v1/agents/{agent_id}/messages", json={"text": "hi", "chat_id": "c" * 191}, params={"timeout": 0.01}
+    )
+    assert r.status_code == 202  # the longest chat id that fits is recorded
+
+
+async def test_integers_beyond_64_bits_and_nul_characters_are_422(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    agent_id = await running_agent(eventlog, "badinput")
+    url = f"/api/v1/agents/{agent_id}/messages"
+    for body, where in [
+        ({"text": "hi", "chat_id": "c", "user_data": {"n": 2**70}}, "user_data.n"),
+        ({"text": "hi", "chat_id": "c", "user_data": {"deep": [1, {"n": -(2**64)}]}}, "user_data.deep[1].n"),
+        ({"text": "a\u0000b", "chat_id": "c"}, "text"),
+        ({"text": "hi", "chat_id": "c", "user_data": {"k\u0000": 1}}, "user_data key"),
+        ({"text": "hi", "chat_id": "c", "platform_user_id": "\u0000"}, "platform_user_id"),
+    ]:
+        r = await api.post(url, json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert where in json.dumps(r.json()["detail"]), r.json()
+    events = "/api/v1/streams/agent-badinput/events"
+    for event in [
+        {"type": "agent.stopped", "data": {"reason": "x\u0000"}},
+        {"type": "agent.stopped", "data": {"reason": "x"}, "meta": {"n": 2**64}},
+        {"type": "agent.stopped", "data": {"reason": 2**80}},
+    ]:
+        r = await api.post(events, json={"events": [event]})
+        assert r.status_code == 422 and r.json()["detail"], (event, r.text)
+    r = await api.post(events, json={"events": [{"type": "agent.stopped", "data": {}}], "expected_version": 2**64})
+    assert r.status_code == 422
+    r = await api.post("/api/v1/streams/agent-x%00y/events", json={"events": [{"type": "agent.stopped", "data": {}}]})
+    assert r.status_code == 422 and "NUL" in r.json()["detail"]
+    assert (await api.get("/api/v1/streams/agent-x%00y")).status_code == 422
+    assert (await api.get("/api/v1/events", params={"from": 2**64})).status_code == 422
+    assert await eventlog.stream_version("agent-badinput") == 2  # nothing rejected was written
+
+
+async def test_the_store_refusing_an_event_is_422(
+    api: httpx.AsyncClient, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent_id = await running_agent(eventlog, "refused")
+
+    async def refuse(*_: object, **__: object) -> None:
+        raise InvalidEvent("cannot store that")
+
+    monkeypatch.setattr(eventlog, "append", refuse)
+    r = await api.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "hi", "chat_id": "c"})
+    assert r.status_code == 422 and r.json() == {"detail": "cannot store that"}
+    r = await api.post("/api/v1/streams/agent-refused/events", json={"events": [{"type": "agent.stopped", "data": {}}]})
+    assert r.status_code == 422 and r.json() == {"detail": "cannot store that"}
+
+
+async def test_a_lost_connection_says_the_outcome_is_unknown(
+    api: httpx.AsyncClient, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent_id = await running_agent(eventlog, "dropped")
+
+    async def drop(*_: object, **__: object) -> None:
+        raise StoreUnavailable("event store unavailable: ConnectionResetError")
+
+    monkeypatch.setattr(eventlog, "append", drop)
+    r = await api.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "hi", "chat_id": "c"})
+    detail = r.json()["detail"]
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "outcome is unknown" in detail and "same Idempotency-Key" in detail and "nothing was recorded" not in detail
+
+
+# ---- idempotency ----------------------------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_reused_for_another_message_is_refused(
+    api: httpx.AsyncClient, eventlog: EventLog
+) -> None:
+    agent_id = await running_agent(eventlog, "idem")
+    url, key = f"/api/v1/agents/{agent_id}/messages", {"Idempotency-Key": "k1"}
+    body = {"text": "pay invoice 7", "chat_id": "idem"}
+    first = await api.post(url, json=body, headers=key, params={"timeout": 0.01})
+    again = await api.post(url, json=body, headers=key, params={"timeout": 0.01})
+    assert first.status_code == again.status_code == 202  # no runner here: the reply never comes
+    assert first.json()["event_id"] == again.json()["event_id"]
+    for other in [{**body, "text": "pay invoice 8"}, {**body, "chat_id": "elsewhere"}, {**body, "channel": "sms"}]:
+        r = await api.post(url, json=other, headers=key, params={"timeout": 0.01})
+        assert r.status_code == 422, (other, r.text)
+        assert "Idempotency-Key 'k1' was already used for a different message" in r.json()["detail"]
+        assert first.json()["event_id"] in r.json()["detail"]
+    assert [e.data["text"] for e in await eventlog.read_stream("chat-idem/idem")] == ["pay invoice 7"]
+    assert await eventlog.read_stream("chat-idem/elsewhere") == []
+
+
+# ---- streams whose names contain "/" (chats) ------------------------------------------------------------
+
+
+async def test_chat_streams_are_reachable_by_name(api: httpx.AsyncClient) -> None:
+    event = {"type": "chat.message_received", "data": {"agent_id": "desk", "text": "hi", "chat_id": "alice"}}
+    r = await api.post("/api/v1/streams/chat-desk/alice/events", json={"events": [event], "expected_version": 0})
+    assert r.status_code == 201, r.text
+    assert r.json()["versions"] == [1]
+    r = await api.get("/api/v1/streams/chat-desk/alice")
+    assert r.status_code == 200 and r.json()["stream"] == "chat-desk/alice" and r.json()["version"] == 1
+    assert r.json()["events"][0]["data"]["text"] == "hi"
+    # a chat called "events": the route for appends takes the last "/events" as its own
+    r = await api.post("/api/v1/streams/chat-desk/events/events", json={"events": [event]})
+    assert r.status_code == 201
+    assert (await api.get("/api/v1/streams/chat-desk/events")).json()["version"] == 1
+    assert (await api.get("/api/v1/streams/chat-desk%2Falice")).json()["version"] == 1
+
+
+# ---- server-sent events ---------------------------------------------------------------------------------
+
+
+async def test_sse_from_a_gap_or_past_the_head_and_nonsense(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    (before,) = await append_started(eventlog, "agent-sse", 1)
+    gap = int(await eventlog.fetchval("SELECT nextval(pg_get_serial_sequence('events', 'position'))"))
+    assert gap > before
+    after = await append_started(eventlog, "agent-sse", 2)
+    assert after[0] > gap  # no event at position ``gap``
+    got = await read_sse(api, 2, params={"from": gap})
+    assert [e["position"] for _, e in got] == after
+
+    head = await eventlog.head()
+    got = await read_sse(
+        api, 1, params={"from": head + 1000}, then=lambda: append_started(eventlog, "agent-sse-later", 1)
+    )
+    assert got[0][1]["stream"] == "agent-sse-later"
+
+    for params in [{"from": -1}, {"from": "x"}, {"from": 2**64}]:
+        r = await api.get("/api/v1/events/stream", params=params)
+        assert r.status_code == 422 and r.headers["content-type"] == "application/json", params
+    r = await api.get("/api/v1/events/stream", headers={"Last-Event-ID": "not-an-id"})
+    assert r.status_code == 422 and "Last-Event-ID" in r.json()["detail"]
+
+
+async def test_sse_resumes_after_last_event_id(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    positions = await append_started(eventlog, "agent-resume", 5)
+    first = await read_sse(api, 2, params={"from": positions[0] - 1})
+    assert [e["position"] for _, e in first] == positions[:2]
+    last_id = first[-1][0]
+    assert last_id == f"{first[-1][1]['tx_id']}:{positions[1]}"  # the commit-order cursor
+    # the reconnect's Last-Event-ID wins over the original ``from``
+    resumed = await read_sse(api, 3, params={"from": positions[0] - 1}, headers={"Last-Event-ID": last_id})
+    assert [e["position"] for _, e in resumed] == positions[2:]
+    by_position = await read_sse(api, 1, headers={"Last-Event-ID": str(positions[3])})  # a bare position
+    assert by_position[0][1]["position"] == positions[4]
+
+
+# ---- /metrics -------------------------------------------------------------------------------------------
+
+
+def test_merged_metrics_keep_an_actor_label_of_their_own() -> None:
+    orchestrator = (
+        b"# HELP agenthub_actor_restarts_total Actors restarted by the orchestrator\n"
+        b"# TYPE agenthub_actor_restarts_total counter\n"
+        b'agenthub_actor_restarts_total{actor="agent:a"} 2.0\n'
+        b'agenthub_actor_restarts_total{actor="agent:b"} 1.0\n'
+        b"# HELP agenthub_events_appended_total Events appended\n"
+        b"# TYPE agenthub_events_appended_total counter\n"
+        b"agenthub_events_appended_total 5.0\n"
+    )
+    ingress = b"# HELP agenthub_events_appended_total Events appended\n# TYPE agenthub_events_appended_total counter\n"
+    ingress += b"agenthub_events_appended_total 3.0\n"
+    page = merge_expositions({"ingress": ingress, "orchestrator": orchestrator})
+    lines = page.splitlines()
+    assert 'agenthub_actor_restarts_total{actor="agent:a",source="orchestrator"} 2.0' in lines
+    assert 'agenthub_actor_restarts_total{actor="agent:b",source="orchestrator"} 1.0' in lines
+    assert 'agenthub_events_appended_total{actor="orchestrator"} 5.0' in lines
+    assert 'agenthub_events_appended_total{actor="ingress"} 3.0' in lines
+    samples = [line.split(" ")[0] for line in lines if not line.startswith("#")]
+    assert len(samples) == len(set(samples))  # no duplicate series
+    nested = merge_expositions({"x": b'm_total{actor="a",source="b"} 1.0\n'})
+    assert 'm_total{actor="a",exported_source="x",source="b"} 1.0' in nested
