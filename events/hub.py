@@ -122,6 +122,10 @@ class LLMCompleted(EventData):
     run_id: str | None = None
     purpose: str | None = None
     structured: dict[str, Any] | None = None
+    # Answered from the LLM router's cache. ``cost_usd`` is then 0 for an answer reused by another caller, or the
+    # cost the provider was paid when this recorder's own earlier answer was never recorded: summing ``cost_usd``
+    # counts every paid call once.
+    cached: bool = False
 
 
 @event_type("chat.reply_sent")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from events.registry import EventData, event_type
 
 Priority = int  # 1 = high, 5 = medium, 10 = low (the seed's scale)
 TaskKind = Literal["generic", "implement"]
+
+
+def as_utc(value: datetime) -> datetime:
+    """A deadline without a time zone ("2030-01-01T00:00:00") is UTC; one with a zone is converted to UTC, so
+    deadlines compare with each other and with ``datetime.now(UTC)``."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Deadline = Annotated[datetime, AfterValidator(as_utc)]
 
 
 @event_type("run.started")
@@ -53,12 +62,14 @@ class RunCompleted(EventData):
 
 @event_type("ceo.checked")
 class CeoChecked(EventData):
-    """One tick of the CEO loop: what it saw and how many tasks it made."""
+    """One tick of the CEO loop: what it saw and how many tasks it made; ``error`` when asking the LLM for new
+    tasks failed (the loop ticks on and asks again at the next tick)."""
 
     run_id: str
     active: int
     pending: int
     generated: int
+    error: str | None = None
 
 
 @event_type("task.created")
@@ -70,7 +81,7 @@ class TaskCreated(EventData):
     kind: TaskKind = "generic"
     role: str
     priority: Priority = Field(5, ge=1, le=10)
-    deadline: datetime | None = None
+    deadline: Deadline | None = None
     timeout_s: float = 300.0
     created_by: str = "api"
     spec: dict[str, Any] = Field(default_factory=dict)
@@ -83,6 +94,7 @@ class TaskAssigned(EventData):
     role: str
     phase: str = "work"
     priority: Priority = Field(5, ge=1, le=10)
+    deadline: Deadline | None = None  # the task's, carried so the role's queue orders by it (as by priority)
 
 
 @event_type("task.started")
@@ -134,6 +146,7 @@ class ReviewRequested(EventData):
     role: str
     owner: str
     priority: Priority = Field(5, ge=1, le=10)
+    deadline: Deadline | None = None
 
 
 @event_type("task.reviewed")
@@ -145,6 +158,7 @@ class TaskReviewed(EventData):
     approved: bool
     comments: str
     priority: Priority = Field(5, ge=1, le=10)
+    deadline: Deadline | None = None
 
 
 @event_type("task.merged")
@@ -212,6 +226,25 @@ class DecisionVerdict(EventData):
     criteria: list[str]
     verdict: Literal["approve", "reject", "conditional"]
     rationale: str
+
+
+@event_type("decision.voter_failed")
+class DecisionVoterFailed(EventData):
+    """A voter gave no verdict (its LLM call failed, its actor could not be reached); the CEO decides without it."""
+
+    decision_id: str
+    run_id: str
+    role: str
+    error: str
+
+
+@event_type("decision.failed")
+class DecisionFailed(EventData):
+    """No decision could be made (the CEO's own LLM call failed, or no voter gave a verdict)."""
+
+    decision_id: str
+    run_id: str
+    reason: str
 
 
 @event_type("decision.made")

@@ -1,4 +1,5 @@
-"""A chat's folded state: the history an LLM request carries, its bound, and a snapshot that keeps it."""
+"""A chat's folded state: the history an LLM request carries, its bound, and a snapshot that keeps it; and the
+replay of a chat's decisions from its log."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Any
 from uuid import uuid4
 
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
-from actors.llm.providers import Completion, CompletionRequest
-from events import Meta, RecordedEvent
-from events.hub import AgentSettings
+from actors.agents.replay import ReplayReport, replay_agent, replay_chat
+from actors.llm.providers import Completion, CompletionRequest, completed_event
+from events import Meta, NewEvent, RecordedEvent
+from events.hub import AgentCreated, AgentSettings, AgentUpdated, MessageReceived, ReplySent
+from storage.eventlog import EventLog
 
 
 def recorded(type_: str, version: int, **data: Any) -> RecordedEvent:
@@ -77,3 +80,114 @@ def test_a_snapshot_restores_the_history_a_request_carries() -> None:
     later = recorded("chat.message_received", 5, text="q2", channel="api")
     restored = conv.evolve(restored, later)
     assert contents(conv.request_for(restored, later, settings))[-3:] == ["q1", "a1", "q2"]
+
+
+# ---- replay: a chat's decisions re-run against its log, with no provider ----
+
+
+class ChatLog:
+    """A chat stream built by hand as the runner would have written it."""
+
+    def __init__(self) -> None:
+        self.events: list[RecordedEvent] = []
+        self.position = 100
+
+    def add(self, type_: str, data: dict[str, Any], cause: RecordedEvent | None = None) -> RecordedEvent:
+        self.position += 1
+        e = RecordedEvent(
+            id=uuid4(),
+            stream="chat-a1/c1",
+            version=len(self.events) + 1,
+            position=self.position,
+            tx_id=1,
+            type=type_,
+            data=data,
+            meta=Meta(causation_id=cause.id if cause else None),
+            recorded_at=datetime.now(UTC),
+        )
+        self.events.append(e)
+        return e
+
+    def message(self, text: str) -> RecordedEvent:
+        return self.add("chat.message_received", {"agent_id": "a1", "chat_id": "c1", "text": text, "channel": "api"})
+
+    def answer(self, message: RecordedEvent, seen: ChatState, settings: AgentSettings, text: str) -> None:
+        """Record the completion and reply for ``message`` as decided on the state ``seen``."""
+        request = Conversation(lambda: settings, never_called).request_for(seen, message, settings)
+        c = Completion(
+            text=text, provider="scripted", model="scripted", prompt_tokens=3, completion_tokens=1, latency_ms=1
+        )
+        self.add("llm.completed", completed_event(c, request, "a1").model_dump(mode="json"), message)
+        self.add("chat.reply_sent", {"agent_id": "a1", "chat_id": "c1", "response": text, "channel": "api"}, message)
+
+    def state(self) -> ChatState:
+        conv = Conversation(AgentSettings, never_called)
+        state = conv.initial()
+        for e in self.events:
+            state = conv.evolve(state, e)
+        return state
+
+
+async def test_replay_verifies_a_recorded_failure() -> None:
+    """A ``chat.reply_failed`` (provider down, budget spent) was a valid decision, not a mismatch."""
+    log = ChatLog()
+    m = log.message("anyone?")
+    log.add("chat.reply_failed", {"agent_id": "a1", "chat_id": "c1", "error": "openai: HTTP 503 down"}, m)
+    m2 = log.message("still there?")
+    error = "agent budget exceeded: spent $0.0100 of $0.0100"
+    log.add("chat.reply_failed", {"agent_id": "a1", "chat_id": "c1", "error": error, "budget_exceeded": True}, m2)
+    m3 = log.message("hello")
+    log.answer(m3, log.state(), AgentSettings(), "hi there")
+    report = ReplayReport()
+    await replay_chat(Conversation(AgentSettings, never_called), log.events, report)
+    assert report.mismatches == [] and report.messages == 3 and report.verified_replies == 1
+    assert report.completions_from_log == 1
+
+
+async def test_replay_of_a_long_chat_where_a_message_came_before_the_previous_reply() -> None:
+    """Live, the second message was folded in before the first was answered (its append lost to a conflict), so
+    the history trimmed to the last turns started one turn later than replay's fold up to the message gives."""
+    log = ChatLog()
+    settings = AgentSettings()
+    for i in range(HISTORY_TURNS):
+        m = log.message(f"q{i}")
+        log.answer(m, log.state(), settings, f"a{i}")
+    first = log.message("first")
+    second = log.message("second")
+    log.answer(first, log.state(), settings, "to the first")  # decided with "second" already folded in
+    log.answer(second, log.state(), settings, "to the second")
+    report = ReplayReport()
+    await replay_chat(Conversation(lambda: settings, never_called), log.events, report)
+    assert report.mismatches == [] and report.verified_replies == HISTORY_TURNS + 2
+
+
+async def test_replay_uses_the_settings_as_of_each_message(eventlog: EventLog) -> None:
+    """A PATCH of the system prompt, model or temperature applies from then on, not to earlier messages."""
+    v1 = AgentSettings(system_prompt="v1")
+    v2 = AgentSettings(system_prompt="v2", model_id="gpt-4o-mini", temperature=0.1)
+    await eventlog.append("agent-a1", [NewEvent.of(AgentCreated(agent_id="a1", name="a", settings=v1))])
+    conv = Conversation(lambda: v1, never_called)
+
+    async def exchange(text: str, settings: AgentSettings) -> None:
+        await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text=text, chat_id="c1"))])
+        events = await eventlog.read_stream("chat-a1/c1")
+        state = conv.initial()
+        for e in events:
+            state = conv.evolve(state, e)
+        request = conv.request_for(state, events[-1], settings)
+        c = Completion(
+            text=f"re {text}", provider="scripted", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1
+        )
+        answer = [
+            NewEvent.of(completed_event(c, request, "a1")),
+            NewEvent.of(ReplySent(agent_id="a1", chat_id="c1", response=c.text, channel="api")),
+        ]
+        for n in answer:
+            n.meta.causation_id = events[-1].id
+        await eventlog.append("chat-a1/c1", answer)
+
+    await exchange("before the change", v1)
+    await eventlog.append("agent-a1", [NewEvent.of(AgentUpdated(settings=v2))])
+    await exchange("after the change", v2)
+    report = await replay_agent(eventlog, "a1")
+    assert report.mismatches == [] and report.verified_replies == 2 and report.completions_from_log == 2

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from actors.config import RuntimeConfig
 from actors.llm.actor import build_router
+from actors.llm.budget import BudgetExceededError
 from actors.llm.cache import CompletionCache
 from actors.llm.pricing import cost_usd, price_of
 from actors.llm.providers import (
@@ -31,6 +32,7 @@ from actors.llm.providers import (
     ScriptRule,
     StructuredOutputError,
     build_providers,
+    completed_event,
 )
 from actors.llm.router import LLMRouter, RetryPolicy
 from cluster.settings import Settings
@@ -545,3 +547,63 @@ def test_digest_is_what_was_asked() -> None:
     assert structured.digest() != base.digest()
     assert ask("openai", "gpt-4o", response_schema=SCHEMA, schema_name="v").digest() != structured.digest()
     assert ask("openai", "gpt-4o", schema_name="ignored without a schema").digest() == base.digest()
+
+
+# ---- a cached answer its recorder never recorded, budget errors across Ray, keys per base URL ----
+
+
+async def test_a_cached_answer_its_recorder_never_recorded_keeps_its_cost() -> None:
+    """A decision retried after a version conflict asks again; the answer it paid for was never recorded, so the
+    cached answer must carry that cost into the log. Anyone else reusing the answer paid nothing more."""
+    with FakeOpenAI(free_port()) as fake:
+        router = router_for(openai=fake, cache=CompletionCache(ttl_s=60))
+        paid = await router.complete(ask("openai", "gpt-4o", record_key="task-r1.t1:work:1"))
+        again = await router.complete(ask("openai", "gpt-4o", record_key="task-r1.t1:work:1"))
+        other = await router.complete(ask("openai", "gpt-4o", record_key="task-r1.t2:work:1"))
+        anonymous = await router.complete(ask("openai", "gpt-4o"))
+    assert fake.hits == 1 and paid.cost_usd > 0 and not paid.cached
+    assert again.cached and again.cost_usd == paid.cost_usd and again.attempts == 0
+    assert (again.prompt_tokens, again.completion_tokens) == (paid.prompt_tokens, paid.completion_tokens)
+    assert other.cached and other.cost_usd == 0 and anonymous.cached and anonymous.cost_usd == 0
+    assert router.usage()["total"]["cost_usd"] == pytest.approx(paid.cost_usd)  # paid once, counted once
+    request = ask("openai", "gpt-4o", record_key="task-r1.t1:work:1")
+    recorded = completed_event(again, request, "cfo")
+    assert recorded.cached and recorded.cost_usd == paid.cost_usd  # the record says it was a cache hit
+    assert request.digest() == ask("openai", "gpt-4o").digest()  # who records is not what was asked
+
+
+def test_budget_error_survives_pickling() -> None:
+    """It crosses Ray (a voter's verdict, the LLM actor's answer); Ray could not rebuild it from its message."""
+    e = pickle.loads(pickle.dumps(BudgetExceededError("run", 1.5, 1.0)))
+    assert isinstance(e, BudgetExceededError) and isinstance(e, ProviderError)
+    assert (e.scope, e.spent, e.budget) == ("run", 1.5, 1.0) and str(
+        e
+    ) == "run budget exceeded: spent $1.5000 of $1.0000"
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_the_server_key_goes_only_to_its_configured_base_url(kind: str) -> None:
+    """An agent's own base_url must not receive the server's key: refused, unless the request has its own key."""
+    own = "sk-agent-own-key-1234"
+    server: FakeOpenAI | FakeAnthropic = FakeOpenAI(free_port()) if kind == "openai" else FakeAnthropic(free_port())
+    elsewhere: FakeOpenAI | FakeAnthropic = (
+        FakeOpenAI(free_port(), api_key=own) if kind == "openai" else FakeAnthropic(free_port(), api_key=own)
+    )
+    with server, elsewhere:
+        router = router_for(**{kind: server})  # type: ignore[arg-type]
+        assert (await router.complete(ask(kind, "gpt-4o"))).text  # the configured server gets the key
+        with pytest.raises(ProviderError, match="is not the configured") as err:
+            await router.complete(ask(kind, "gpt-4o", base_url=elsewhere.base_url))
+        assert elsewhere.hits == 0 and KEY not in str(err.value)
+        mine = await router.complete(ask(kind, "gpt-4o", base_url=elsewhere.base_url, api_key=SecretStr(own)))
+        assert mine.text and elsewhere.hits == 1  # with its own key (which it checks) it is asked
+        request = ask(kind, "gpt-4o", base_url=elsewhere.base_url, api_key=SecretStr(own))
+        assert own not in request.model_dump_json() and own not in repr(request)  # never serialized, never logged
+
+
+async def test_openai_compatible_never_sends_the_server_openai_key() -> None:
+    with FakeOpenAI(free_port()) as fake:
+        config = RuntimeConfig(database_url="postgresql://x", openai_api_key=KEY)
+        router = LLMRouter(build_providers(config), FAST)
+        await router.complete(ask("openai_compatible", "llama-3-8b", base_url=fake.base_url))
+    assert fake.hits == 1 and KEY not in str(fake.headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import shutil
@@ -484,6 +485,38 @@ async def test_pytest_timeout_is_bounded(tmp_path: Path, sigint: str) -> None:
     # pytest was interrupted, so it still reported what had run, and where it hung.
     assert (report.passed, report.count, report.failed) == (1, 1, 0)
     assert report.problem.endswith("at test_slow.py:8") and "KeyboardInterrupt" in report.output_tail
+
+
+def _gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie waiting for a parent that does not reap (PID 1 in a container)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(tmp_path: Path) -> None:
+    """A run that ends normally still kills its process group: a server or a ``sleep`` a test left behind."""
+    from actors.tools.test_runner import _child_env, _run
+
+    pid_file = tmp_path / "pid"
+    script = f"sleep 60 > /dev/null 2>&1 & echo $! > {pid_file}"
+    run = await _run(["sh", "-c", script], tmp_path, 30, _child_env())
+    assert run.exit_code == 0 and not run.timed_out
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is delivered at once, but not necessarily before we look
+        if _gone(pid):
+            break
+        await asyncio.sleep(0.05)
+    try:
+        assert _gone(pid), "the background sleep outlived the run"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def test_pytest_without_tests(tmp_path: Path) -> None:

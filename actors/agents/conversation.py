@@ -86,6 +86,7 @@ class Conversation(Entity[ChatState]):
             temperature=settings.temperature,
             max_tokens=settings.max_tokens,
             base_url=settings.base_url,
+            record_key=str(message.id),
         )
 
     async def decide(self, state: ChatState, message: RecordedEvent, ctx: Context) -> list[NewEvent]:

@@ -64,7 +64,8 @@ class AgentRunnerImpl(EntityActor):
         if budget is not None and self.spent >= budget:
             raise BudgetExceededError("agent", self.spent, budget)
         c = await self.router.complete(request)
-        self.spent += c.cost_usd
+        if not c.cached:  # a cached answer's cost, if it carries one, was counted when it was paid
+            self.spent += c.cost_usd
         return c
 
     async def reload_config(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from actors.llm.base import (
     parse_structured,
     sdk_error,
     secret_value,
+    server_key_for,
 )
 
 if TYPE_CHECKING:
@@ -27,7 +29,8 @@ class AnthropicProvider:
     """Claude through ``anthropic.AsyncAnthropic``: system messages go to ``system=``; a schema becomes the one
     tool the model must call, and its input is the structured answer.
 
-    The SDK's own retries are off (``max_retries=0``): the router owns the retry policy."""
+    The SDK's own retries are off (``max_retries=0``): the router owns the retry policy. The configured key goes
+    only to the configured base URL (see ``server_key_for``)."""
 
     def __init__(
         self,
@@ -41,21 +44,23 @@ class AnthropicProvider:
         self._key = SecretStr(key) if key else None
         self.base_url = base_url
         self.timeout = timeout
-        self._clients: dict[str | None, AsyncAnthropic] = {}
+        self._clients: dict[tuple[str | None, str], AsyncAnthropic] = {}
 
     def __repr__(self) -> str:
         return f"AnthropicProvider(name={self.name!r}, base_url={self.base_url!r})"
 
-    def _client(self, base_url: str | None) -> AsyncAnthropic:
-        url = base_url or self.base_url
-        if self._key is None and url is None:
+    def _client(self, request: CompletionRequest) -> AsyncAnthropic:
+        url = request.base_url or self.base_url
+        key = server_key_for(self.name, self.base_url, secret_value(self._key), request)
+        if key is None and url is None:
             raise ProviderError(f"{self.name}: no API key configured (set AGENTHUB_ANTHROPIC_API_KEY)")
-        if url not in self._clients:
+        key = key or "not-needed"
+        slot = (url, hashlib.sha256(key.encode()).hexdigest())
+        if slot not in self._clients:
             from anthropic import AsyncAnthropic
 
-            key = self._key.get_secret_value() if self._key else "not-needed"
-            self._clients[url] = AsyncAnthropic(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
-        return self._clients[url]
+            self._clients[slot] = AsyncAnthropic(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
+        return self._clients[slot]
 
     def _params(self, request: CompletionRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -85,9 +90,9 @@ class AnthropicProvider:
 
         started = time.perf_counter()
         try:
-            resp = await self._client(request.base_url).messages.create(**self._params(request))
+            resp = await self._client(request).messages.create(**self._params(request))
         except anthropic.AnthropicError as e:
-            raise sdk_error(self.name, e, [self._key.get_secret_value() if self._key else None]) from None
+            raise sdk_error(self.name, e, [secret_value(self._key), secret_value(request.api_key)]) from None
         text = "".join(getattr(b, "text", "") for b in resp.content if b.type == "text")
         structured = None
         if request.response_schema is not None:

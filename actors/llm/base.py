@@ -18,7 +18,16 @@ from events.pickling import PickledAsJson
 
 # Fields that say how to ask, not what was asked: they never change the answer, so they stay out of the digest
 # (a replay or a cache lookup must match a request whatever its timeout, fallback or accounting tags).
-_NOT_ASKED = {"cache", "timeout_s", "fallback_provider", "fallback_model", "agent_id", "run_id"}
+_NOT_ASKED = {
+    "cache",
+    "timeout_s",
+    "fallback_provider",
+    "fallback_model",
+    "agent_id",
+    "run_id",
+    "record_key",
+    "api_key",
+}
 
 
 class ChatMessage(BaseModel):
@@ -41,6 +50,13 @@ class CompletionRequest(PickledAsJson):
     cache: bool = True
     agent_id: str | None = None
     run_id: str | None = None
+    # Who will record the answer, e.g. ``task-<id>:work:2`` or a chat message's id: the same key asking again means
+    # its earlier answer was never recorded (a caller asks only for what its log lacks), so a cached answer then
+    # still carries the cost it was paid for (LLMRouter.complete).
+    record_key: str | None = None
+    # A key for ``base_url`` of this request only (an agent's own server). Never hashed, never serialized: it does
+    # not cross Ray, and it is never in an event.
+    api_key: SecretStr | None = Field(None, exclude=True, repr=False)
 
     def digest(self) -> str:
         """Stable hash of what was asked: recorded with the completion, used to match it on replay and in the cache.
@@ -123,6 +139,27 @@ def secret_value(key: SecretStr | str | None) -> str | None:
     if isinstance(key, SecretStr):
         return key.get_secret_value() or None
     return key or None
+
+
+def server_key_for(
+    provider: str, configured_url: str | None, key: str | None, request: CompletionRequest
+) -> str | None:
+    """The API key to send for ``request``: its own key if it has one; the server's key (``key``) only to the
+    server's configured base URL. Another base URL (an agent's own) with no key of its own is refused when the
+    server has a key, so that key never reaches a host it was not configured for."""
+    own = secret_value(request.api_key)
+    if own:
+        return own
+    if request.base_url is None or request.base_url.rstrip("/") == (configured_url or "").rstrip("/"):
+        return key
+    if key:
+        configured = configured_url or "the provider's default"
+        raise ProviderError(
+            f"{provider}: base_url {request.base_url} is not the configured {configured}; the server's API key "
+            "is only sent there. Give the agent its own API key for that server, or use the openai_compatible "
+            "provider for a server that needs none"
+        )
+    return None
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:

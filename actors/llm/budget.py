@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from actors.llm.base import ProviderError
 from storage.eventlog import EventLog
@@ -11,9 +11,14 @@ from storage.eventlog import EventLog
 class BudgetExceededError(ProviderError):
     """No more provider calls for this run or agent: its completions already cost its budget."""
 
-    def __init__(self, scope: str, spent: float, budget: float) -> None:
-        super().__init__(f"{scope} budget exceeded: spent ${spent:.4f} of ${budget:.4f}")
-        self.spent, self.budget = spent, budget
+    def __init__(self, scope: str, spent: float, budget: float, message: str | None = None) -> None:
+        super().__init__(message or f"{scope} budget exceeded: spent ${spent:.4f} of ${budget:.4f}")
+        self.scope, self.spent, self.budget = scope, spent, budget
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds an exception from ``args`` (the message only), which this ``__init__`` cannot take:
+        # it must cross Ray (a role's verdict, the LLM actor) intact.
+        return type(self), (self.scope, self.spent, self.budget, str(self)), self.__dict__
 
 
 def spending_sql(by: Literal["run_id", "agent_id"]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from actors.llm.base import (
     parse_structured,
     sdk_error,
     secret_value,
+    server_key_for,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ class OpenAICompatibleProvider:
     """OpenAI's chat completions against api.openai.com or any compatible server (vLLM, llama.cpp, Ollama).
 
     The SDK's own retries are off (``max_retries=0``): the router owns the retry policy, so attempts are counted
-    and ``retry-after`` is honoured in one place."""
+    and ``retry-after`` is honoured in one place. The configured key goes only to the configured base URL (see
+    ``server_key_for``)."""
 
     def __init__(
         self,
@@ -39,23 +42,24 @@ class OpenAICompatibleProvider:
         timeout: float = 60.0,
     ) -> None:
         self.name = name
-        self._key = SecretStr(secret_value(api_key) or "not-needed")
+        key = secret_value(api_key)
+        self._key = SecretStr(key) if key else None
         self.base_url = base_url
         self.timeout = timeout
-        self._clients: dict[str | None, AsyncOpenAI] = {}
+        self._clients: dict[tuple[str | None, str], AsyncOpenAI] = {}
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
 
-    def _client(self, base_url: str | None) -> AsyncOpenAI:
-        url = base_url or self.base_url
-        if url not in self._clients:
+    def _client(self, request: CompletionRequest) -> AsyncOpenAI:
+        url = request.base_url or self.base_url
+        key = server_key_for(self.name, self.base_url, secret_value(self._key), request) or "not-needed"
+        slot = (url, hashlib.sha256(key.encode()).hexdigest())
+        if slot not in self._clients:
             from openai import AsyncOpenAI
 
-            self._clients[url] = AsyncOpenAI(
-                api_key=self._key.get_secret_value(), base_url=url, timeout=self.timeout, max_retries=0
-            )
-        return self._clients[url]
+            self._clients[slot] = AsyncOpenAI(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
+        return self._clients[slot]
 
     def _params(self, request: CompletionRequest) -> dict[str, Any]:
         reasoning = request.model.startswith(_REASONING_PREFIXES)
@@ -80,9 +84,9 @@ class OpenAICompatibleProvider:
 
         started = time.perf_counter()
         try:
-            resp = await self._client(request.base_url).chat.completions.create(**self._params(request))
+            resp = await self._client(request).chat.completions.create(**self._params(request))
         except openai.OpenAIError as e:
-            raise sdk_error(self.name, e, [self._key.get_secret_value()]) from None
+            raise sdk_error(self.name, e, [secret_value(self._key), secret_value(request.api_key)]) from None
         if not resp.choices:
             raise ProviderError(f"{self.name}: the response has no choices")
         choice = resp.choices[0]

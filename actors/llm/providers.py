@@ -40,12 +40,15 @@ __all__ = [
 
 
 def build_providers(config: RuntimeConfig) -> dict[str, Provider]:
-    """Every provider the config makes usable; keys stay ``SecretStr`` until a client is built."""
+    """Every provider the config makes usable; keys stay ``SecretStr`` until a client is built.
+
+    ``openai_compatible`` is for an agent's own server (its ``base_url``): it never holds the server's OpenAI key,
+    which goes only to ``openai_base_url`` (or api.openai.com)."""
     timeout = config.llm_timeout_s
     return {
         "scripted": ScriptedProvider(),
         "openai": OpenAICompatibleProvider("openai", config.openai_api_key, config.openai_base_url, timeout),
-        "openai_compatible": OpenAICompatibleProvider("openai_compatible", config.openai_api_key, None, timeout),
+        "openai_compatible": OpenAICompatibleProvider("openai_compatible", None, None, timeout),
         "anthropic": AnthropicProvider("anthropic", config.anthropic_api_key, config.anthropic_base_url, timeout),
     }
 
@@ -63,5 +66,6 @@ def completed_event(c: Completion, request: CompletionRequest, agent_id: str, **
         latency_ms=c.latency_ms,
         cost_usd=c.cost_usd,
         request_hash=c.request_hash or request.digest(),
+        cached=c.cached,
         **extra,
     )

@@ -116,10 +116,16 @@ class LLMRouter:
         use_cache = request.cache and self.cache is not None
         key = request.digest()
         if use_cache and self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
+            entry = self.cache.get_entry(key)
+            if entry is not None:
+                hit, paid_by = entry
                 self._agent(request).cached += 1
-                return hit.model_copy(update={"cached": True, "latency_ms": 0.0, "cost_usd": 0.0, "attempts": 0})
+                # The same recorder asking again never recorded the answer it paid for (a decision retried after a
+                # version conflict, a step redone after a crash): its record must carry that cost, or the log's
+                # sums (budgets, usage) miss it. Anyone else reuses an answer that cost nothing more.
+                unrecorded = request.record_key is not None and request.record_key == paid_by
+                cost = hit.cost_usd if unrecorded else 0.0
+                return hit.model_copy(update={"cached": True, "latency_ms": 0.0, "cost_usd": cost, "attempts": 0})
         try:
             c = await self._with_fallback(request)
         except ProviderError as e:
@@ -130,7 +136,7 @@ class LLMRouter:
             raise
         c.request_hash = key
         if use_cache and self.cache is not None:
-            self.cache.put(key, c)
+            self.cache.put(key, c, request.record_key)
         usage = self._agent(request)
         usage.completions += 1
         usage.attempts += c.attempts
@@ -191,8 +197,9 @@ class LLMRouter:
             update={
                 "provider": provider,
                 "model": request.fallback_model or request.model,
-                # the primary's base URL names the primary's server
+                # the primary's base URL (and its key) name the primary's server
                 "base_url": request.base_url if provider == request.provider else None,
+                "api_key": request.api_key if provider == request.provider else None,
                 "fallback_provider": None,
                 "fallback_model": None,
             }

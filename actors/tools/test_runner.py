@@ -92,7 +92,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, str]) -> _Run:
-    """Run ``cmd`` in its own process group; on timeout SIGINT the group, then SIGKILL it after a grace period."""
+    """Run ``cmd`` in its own session and process group; on timeout SIGINT the group, then SIGKILL it after a grace
+    period. Whatever is left in the group when the run ends is killed."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -127,8 +128,10 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
     finally:
-        if proc.returncode is None:  # cancelled: never leave the tests running
-            _signal_group(proc.pid, signal.SIGKILL)
+        # Always: the runner may be done, but what the tests started in the background (a server, a ``sleep``)
+        # is still in the group (the child leads its own session, so the group is only the run's processes).
+        # When cancelled, this also stops the tests themselves.
+        _signal_group(proc.pid, signal.SIGKILL)
         # A grandchild that left the group could hold the pipe open; do not wait on it forever.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), 2.0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import ray
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from actors.agents.team.decision import Decision
 from actors.agents.team.queue import TaskQueue
@@ -22,11 +23,53 @@ from actors.llm.providers import Completion, CompletionRequest
 from actors.subscriber import EntityActor
 from events import NewEvent, RecordedEvent, Subscription
 from events.team import DecisionVerdict
+from storage.errors import StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
 TASK_TRIGGERS = frozenset({"task.created", "task.assigned", "task.review_requested", "task.reviewed"})
 ACTOR_PATH = "actors.agents.team.actors"
+
+
+class OpenTasks:
+    """A fold of the task events a role queue needs: each task's latest trigger, status, role or reviewer,
+    priority (raised ones too) and deadline. After a restart it tells a role which tasks to queue again."""
+
+    TYPES = (*TASK_TRIGGERS, "task.priority_raised", *(f"task.{t}" for t in TERMINAL))
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[RecordedEvent, dict[str, Any]]] = {}
+
+    def add(self, e: RecordedEvent) -> None:
+        d, tid = e.data, e.data["task_id"]
+        trigger, st = self.latest.get(tid, (e, {}))
+        st = {**st}
+        if "priority" in d:
+            st["priority"] = d["priority"]
+        if d.get("deadline"):
+            st["deadline"] = d["deadline"]
+        if e.type in ("task.created", "task.assigned"):
+            st.update(role=d["role"], status="open")
+            trigger = e
+        elif e.type == "task.review_requested":
+            st.update(status="review", reviewer=d["role"])
+            trigger = e
+        elif e.type == "task.reviewed":
+            st["status"] = "open"
+            trigger = e
+        elif e.type != "task.priority_raised":  # not a trigger: it only changes the task's place in the queue
+            st["status"] = "done"
+            trigger = e
+        self.latest[tid] = (trigger, st)
+
+    def for_role(self, name: str) -> list[tuple[str, RecordedEvent, int, str | None]]:
+        """``(task id, trigger, priority, deadline)`` of every unfinished task ``name`` must act on."""
+        return [
+            (tid, trigger, int(st.get("priority", 5)), st.get("deadline"))
+            for tid, (trigger, st) in self.latest.items()
+            if (st.get("status") == "open" and st.get("role") == name)
+            or (st.get("status") == "review" and st.get("reviewer") == name)
+        ]
 
 
 def role_subscription(name: str) -> Subscription:
@@ -59,7 +102,15 @@ class TeamActor(EntityActor):
 
 class RoleActorImpl(TeamActor):
     """A role: tasks routed to it wait in a priority queue (1 = high first, then deadline, then arrival) and
-    are worked one at a time, so a long task never blocks routing."""
+    are worked one at a time, so a long task never blocks routing.
+
+    A step that meets a store outage is retried (the routed event was already acknowledged: dropping it would
+    leave the task waiting for its timeout); if the store is still down after ``store_retry_stop``, the task
+    goes back into the queue."""
+
+    store_retry_wait: Any = wait_exponential(multiplier=0.5, max=8)
+    store_retry_stop: Any = stop_after_delay(60)
+    store_retry_pause_s = 1.0
 
     def __init__(self, config: RuntimeConfig, name: str) -> None:
         self.name = name
@@ -74,35 +125,16 @@ class RoleActorImpl(TeamActor):
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     async def _requeue_from_log(self) -> None:
-        """After a restart, the queue is rebuilt from the log: every unfinished task this role must act on."""
-        latest: dict[str, tuple[RecordedEvent, dict[str, Any]]] = {}
+        """After a restart, the queue is rebuilt from the log: every unfinished task this role must act on, with
+        its priority as last raised and its deadline."""
+        tasks = OpenTasks()
         pos = 0
-        types = [*TASK_TRIGGERS, *(f"task.{t}" for t in TERMINAL)]
-        while batch := await self.store.read_all(pos, types=types, limit=5000):
+        while batch := await self.store.read_all(pos, types=list(OpenTasks.TYPES), limit=5000):
             for e in batch:
-                tid = e.data["task_id"]
-                _, st = latest.get(tid, (e, {}))
-                if e.type in ("task.created", "task.assigned"):
-                    st = {
-                        **st,
-                        "role": e.data["role"],
-                        "status": "open",
-                        "priority": e.data.get("priority", st.get("priority", 5)),
-                    }
-                elif e.type == "task.review_requested":
-                    st = {**st, "status": "review", "reviewer": e.data["role"]}
-                elif e.type == "task.reviewed":
-                    st = {**st, "status": "open"}
-                else:
-                    st = {**st, "status": "done"}
-                latest[tid] = (e, st)
+                tasks.add(e)
             pos = batch[-1].position
-        for tid, (e, st) in latest.items():
-            mine = (st["status"] == "open" and st.get("role") == self.name) or (
-                st["status"] == "review" and st.get("reviewer") == self.name
-            )
-            if mine:
-                self.queue.put(tid, e, st.get("priority", 5))
+        for tid, trigger, priority, deadline in tasks.for_role(self.name):
+            self.queue.put(tid, trigger, priority, deadline)
 
     async def handle(self, event: RecordedEvent) -> None:
         self.queue.put(event.data["task_id"], event, int(event.data.get("priority", 5)), event.data.get("deadline"))
@@ -113,7 +145,13 @@ class RoleActorImpl(TeamActor):
             task_id, trigger = await self.queue.get()
             self.current = task_id
             try:
-                await host.handle(trigger)
+                await self._step(host, task_id, trigger)
+            except StoreUnavailable:
+                self.failures += 1
+                log.warning("task step waits for the event store", role=self.name, task=task_id)
+                host.active.pop(task_id, None)
+                await self.handle(trigger)  # back into the queue (a newer trigger that came meanwhile wins)
+                await asyncio.sleep(self.store_retry_pause_s)
             except Exception:
                 self.failures += 1
                 log.exception("task step failed", role=self.name, task=task_id)
@@ -121,12 +159,37 @@ class RoleActorImpl(TeamActor):
             finally:
                 self.current = None
 
+    async def _step(self, host: EntityHost[Any], task_id: str, trigger: RecordedEvent) -> None:
+        """One step of a task, retried while the store is unavailable (reloaded from the log each time: an
+        append whose answer was lost may have committed)."""
+
+        def before_retry(state: RetryCallState) -> None:
+            host.active.pop(task_id, None)
+            log.warning("event store unavailable; retrying", role=self.name, task=task_id, tries=state.attempt_number)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            wait=self.store_retry_wait,
+            stop=self.store_retry_stop,
+            reraise=True,
+            before_sleep=before_retry,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await host.handle(trigger)
+
     async def verdict(self, decision_id: str, run_id: str, question: str) -> list[dict[str, Any]]:
         """This role's criteria and verdict on a group decision, with the LLM answer behind it."""
         await self._ready
         run = await self.services.run(run_id)
         events, _ = await self.services.ask(
-            {}, f"verdict:{self.name}", self.name, run, role(self.name).verdict_prompt(question), VERDICT_SCHEMA
+            {},
+            f"verdict:{self.name}",
+            self.name,
+            run,
+            role(self.name).verdict_prompt(question),
+            VERDICT_SCHEMA,
+            recorder=f"decision-{decision_id}",
         )
         v = events[0].data.get("structured") or {}
         verdict = v.get("verdict") if v.get("verdict") in ("approve", "reject", "conditional") else "conditional"

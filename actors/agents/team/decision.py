@@ -1,6 +1,10 @@
 """Group decisions (the seed's V-team): Finance, Risk, Legal and Tech Lead each set their criteria and give a
 verdict in parallel (parallel Ray calls to their actors); the CEO decides from all verdicts. Every verdict, the
-LLM answers behind them, and the decision are events of stream ``decision-<id>``."""
+LLM answers behind them, and the decision are events of stream ``decision-<id>``.
+
+A voter that fails (its LLM call, its actor) is recorded as ``decision.voter_failed`` beside the verdicts the
+others gave (and paid for), and the CEO decides from those; when the CEO's own call fails, or nobody voted, the
+decision is recorded as ``decision.failed``."""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from pydantic import BaseModel, Field
 from actors.agents.team.roles import CEO, role
 from actors.agents.team.services import Completed, TeamServices
 from actors.entity import Context, Entity, Spawn
+from actors.llm.base import ProviderError
+from actors.llm.budget import BudgetExceededError
 from events import NewEvent, RecordedEvent
-from events.team import DecisionMade
+from events.team import BudgetExceeded, DecisionFailed, DecisionMade, DecisionVoterFailed
 
 DECIDE_SCHEMA = {
     "type": "object",
@@ -35,8 +41,10 @@ class DecisionState(BaseModel):
     question: str = ""
     voters: list[str] = Field(default_factory=list)
     verdicts: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    failed_voters: dict[str, str] = Field(default_factory=dict)
     completions: dict[str, Completed] = Field(default_factory=dict)
     decision: str | None = None
+    failure: str | None = None
 
 
 def evolve_decision(s: DecisionState, e: RecordedEvent) -> DecisionState:
@@ -45,6 +53,10 @@ def evolve_decision(s: DecisionState, e: RecordedEvent) -> DecisionState:
         s = DecisionState(decision_id=d["decision_id"], run_id=d["run_id"], question=d["question"], voters=d["voters"])
     elif e.type == "decision.verdict":
         s.verdicts[d["role"]] = d
+    elif e.type == "decision.voter_failed":
+        s.failed_voters[d["role"]] = d["error"]
+    elif e.type == "decision.failed":
+        s.failure = d["reason"]
     elif e.type == "llm.completed" and d.get("purpose"):
         s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
     elif e.type == "decision.made":
@@ -65,19 +77,50 @@ class Decision(Entity[DecisionState]):
     def evolve(self, state: DecisionState, event: RecordedEvent) -> DecisionState:
         return evolve_decision(state, event)
 
+    @staticmethod
+    def ids(s: DecisionState) -> dict[str, str]:
+        return {"decision_id": s.decision_id, "run_id": s.run_id}
+
     async def decide(self, s: DecisionState, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
-        if not s.decision_id or s.decision is not None:
+        if not s.decision_id or s.decision is not None or s.failure is not None:
             return []
-        missing = [v for v in s.voters if v not in s.verdicts]
+        missing = [v for v in s.voters if v not in s.verdicts and v not in s.failed_voters]
         if missing:
-            answers = await asyncio.gather(*(self.ask_voter(v, s.decision_id, s.run_id, s.question) for v in missing))
-            return [NewEvent.model_validate(e) for events in answers for e in events]
+            answers = await asyncio.gather(
+                *(self.ask_voter(v, s.decision_id, s.run_id, s.question) for v in missing), return_exceptions=True
+            )
+            out: list[NewEvent | Spawn] = []
+            for voter, answer in zip(missing, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    if not isinstance(answer, Exception):
+                        raise answer  # cancellation and the like are not a voter's failure
+                    cause = getattr(answer, "cause", None)  # Ray's error wraps the voter's own
+                    err = cause if isinstance(cause, Exception) else answer
+                    error = f"{type(err).__name__}: {err}"[:2000]
+                    out.append(NewEvent.of(DecisionVoterFailed(**self.ids(s), role=voter, error=error)))
+                else:  # the voters that answered: their paid completions and verdicts are kept
+                    out += [NewEvent.model_validate(e) for e in answer]
+            return out
+        if not s.verdicts:
+            return [NewEvent.of(DecisionFailed(**self.ids(s), reason="no voter gave a verdict"))]
         run = await self.services.run(s.run_id)
         ceo = role("ceo")
         assert isinstance(ceo, CEO)
-        ev, answer = await self.services.ask(
-            s.completions, "decide", "ceo", run, ceo.decide_prompt(s.question, s.verdicts), DECIDE_SCHEMA
-        )
+        try:
+            ev, answer = await self.services.ask(
+                s.completions,
+                "decide",
+                "ceo",
+                run,
+                ceo.decide_prompt(s.question, s.verdicts, s.failed_voters),
+                DECIDE_SCHEMA,
+                recorder=f"decision-{s.decision_id}",
+            )
+        except BudgetExceededError as e:
+            over = NewEvent.of(BudgetExceeded(run_id=s.run_id, spent_usd=e.spent, budget_usd=e.budget))
+            return [NewEvent.of(DecisionFailed(**self.ids(s), reason=str(e))), Spawn(f"run-{s.run_id}", [over])]
+        except ProviderError as e:
+            return [NewEvent.of(DecisionFailed(**self.ids(s), reason=f"LLM call failed: {e}"))]
         if ev:
             return ev
         assert answer is not None

@@ -3,13 +3,16 @@
 Replay folds every task, decision and memory of a run from the log (no actor, no provider) and checks the
 result against the read models. Fork copies a run's events up to a position into a new run (new stream names,
 ids mapped, causation kept) and adds ``run.forked`` with the new model or prompts; the team then carries the
-copy on from that point, while the original run's streams are never written."""
+copy on from that point, while the original run's streams are never written. Timers that were pending at the fork
+point are shifted by the time since then: a task that had four minutes left at the fork has four minutes left in
+the copy, instead of timing out at once."""
 
 from __future__ import annotations
 
 import json
 import secrets
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -91,6 +94,11 @@ def _rename(value: Any, renames: dict[str, str]) -> Any:
     return json.loads(text)
 
 
+def _shifted(fire_at: str, shift: timedelta) -> str:
+    when = datetime.fromisoformat(fire_at)
+    return ((when if when.tzinfo else when.replace(tzinfo=UTC)) + max(shift, timedelta(0))).isoformat()
+
+
 async def fork_run(
     store: EventLog, run_id: str, at_position: int, *, model: str | None = None, prompts: dict[str, str] | None = None
 ) -> str:
@@ -106,8 +114,14 @@ async def fork_run(
         if e.type == "decision.requested":
             renames[e.data["decision_id"]] = f"{e.data['decision_id']}_{new_run}"
     ids: dict[UUID, UUID] = {}
+    fork_time = await store.fetchval(
+        "SELECT recorded_at FROM events WHERE position <= $1 ORDER BY position DESC LIMIT 1", at_position
+    )
+    shift = datetime.now(UTC) - (fork_time or events[-1].recorded_at)
     # One transaction: the team must not see (and act on) a half-copied run.
     async with store.connection() as conn, conn.transaction():
+        # Several streams in one transaction: hold them all before the first write (EventLog.append says why).
+        await store.lock_streams(conn, sorted({_rename(e.stream, renames) for e in events} | {f"run-{new_run}"}))
         for e in events:
             ids[e.id] = new_id()
             meta = e.meta.model_dump()
@@ -116,6 +130,8 @@ async def fork_run(
                     meta[key] = ids[meta[key]]
             meta.update(actor="fork", idempotency_key=None, forked_from=str(e.id))
             data = _rename(e.data, renames)
+            if e.type == "timer.scheduled":
+                data["fire_at"] = _shifted(data["fire_at"], shift)
             copy = NewEvent(id=ids[e.id], type=e.type, data=data, meta=Meta.model_validate(meta))
             stream = _rename(e.stream, renames)
             await store.append(stream, [copy], idempotency_key=f"fork:{new_run}:{e.position}", conn=conn)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 
 from events import RecordedEvent
 
 
 def deadline_ts(value: str | None) -> float:
+    """A deadline as a timestamp; one without a time zone is UTC (as ``events.team.as_utc`` reads it)."""
     if not value:
         return math.inf
     try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
+        when = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
         return math.inf
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 class TaskQueue:

@@ -106,6 +106,24 @@ class Role:
             f"As the {self.config.title}, set your own criteria, then give approve, reject or conditional."
         )
 
+    # The TDD phases are QA's and the developer's; any role can take them over when a task is escalated to it.
+
+    def tests_prompt(self, task: Any) -> str:
+        return (
+            f"PHASE=tests ROLE={self.config.name}\nTask: {task.title}\n{task.description}\n"
+            "Write pytest tests for it first."
+        )
+
+    def code_prompt(self, task: Any, attempt: int, approach: int, tests: dict[str, str], failures: list[str]) -> str:
+        lines = [f"PHASE=code ROLE={self.config.name} ATTEMPT={attempt} APPROACH={approach}", f"Task: {task.title}"]
+        lines.append(task.description)
+        lines += [f"Test file {path}:\n{content}" for path, content in sorted(tests.items())]
+        if approach > 1:
+            lines.append("The previous approach kept failing: use a different approach.")
+        lines += [f"Failing: {f}" for f in failures]
+        lines.append("Answer with the files that make these tests pass.")
+        return "\n".join(lines)
+
 
 def _role(name: str, title: str, prompt: str, **kw: Any) -> type[Role]:
     return type(
@@ -130,9 +148,12 @@ class CEO(Role):
             + f"\nThe team is idle. Create at most {room} new tasks (title, description, role, priority 1/5/10)."
         )
 
-    def decide_prompt(self, question: str, verdicts: dict[str, dict[str, Any]]) -> str:
+    def decide_prompt(
+        self, question: str, verdicts: dict[str, dict[str, Any]], failed: dict[str, str] | None = None
+    ) -> str:
         lines = [f"PHASE=decide ROLE=ceo\nQuestion: {question}"]
         lines += [f"- {role}: {v['verdict']} ({v['rationale']})" for role, v in sorted(verdicts.items())]
+        lines += [f"- {role}: gave no verdict" for role in sorted(failed or {})]
         lines.append("Decide: approve, reject or conditional, with your rationale.")
         return "\n".join(lines)
 
@@ -145,16 +166,6 @@ class Developer(Role):
         tools=["filesystem", "git", "test_runner"],
     )
 
-    def code_prompt(self, task: Any, attempt: int, approach: int, tests: dict[str, str], failures: list[str]) -> str:
-        lines = [f"PHASE=code ROLE=developer ATTEMPT={attempt} APPROACH={approach}", f"Task: {task.title}"]
-        lines.append(task.description)
-        lines += [f"Test file {path}:\n{content}" for path, content in sorted(tests.items())]
-        if approach > 1:
-            lines.append("The previous approach kept failing: use a different approach.")
-        lines += [f"Failing: {f}" for f in failures]
-        lines.append("Answer with the files that make these tests pass.")
-        return "\n".join(lines)
-
 
 class QA(Role):
     config = RoleConfig(
@@ -163,9 +174,6 @@ class QA(Role):
         system_prompt="You write the tests first: pytest files that pin down the behaviour asked for.",
         tools=["filesystem", "test_runner"],
     )
-
-    def tests_prompt(self, task: Any) -> str:
-        return f"PHASE=tests ROLE=qa\nTask: {task.title}\n{task.description}\nWrite pytest tests for it first."
 
 
 CFO = _role("cfo", "Chief Financial Officer", "You guard the money: costs, revenue, runway.")

@@ -1,6 +1,9 @@
 """The CEO loop (stream ``run-<id>``): a durable timer ticks; when no task of the run is active or pending, the
 CEO turns its strategy into new tasks, never more than ``max_generated_tasks`` in a run, so a runaway loop
-cannot flood the queues. When it is idle and has nothing more to make, the run is completed."""
+cannot flood the queues. When it is idle and has nothing more to make, the run is completed.
+
+A failed LLM call does not stop the loop: the tick is recorded with its error and the next tick is scheduled;
+after ``MAX_FAILED_TICKS`` failures in a row the run is completed with the last error in its summary."""
 
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ from pydantic import BaseModel, Field
 from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
 from actors.agents.team.services import Completed, TeamServices, fold_run
 from actors.entity import Context, Entity, Spawn
+from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import BudgetExceeded, CeoChecked, RunCompleted, TaskCreated
+
+MAX_FAILED_TICKS = 3
 
 
 class RunState(BaseModel):
@@ -23,6 +29,7 @@ class RunState(BaseModel):
     ticks: int = 0
     scheduled: int = 0
     generated: int = 0
+    failed_ticks: int = 0  # ticks in a row whose LLM call failed
     completions: dict[str, Completed] = Field(default_factory=dict)
 
 
@@ -35,6 +42,7 @@ def evolve_run(s: RunState, e: RecordedEvent) -> RunState:
     elif t == "ceo.checked":
         s.ticks += 1
         s.generated += d["generated"]
+        s.failed_ticks = s.failed_ticks + 1 if d.get("error") else 0
     elif t == "llm.completed" and d.get("purpose"):
         s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
     elif t == "run.completed":
@@ -94,10 +102,23 @@ class Run(Entity[RunState]):
             prompt = ceo.generate_prompt(run.goal, run.strategy, done, room)
             try:
                 ev, answer = await self.services.ask(
-                    s.completions, f"generate:{s.scheduled}", "ceo", run, prompt, TASKS_SCHEMA
+                    s.completions,
+                    f"generate:{s.scheduled}",
+                    "ceo",
+                    run,
+                    prompt,
+                    TASKS_SCHEMA,
+                    recorder=f"run-{s.run_id}",
                 )
             except BudgetExceededError as e:
                 return [NewEvent.of(BudgetExceeded(run_id=s.run_id, spent_usd=e.spent, budget_usd=e.budget))]
+            except ProviderError as e:  # retries are spent; record the tick and try again at the next one
+                error = f"LLM call failed: {e}"
+                failed = NewEvent.of(CeoChecked(run_id=s.run_id, active=0, pending=0, generated=0, error=error))
+                if s.failed_ticks + 1 >= MAX_FAILED_TICKS:
+                    summary = f"{len(done)} tasks done; stopped after {MAX_FAILED_TICKS} failed ticks: {error}"
+                    return [failed, NewEvent.of(RunCompleted(run_id=s.run_id, summary=summary[:2000]))]
+                return [failed, self.tick_timer(s, run.ceo_interval_s)]
             if ev:
                 return ev
             assert answer is not None

@@ -76,11 +76,14 @@ class TeamServices:
         run: RunConfig,
         prompt: str,
         schema: dict[str, Any] | None = None,
+        *,
+        recorder: str | None = None,
     ) -> tuple[list[NewEvent], Completed | None]:
         """The recorded answer for ``purpose``, or the ``llm.completed`` event to record first.
 
         Answers are read from the entity's state (folded from the log), so a replayed or redelivered step never
-        calls the provider again."""
+        calls the provider again. ``recorder`` names the stream that records the answer: asking again for the
+        same purpose means the earlier answer was never recorded, and its cost is recorded with the cached one."""
         if purpose in completions:
             return [], completions[purpose]
         if run.budget_usd is not None:
@@ -100,6 +103,7 @@ class TeamServices:
             response_schema=schema,
             agent_id=role_name,
             run_id=run.run_id,
+            record_key=f"{recorder}:{purpose}" if recorder else None,
         )
         c: Completion = await self._complete(request)
         payload = completed_event(c, request, role_name, run_id=run.run_id, purpose=purpose, structured=c.structured)

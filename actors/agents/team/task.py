@@ -13,16 +13,18 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from actors.agents.team.roles import FILES_SCHEMA, QA, REVIEW_SCHEMA, VALIDATION_SCHEMA, Developer, role
+from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCHEMA, role
 from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
 from actors.tools import GitWorkspace, run_pytest
+from actors.tools.git_workspace import MAIN, AlreadyMergedError
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import (
     BudgetExceeded,
+    Deadline,
     FilesWritten,
     MemoryNoted,
     ReviewRequested,
@@ -63,7 +65,7 @@ class TaskState(BaseModel):
     role: str = ""
     owner: str = ""
     priority: int = 5
-    deadline: datetime | None = None
+    deadline: Deadline | None = None  # UTC, also when an older event recorded it without a time zone
     timeout_s: float = 300.0
     spec: dict[str, Any] = Field(default_factory=dict)
     status: str = "absent"
@@ -102,7 +104,8 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
         s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
     elif t == "task.files_written":
         s.branch = d["branch"]
-        (s.tests if d["role"] == "qa" else s.files).update(d["files"])
+        # Tests are what the tests phase writes: QA's, or the tech lead's when the task was escalated to it.
+        (s.tests if d["role"] == "qa" or s.phase == "tests" else s.files).update(d["files"])
     elif t == "task.attempted":
         s.attempts.append(Attempt.model_validate(d))
     elif t == "task.review_requested":
@@ -138,6 +141,10 @@ class Task(Entity[TaskState]):
 
     def initial(self) -> TaskState:
         return TaskState()
+
+    @staticmethod
+    def recorder(s: TaskState) -> str:
+        return f"task-{s.task_id}"
 
     def evolve(self, state: TaskState, event: RecordedEvent) -> TaskState:
         return evolve_task(state, event)
@@ -205,7 +212,7 @@ class Task(Entity[TaskState]):
             NewEvent.of(
                 TaskEscalated(**s.ids(), from_role=s.role, to_role=target, reason=f"no result in {s.timeout_s:.0f}s")
             ),
-            NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase, priority=s.priority)),
+            NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase, priority=s.priority, deadline=s.deadline)),
         ]
 
     def next_attempt(self, s: TaskState) -> tuple[int, int] | None:
@@ -220,7 +227,11 @@ class Task(Entity[TaskState]):
 
     def request_review(self, s: TaskState) -> list[NewEvent | Spawn]:
         reviewer = role(self.me).config.reviewer
-        return [NewEvent.of(ReviewRequested(**s.ids(), role=reviewer, owner=self.me, priority=s.priority))]
+        return [
+            NewEvent.of(
+                ReviewRequested(**s.ids(), role=reviewer, owner=self.me, priority=s.priority, deadline=s.deadline)
+            )
+        ]
 
     def give_up(self, s: TaskState) -> list[NewEvent | Spawn]:
         reason = f"no attempt passed after {len(s.attempts)} attempts and {APPROACHES} approaches"
@@ -242,13 +253,19 @@ class Task(Entity[TaskState]):
         r = role(self.me)
         feedback = s.feedback + [i for a in s.attempts[-1:] for i in a.issues]
         ev, work = await self.services.ask(
-            s.completions, f"work:{n}", self.me, run, r.work_prompt(s, n, approach, feedback)
+            s.completions, f"work:{n}", self.me, run, r.work_prompt(s, n, approach, feedback), recorder=self.recorder(s)
         )
         if ev:
             return ev
         assert work is not None
         ev, check = await self.services.ask(
-            s.completions, f"validate:{n}", self.me, run, r.validate_prompt(s, work.text), VALIDATION_SCHEMA
+            s.completions,
+            f"validate:{n}",
+            self.me,
+            run,
+            r.validate_prompt(s, work.text),
+            VALIDATION_SCHEMA,
+            recorder=self.recorder(s),
         )
         if ev:
             return ev
@@ -280,6 +297,7 @@ class Task(Entity[TaskState]):
             run,
             role(self.me).review_prompt(s, output),
             REVIEW_SCHEMA,
+            recorder=self.recorder(s),
         )
         if ev:
             return ev
@@ -290,7 +308,13 @@ class Task(Entity[TaskState]):
         return [
             NewEvent.of(
                 TaskReviewed(
-                    **s.ids(), role=self.me, owner=s.role, approved=approved, comments=comments, priority=s.priority
+                    **s.ids(),
+                    role=self.me,
+                    owner=s.role,
+                    approved=approved,
+                    comments=comments,
+                    priority=s.priority,
+                    deadline=s.deadline,
                 )
             )
         ]
@@ -299,9 +323,8 @@ class Task(Entity[TaskState]):
         out: list[NewEvent | Spawn] = []
         if s.kind == "implement" and s.merged is None and s.branch:
             branch, approver = s.branch, s.approved_by or ""
-            sha = await self.services.in_workspace(
-                run, lambda root: GitWorkspace(root).merge_to_main(branch, approver).sha
-            )
+            # A repeated step (the append lost to a conflict, a crash after the merge) finds the branch merged.
+            sha = await self.services.in_workspace(run, lambda root: _merge(root, branch, approver))
             out.append(NewEvent.of(TaskMerged(**s.ids(), branch=branch, commit=sha, approved_by=approver)))
             result = f"merged {branch} into main as {sha[:10]}, approved by {approver}"
         else:
@@ -314,9 +337,15 @@ class Task(Entity[TaskState]):
     # ---- the TDD flow: QA writes the tests, the developer makes them pass --------------------------------
 
     async def write_tests(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
-        assert isinstance(role(self.me), QA)
+        """QA's phase, or the role the task was escalated to (the tech lead when QA timed out)."""
         ev, answer = await self.services.ask(
-            s.completions, "tests:1", self.me, run, role(self.me).tests_prompt(s), FILES_SCHEMA
+            s.completions,
+            "tests:1",
+            self.me,
+            run,
+            role(self.me).tests_prompt(s),
+            FILES_SCHEMA,
+            recorder=self.recorder(s),
         )
         if ev:
             return ev
@@ -325,7 +354,9 @@ class Task(Entity[TaskState]):
         branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, self.me))
         return [
             NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
-            NewEvent.of(TaskAssigned(**s.ids(), role="developer", phase="code", priority=s.priority)),
+            NewEvent.of(
+                TaskAssigned(**s.ids(), role="developer", phase="code", priority=s.priority, deadline=s.deadline)
+            ),
         ]
 
     async def code(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
@@ -335,11 +366,11 @@ class Task(Entity[TaskState]):
         if nxt is None:
             return self.give_up(s)
         n, approach = nxt
-        dev = role(self.me)
-        assert isinstance(dev, Developer)
         failures = s.feedback + [i for a in s.attempts[-1:] for i in a.issues]
-        prompt = dev.code_prompt(s, n, approach, s.tests, failures)
-        ev, answer = await self.services.ask(s.completions, f"code:{n}", self.me, run, prompt, FILES_SCHEMA)
+        prompt = role(self.me).code_prompt(s, n, approach, s.tests, failures)  # the developer's, or the escalated-to
+        ev, answer = await self.services.ask(
+            s.completions, f"code:{n}", self.me, run, prompt, FILES_SCHEMA, recorder=self.recorder(s)
+        )
         if ev:
             return ev
         assert answer is not None
@@ -396,8 +427,22 @@ def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tup
 
 
 def _merge(root: Path, branch: str, approver: str) -> str:
-    """Merge the approved branch into main; a redelivered step finds it merged and returns main's head."""
+    """Merge the approved branch into main; a repeated step finds it merged and returns the merge commit that
+    brought it in (main's head when that cannot be told)."""
     repo = GitWorkspace(root)
-    if repo.repo.is_ancestor(repo.repo.heads[branch].commit, repo.repo.heads["main"].commit):
-        return repo.repo.heads["main"].commit.hexsha
-    return repo.merge_to_main(branch, approved_by=approver, author=approver).sha
+    tip = repo.repo.heads[branch].commit
+    main = repo.repo.heads[MAIN].commit
+    if repo.repo.is_ancestor(tip, main):
+        return _merged_by(repo, tip.hexsha) or main.hexsha
+    try:
+        return repo.merge_to_main(branch, approved_by=approver, author=approver).sha
+    except AlreadyMergedError as e:
+        return e.main_sha
+
+
+def _merged_by(repo: GitWorkspace, tip: str) -> str | None:
+    """The merge commit on main's first-parent line whose merged parent is ``tip``."""
+    for commit in repo.repo.iter_commits(MAIN, first_parent=True, max_count=1000):
+        if len(commit.parents) > 1 and any(p.hexsha == tip for p in commit.parents[1:]):
+            return commit.hexsha
+    return None

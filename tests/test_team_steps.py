@@ -1,0 +1,313 @@
+"""Single steps of the team's entities and actors, called directly: no Ray, no LLM, a real git repository and
+pytest where a step uses them, and Postgres only for a fork."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from tenacity import stop_after_attempt, wait_none
+
+from actors.agents.team.actors import RoleActorImpl
+from actors.agents.team.decision import Decision, DecisionState, evolve_decision
+from actors.agents.team.history import fork_run
+from actors.agents.team.queue import TaskQueue
+from actors.agents.team.run import MAX_FAILED_TICKS, Run, RunState, evolve_run
+from actors.agents.team.services import Completed, RunConfig, TeamServices
+from actors.agents.team.task import Task, TaskState, _commit, evolve_task
+from actors.entity import Context, Spawn
+from actors.llm.base import Completion, CompletionRequest, ProviderError
+from events import Meta, NewEvent, RecordedEvent
+from events.system import TimerScheduled
+from events.team import DecisionVerdict, RunStarted, TaskCreated, TaskStarted
+from storage.errors import StoreUnavailable
+from storage.eventlog import EventLog
+
+ADD_TESTS = "from add_util import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+ADD_CODE = "def add(a, b):\n    return a + b\n"
+
+
+def recorded(n: NewEvent | dict[str, Any], stream: str = "task-r1.t1", position: int = 1) -> RecordedEvent:
+    n = n if isinstance(n, NewEvent) else NewEvent.model_validate(n)
+    return RecordedEvent(
+        id=n.id,
+        stream=stream,
+        version=position,
+        position=position,
+        tx_id=1,
+        type=n.type,
+        data=n.data,
+        meta=n.meta,
+        recorded_at=datetime.now(UTC),
+    )
+
+
+def fold(evolve: Any, state: Any, decided: list[NewEvent | Spawn]) -> Any:
+    for n in decided:
+        if isinstance(n, NewEvent):
+            state = evolve(state, recorded(n))
+    return state
+
+
+def message(type_: str, **data: Any) -> RecordedEvent:
+    return RecordedEvent(
+        id=uuid4(),
+        stream="task-r1.t1",
+        version=1,
+        position=1,
+        tx_id=1,
+        type=type_,
+        data=data,
+        meta=Meta(),
+        recorded_at=datetime.now(UTC),
+    )
+
+
+class StoreStub:
+    """What a step reads from the store besides its own stream: the run's task counts."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return []
+
+
+async def no_llm(request: CompletionRequest) -> Completion:
+    raise AssertionError("this step needs no LLM call")
+
+
+def services(tmp_path: Path, complete: Any = no_llm, **run: Any) -> TeamServices:
+    svc = TeamServices(StoreStub(), complete, tmp_path)  # type: ignore[arg-type]
+    svc._runs["r1"] = RunConfig(run_id="r1", workspace=str(tmp_path / "ws"), **run)
+    return svc
+
+
+def implement_task(**kw: Any) -> TaskState:
+    base: dict[str, Any] = dict(
+        task_id="r1.t1", run_id="r1", title="add", description="add(a, b)", kind="implement", status="in_progress"
+    )
+    return TaskState(**{**base, **kw})
+
+
+# ---- tasks ----
+
+
+async def test_a_repeated_finish_finds_the_branch_merged(tmp_path: Path) -> None:
+    """The merge is done but its append lost a conflict (or the actor crashed): the step runs again."""
+    svc = services(tmp_path)
+    run = await svc.run("r1")
+    branch, _ = await svc.in_workspace(run, lambda root: _commit(root, "r1.t1", {"add_util.py": ADD_CODE}, "dev"))
+    s = implement_task(role="developer", phase="code", branch=branch, approved_by="tech_lead")
+    task = Task("developer", svc)
+    first = await task.finish(s, run)
+    again = await task.finish(s, run)  # the state still says "not merged": the append never happened
+    merged = [e.data["commit"] for e in (first + again) if isinstance(e, NewEvent) and e.type == "task.merged"]
+    assert len(merged) == 2 and merged[0] == merged[1]
+    assert [e.type for e in again if isinstance(e, NewEvent)] == ["task.merged", "task.completed"]
+
+
+async def test_a_deadline_without_a_time_zone_is_utc(tmp_path: Path) -> None:
+    """A naive deadline (as the API accepted it) must not break the task's start with naive-vs-aware."""
+    near = (datetime.now(UTC) + timedelta(seconds=30)).replace(tzinfo=None).isoformat()
+    created = {"task_id": "r1.t1", "run_id": "r1", "title": "t", "role": "cfo", "priority": 5, "deadline": near}
+    s = evolve_task(TaskState(), recorded(NewEvent(type="task.created", data=created)))  # as an old event stored it
+    out = Task("cfo", services(tmp_path)).start(s)
+    assert next(e.type for e in out if isinstance(e, NewEvent)) == "task.priority_raised"  # 30 s is near
+    assert s.deadline is not None and s.deadline.tzinfo is not None
+    event = TaskCreated(task_id="x", run_id="r1", title="t", role="cfo", deadline=datetime(2030, 1, 1))
+    assert event.model_dump(mode="json")["deadline"] == "2030-01-01T00:00:00Z"
+
+
+async def test_an_implement_task_escalated_to_the_tech_lead_is_worked_by_it(tmp_path: Path) -> None:
+    """QA or the developer timed out: the tech lead takes over the phase (it used to fail an assertion)."""
+    svc = services(tmp_path)
+    tests_done = {"tests:1": Completed(text="", structured={"files": {"tests/test_add.py": ADD_TESTS}})}
+    s = implement_task(role="tech_lead", phase="tests", completions=tests_done)
+    lead = Task("tech_lead", svc)
+    wrote = await lead.decide(s, message("task.assigned"), Context("task-r1.t1"))
+    assert [e.type for e in wrote if isinstance(e, NewEvent)] == ["task.files_written", "task.assigned"]
+    s = fold(evolve_task, s, wrote)
+    assert s.role == "developer" and s.phase == "code" and s.tests  # the developer codes against them
+    s.role, s.status = "tech_lead", "in_progress"  # the developer timed out too; the tech lead started it
+    s.completions["code:1"] = Completed(text="", structured={"files": {"add_util.py": ADD_CODE}})
+    coded = await lead.decide(s, message("task.assigned"), Context("task-r1.t1"))
+    (attempt,) = [e for e in coded if isinstance(e, NewEvent) and e.type == "task.attempted"]
+    assert attempt.data["role"] == "tech_lead" and attempt.data["valid"] and attempt.data["tests"]["passed"] == 1
+    assert "ROLE=tech_lead" in lead_prompt(s)
+
+
+def lead_prompt(s: TaskState) -> str:
+    from actors.agents.team.roles import role
+
+    return role("tech_lead").code_prompt(s, 1, 1, s.tests, [])
+
+
+async def test_team_requests_name_who_records_the_answer(tmp_path: Path) -> None:
+    """So that a cached answer for a step retried after a conflict still carries its cost (LLMRouter)."""
+    asked: list[CompletionRequest] = []
+
+    async def complete(request: CompletionRequest) -> Completion:
+        asked.append(request)
+        return Completion(
+            text="done", provider="scripted", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1
+        )
+
+    s = TaskState(task_id="r1.t1", run_id="r1", title="t", role="cfo", status="in_progress")
+    await Task("cfo", services(tmp_path, complete)).decide(s, message("task.assigned"), Context("task-r1.t1"))
+    assert [r.record_key for r in asked] == ["task-r1.t1:work:1"]
+
+
+# ---- the CEO loop and group decisions ----
+
+
+def failing(error: ProviderError) -> Any:
+    async def complete(request: CompletionRequest) -> Completion:
+        raise error
+
+    return complete
+
+
+async def test_a_failed_llm_call_does_not_stop_the_ceo_loop(tmp_path: Path) -> None:
+    svc = services(tmp_path, failing(ProviderError("openai: HTTP 500")), strategy=["grow"], max_generated_tasks=3)
+    run = Run(svc)
+    s = RunState(run_id="r1", status="running")
+    s = fold(evolve_run, s, [run.tick_timer(s, 1.0)])
+    for tick in range(1, MAX_FAILED_TICKS + 1):
+        fired = message("timer.fired", timer_id=f"ceo:r1:{tick}", scheduled_position=1, payload={"tick": tick})
+        out = await run.decide(s, fired, Context("run-r1"))
+        types = [e.type for e in out if isinstance(e, NewEvent)]
+        checked = next(e for e in out if isinstance(e, NewEvent) and e.type == "ceo.checked")
+        assert "HTTP 500" in checked.data["error"]
+        if tick < MAX_FAILED_TICKS:
+            assert types == ["ceo.checked", "timer.scheduled"]  # the next tick is scheduled
+        else:
+            assert types == ["ceo.checked", "run.completed"]  # it stops asking after failing every time
+        s = fold(evolve_run, s, out)
+        assert await run.decide(s, fired, Context("run-r1")) == []  # the tick is handled
+    assert s.status == "completed"
+
+
+async def test_a_failed_voter_keeps_the_others_verdicts(tmp_path: Path) -> None:
+    async def ask_voter(voter: str, decision_id: str, run_id: str, question: str) -> list[dict[str, Any]]:
+        if voter == "risk":
+            raise ProviderError("risk: HTTP 429 after 4 attempts")
+        if voter == "legal":
+            raise RuntimeError("role:legal is gone")
+        verdict = DecisionVerdict(
+            decision_id=decision_id, run_id=run_id, role=voter, criteria=["c"], verdict="approve", rationale="ok"
+        )
+        return [NewEvent.of(verdict).model_dump(mode="json")]
+
+    decided = {"decision": "approve", "rationale": "the CFO approves"}
+
+    async def complete(request: CompletionRequest) -> Completion:
+        assert "- risk: gave no verdict" in request.last_user_message()
+        return Completion(
+            text=json.dumps(decided),
+            structured=decided,
+            provider="s",
+            model="m",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1,
+        )
+
+    decision = Decision(services(tmp_path, complete), ask_voter)
+    s = evolve_decision(
+        DecisionState(),
+        recorded(
+            NewEvent(
+                type="decision.requested",
+                data={"decision_id": "d1", "run_id": "r1", "question": "?", "voters": ["cfo", "risk", "legal"]},
+            )
+        ),
+    )
+    ctx = Context("decision-d1")
+    votes = await decision.decide(s, message("decision.requested"), ctx)
+    assert sorted(e.type for e in votes if isinstance(e, NewEvent)) == [
+        "decision.verdict",
+        "decision.voter_failed",
+        "decision.voter_failed",
+    ]
+    s = fold(evolve_decision, s, votes)
+    s = fold(evolve_decision, s, await decision.decide(s, message("decision.requested"), ctx))  # the CEO's answer
+    (made,) = await decision.decide(s, message("decision.requested"), ctx)
+    assert isinstance(made, NewEvent) and made.type == "decision.made"
+    assert made.data["decision"] == "approve" and made.data["votes"] == {"cfo": "approve"}
+
+
+async def test_a_failed_ceo_call_fails_the_decision(tmp_path: Path) -> None:
+    decision = Decision(services(tmp_path, failing(ProviderError("boom"))), None)  # type: ignore[arg-type]
+    s = DecisionState(decision_id="d1", run_id="r1", question="?", voters=["cfo"])
+    s.verdicts["cfo"] = {"verdict": "approve", "rationale": "ok"}
+    out = await decision.decide(s, message("decision.requested"), Context("decision-d1"))
+    assert [e.type for e in out if isinstance(e, NewEvent)] == ["decision.failed"]
+    s = fold(evolve_decision, s, out)
+    assert s.decision is None and "boom" in (s.failure or "")
+    assert await decision.decide(s, message("decision.requested"), Context("decision-d1")) == []
+
+
+# ---- a role actor's worker ----
+
+
+class FlakyHost:
+    """A task host whose store is away for the first ``failures`` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.active: dict[str, Any] = {}
+
+    async def handle(self, trigger: RecordedEvent) -> list[RecordedEvent]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreUnavailable("event store unavailable: ConnectionRefusedError")
+        return []
+
+
+@pytest.mark.parametrize("failures", [2, 5])
+async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
+    """The routed event was acknowledged already: the step is retried, and after the retries it waits in the
+    queue again instead of waiting for its timeout."""
+    actor = object.__new__(RoleActorImpl)
+    actor.name, actor.queue, actor.current, actor.failures = "cfo", TaskQueue(), None, 0
+    actor.store_retry_wait, actor.store_retry_stop, actor.store_retry_pause_s = wait_none(), stop_after_attempt(3), 0
+    host = FlakyHost(failures)
+    actor.hosts = {"task": host}  # type: ignore[dict-item]
+    await actor.handle(message("task.created", task_id="r1.t1", priority=5))
+    worker = asyncio.create_task(actor._work())
+    try:
+        for _ in range(200):
+            if host.calls > failures:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        worker.cancel()
+    assert host.calls == failures + 1 and len(actor.queue) == 0
+
+
+# ---- fork ----
+
+
+async def test_a_fork_shifts_pending_timers_by_the_time_since_the_fork_point(eventlog: EventLog) -> None:
+    """A task with five minutes left at the fork point has five minutes left in the fork, not none."""
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g"))])
+    created = TaskCreated(task_id="r1.t1", run_id="r1", title="t", role="cfo", timeout_s=300)
+    timer = TimerScheduled(
+        timer_id="timeout:r1.t1:1",
+        fire_at=an_hour_ago + timedelta(seconds=300),
+        target_stream="task-r1.t1",
+        payload={"kind": "task_timeout", "timer_id": "timeout:r1.t1:1"},
+    )
+    started = TaskStarted(task_id="r1.t1", run_id="r1", role="cfo", timer_id="timeout:r1.t1:1")
+    res = await eventlog.append("task-r1.t1", [NewEvent.of(created), NewEvent.of(started), NewEvent.of(timer)])
+    await eventlog.execute("UPDATE events SET recorded_at = recorded_at - interval '1 hour'")  # it ran an hour ago
+    new_run = await fork_run(eventlog, "r1", res.positions[-1])
+    (copied,) = [e for e in await eventlog.read_stream(f"task-{new_run}.t1") if e.type == "timer.scheduled"]
+    left = datetime.fromisoformat(copied.data["fire_at"]) - datetime.now(UTC)
+    assert timedelta(seconds=290) < left <= timedelta(seconds=300)
+    assert copied.data["timer_id"] == f"timeout:{new_run}.t1:1"
