@@ -43,7 +43,7 @@ class AgentRunnerImpl(EntityActor):
         super().__init__(config, runner_name(agent_id))
 
     async def setup(self) -> None:
-        await self.reload_config()
+        await self._load_config()
         self.spent = await spent_usd(self.store, "agent_id", self.agent_id)
         # The agent's own LLM client, as in the seed's AgentRunner: the router the ``llm`` actor wraps, here
         # in-process, because the Ray call to a shared actor cost more CPU than the rest of a reply (see
@@ -69,7 +69,12 @@ class AgentRunnerImpl(EntityActor):
         return c
 
     async def reload_config(self) -> None:
-        """Refold the agent's config (the orchestrator calls this on ``agent.updated``)."""
+        """Refold the agent's config (the orchestrator calls this on ``agent.updated``); waits for the start, which
+        may still be connecting."""
+        await self._ready
+        await self._load_config()
+
+    async def _load_config(self) -> None:
         state = fold_agent(await self.store.read_stream(agent_stream(self.agent_id)))
         self.settings = state.settings
 

@@ -69,7 +69,12 @@ class LLMActor:
                     self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
                 events = await self.store.read_stream(SCRIPTS_STREAM)
         for e in events:
-            self.router.set_script(e.data["name"], [ScriptRule.model_validate(r) for r in e.data["rules"]])
+            try:
+                rules = [ScriptRule.model_validate(r) for r in e.data["rules"]]
+            except (KeyError, TypeError, ValueError) as err:  # one bad record must not leave the actor unready
+                log.error("skipping a script registration that does not validate", position=e.position, error=str(err))
+                continue
+            self.router.set_script(e.data["name"], rules)
 
     async def complete(self, request: CompletionRequest) -> Completion:
         if request.provider.startswith("scripted:"):
