@@ -145,6 +145,10 @@ class EventLog:
         self.url = url
         self.max_event_bytes = max_event_bytes
         self.group = GroupCommit(self._append_batch)
+        # One LISTEN connection for all of this process's subscriptions (SSE clients, the reply follower, the
+        # CLI), not one each: a few hundred SSE clients would otherwise use up Postgres's max_connections.
+        self._listener: Listener | None = None
+        self._listening = asyncio.Lock()
 
     @classmethod
     async def connect(
@@ -175,6 +179,9 @@ class EventLog:
         return cls(pool, url, max_event_bytes)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         await self.pool.close()
 
     @contextlib.asynccontextmanager
@@ -473,8 +480,7 @@ class EventLog:
         in the database (only those events are decoded). While ``active()`` is false nothing is read and the
         cursor stays put; the first wake-up after it turns true catches up from there."""
         wake = asyncio.Event()
-        listener = Listener(self.url, wake)
-        await listener.start()
+        await self._listen(wake)
         cursor = after
         try:
             while True:
@@ -497,7 +503,28 @@ class EventLog:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
         finally:
-            await listener.close()
+            await self._unlisten(wake)
+
+    async def _listen(self, wake: asyncio.Event) -> None:
+        """Have the shared listener set ``wake`` on every NOTIFY, starting it for the first subscription."""
+        async with self._listening:
+            if self._listener is None:
+                self._listener = Listener(self.url)
+                self._listener.wakes.add(wake)
+                await self._listener.start()
+            else:
+                self._listener.wakes.add(wake)
+
+    async def _unlisten(self, wake: asyncio.Event) -> None:
+        """Stop waking ``wake``; the last subscription to leave closes the listener's connection."""
+        async with self._listening:
+            listener = self._listener
+            if listener is None:
+                return
+            listener.wakes.discard(wake)
+            if not listener.wakes:
+                self._listener = None
+                await listener.close()
 
     # ---- snapshots and checkpoints ------------------------------------------------------------------
 
@@ -545,16 +572,19 @@ CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward 
 
 
 class Listener:
-    """LISTEN on a dedicated connection; reconnects in the background when the connection drops."""
+    """LISTEN on a dedicated connection and set every event in ``wakes`` on each NOTIFY; reconnects in the
+    background when the connection drops."""
 
-    def __init__(self, url: str, wake: asyncio.Event) -> None:
-        self.url, self.wake = url, wake
+    def __init__(self, url: str, wake: asyncio.Event | None = None) -> None:
+        self.url = url
+        self.wakes: set[asyncio.Event] = {wake} if wake is not None else set()
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     def _notified(self, *_: object) -> None:
-        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
 
     def _lost(self, *_: object) -> None:
         if not self._closed:
@@ -565,7 +595,7 @@ class Listener:
         await conn.add_listener(CHANNEL, self._notified)
         conn.add_termination_listener(self._lost)
         self._conn = conn
-        self.wake.set()  # anything may have committed while we were not listening
+        self._notified()  # anything may have committed while we were not listening
 
     async def _reconnect(self) -> None:
         delay = 0.1

@@ -394,3 +394,40 @@ async def test_incremental_export_misses_no_event_committed_late(eventlog: Event
     assert second == len(rows2)
     assert sorted(rows1 + rows2) == [e.position for e in await eventlog.read_all()]
     assert len(rows1 + rows2) == 4
+
+
+async def test_subscriptions_of_one_process_share_one_listen_connection(eventlog: EventLog) -> None:
+    """Each SSE client is a subscription; one LISTEN connection each would use up max_connections."""
+
+    async def listening() -> int:
+        return int(
+            await eventlog.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+            )
+        )
+
+    async def first_live_event(ready: asyncio.Event) -> str:
+        async for batch, _ in eventlog.subscribe(START, poll_interval=30):
+            if batch[0].stream == "agent-live":
+                return batch[0].stream
+            ready.set()  # caught up; the next batch can only come live
+        raise AssertionError("unreachable")
+
+    await eventlog.append("agent-before", [NewEvent.of(AgentStarted())])
+
+    readies = [asyncio.Event() for _ in range(5)]
+    followers = [asyncio.ensure_future(first_live_event(r)) for r in readies]
+    await eventually(lambda: _all_set(readies), 10, "the subscriptions to catch up")
+    await eventually(lambda: _equals(listening(), 1), 10, "one LISTEN connection")
+    await eventlog.append("agent-live", [NewEvent.of(AgentStarted())])
+    # poll_interval=30: only the NOTIFY, through the shared connection, can wake them in time
+    assert await asyncio.wait_for(asyncio.gather(*followers), 10) == ["agent-live"] * 5
+    await eventually(lambda: _equals(listening(), 0), 10, "the last subscription to close the LISTEN connection")
+
+
+async def _all_set(events: list[asyncio.Event]) -> bool:
+    return all(e.is_set() for e in events)
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return await value == expected
