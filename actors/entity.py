@@ -173,17 +173,7 @@ class EntityHost(Generic[S]):
                 await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
                 continue
             for e, pos, ver in zip(new, res.positions, res.versions, strict=True):
-                rec = RecordedEvent(
-                    id=e.id,
-                    stream=a.ctx.stream,
-                    version=ver,
-                    position=pos,
-                    tx_id=0,
-                    type=e.type,
-                    data=e.data,
-                    meta=e.meta,
-                    recorded_at=e.meta.occurred_at,
-                )
+                rec = e.recorded(a.ctx.stream, ver, pos)
                 self._apply(a, rec)
                 appended.append(rec)
         else:

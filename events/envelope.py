@@ -79,6 +79,23 @@ class NewEvent(PickledAsJson):
         m = Meta(schema_version=spec.schema_version, **meta)
         return cls(type=spec.name, data=data.model_dump(mode="json"), meta=m)
 
+    def recorded(
+        self, stream: str, version: int, position: int, tx_id: int = 0, recorded_at: datetime | None = None
+    ) -> RecordedEvent:
+        """This event as the log records it, for code that applies what it appended without reading it back (the
+        entity host) or that decides without a log (replay, tests)."""
+        return RecordedEvent(
+            id=self.id,
+            stream=stream,
+            version=version,
+            position=position,
+            tx_id=tx_id,
+            type=self.type,
+            data=self.data,
+            meta=self.meta,
+            recorded_at=recorded_at or self.meta.occurred_at,
+        )
+
 
 class RecordedEvent(PickledAsJson):
     """An event as stored: position is global, version is within its stream."""

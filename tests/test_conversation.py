@@ -3,9 +3,7 @@ replay of a chat's decisions from its log."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
 from actors.agents.replay import ReplayReport, replay_agent, replay_chat
@@ -16,17 +14,8 @@ from storage.eventlog import EventLog
 
 
 def recorded(type_: str, version: int, **data: Any) -> RecordedEvent:
-    return RecordedEvent(
-        id=uuid4(),
-        stream="chat-a1/c1",
-        version=version,
-        position=version,
-        tx_id=1,
-        type=type_,
-        data={"agent_id": "a1", "chat_id": "c1", **data},
-        meta=Meta(),
-        recorded_at=datetime.now(UTC),
-    )
+    new = NewEvent(type=type_, data={"agent_id": "a1", "chat_id": "c1", **data})
+    return new.recorded("chat-a1/c1", version, version, tx_id=1)
 
 
 async def never_called(request: CompletionRequest) -> Completion:
@@ -94,17 +83,8 @@ class ChatLog:
 
     def add(self, type_: str, data: dict[str, Any], cause: RecordedEvent | None = None) -> RecordedEvent:
         self.position += 1
-        e = RecordedEvent(
-            id=uuid4(),
-            stream="chat-a1/c1",
-            version=len(self.events) + 1,
-            position=self.position,
-            tx_id=1,
-            type=type_,
-            data=data,
-            meta=Meta(causation_id=cause.id if cause else None),
-            recorded_at=datetime.now(UTC),
-        )
+        new = NewEvent(type=type_, data=data, meta=Meta(causation_id=cause.id if cause else None))
+        e = new.recorded("chat-a1/c1", len(self.events) + 1, self.position, tx_id=1)
         self.events.append(e)
         return e
 

@@ -4,30 +4,18 @@ a role actor fills it, live and from the log after a restart."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 import pytest
 
 from actors.agents.team.actors import RoleActorImpl
 from actors.agents.team.queue import TaskQueue, deadline_ts
 from actors.agents.team.task import Task, TaskState
-from events import Meta, RecordedEvent
+from events import NewEvent, RecordedEvent
 
 
 def trigger(task_id: str, position: int, type_: str = "task.created") -> RecordedEvent:
-    return RecordedEvent(
-        id=uuid4(),
-        stream=f"task-{task_id}",
-        version=position,
-        position=position,
-        tx_id=1,
-        type=type_,
-        data={"task_id": task_id},
-        meta=Meta(),
-        recorded_at=datetime.now(UTC),
-    )
+    return NewEvent(type=type_, data={"task_id": task_id}).recorded(f"task-{task_id}", position, position, tx_id=1)
 
 
 async def test_high_priority_first_then_nearest_deadline_then_arrival() -> None:
@@ -54,16 +42,8 @@ async def test_a_waiting_task_keeps_its_place_and_takes_the_newest_trigger() -> 
 
 
 def event(type_: str, position: int, **data: Any) -> RecordedEvent:
-    return RecordedEvent(
-        id=uuid4(),
-        stream=f"task-{data['task_id']}",
-        version=position,
-        position=position,
-        tx_id=1,
-        type=type_,
-        data={"run_id": "r", **data},
-        meta=Meta(),
-        recorded_at=datetime.now(UTC),
+    return NewEvent(type=type_, data={"run_id": "r", **data}).recorded(
+        f"task-{data['task_id']}", position, position, tx_id=1
     )
 
 

@@ -8,7 +8,6 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from tenacity import stop_after_attempt, wait_none
@@ -22,7 +21,7 @@ from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.agents.team.task import Task, TaskState, _commit, evolve_task
 from actors.entity import Context, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
-from events import Meta, NewEvent, RecordedEvent
+from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import DecisionVerdict, RunStarted, TaskCreated, TaskStarted
 from storage.errors import StoreUnavailable
@@ -34,17 +33,7 @@ ADD_CODE = "def add(a, b):\n    return a + b\n"
 
 def recorded(n: NewEvent | dict[str, Any], stream: str = "task-r1.t1", position: int = 1) -> RecordedEvent:
     n = n if isinstance(n, NewEvent) else NewEvent.model_validate(n)
-    return RecordedEvent(
-        id=n.id,
-        stream=stream,
-        version=position,
-        position=position,
-        tx_id=1,
-        type=n.type,
-        data=n.data,
-        meta=n.meta,
-        recorded_at=datetime.now(UTC),
-    )
+    return n.recorded(stream, position, position, tx_id=1)
 
 
 def fold(evolve: Any, state: Any, decided: list[NewEvent | Spawn]) -> Any:
@@ -55,17 +44,7 @@ def fold(evolve: Any, state: Any, decided: list[NewEvent | Spawn]) -> Any:
 
 
 def message(type_: str, **data: Any) -> RecordedEvent:
-    return RecordedEvent(
-        id=uuid4(),
-        stream="task-r1.t1",
-        version=1,
-        position=1,
-        tx_id=1,
-        type=type_,
-        data=data,
-        meta=Meta(),
-        recorded_at=datetime.now(UTC),
-    )
+    return recorded(NewEvent(type=type_, data=data))
 
 
 class StoreStub:

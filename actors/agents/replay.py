@@ -77,17 +77,8 @@ def _outcome(events: Sequence[RecordedEvent | NewEvent]) -> list[tuple[str, obje
 
 
 def _as_recorded(n: NewEvent, stream: str, cause: RecordedEvent) -> RecordedEvent:
-    return RecordedEvent(
-        id=n.id,
-        stream=stream,
-        version=0,
-        position=0,
-        tx_id=0,
-        type=n.type,
-        data=n.data,
-        meta=n.meta.model_copy(update={"causation_id": cause.id}),
-        recorded_at=n.meta.occurred_at,
-    )
+    caused = n.model_copy(update={"meta": n.meta.model_copy(update={"causation_id": cause.id})})
+    return caused.recorded(stream, 0, 0)
 
 
 async def _decide(conv: Conversation, state: ChatState, message: RecordedEvent) -> list[NewEvent]:
