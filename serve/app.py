@@ -298,7 +298,7 @@ async def send_message(
     event.meta.correlation_id = event.id
     key = f"msg:{agent_id}:{idempotency_key}" if idempotency_key else None
     message_id = event.id
-    fut = h.waiter.expect(str(message_id))
+    fut = await h.waiter.expect(str(message_id))
     recorded: RecordedEvent | None = None
     try:
         res = await h.store.append(stream, [event], ANY, idempotency_key=key)
@@ -312,7 +312,7 @@ async def send_message(
                     f"{original.id} in {original.stream}); use a new key for a new message",
                 )
             message_id = original.id
-            fut = h.waiter.expect(str(message_id))  # before looking, so a reply committed meanwhile reaches it
+            fut = await h.waiter.expect(str(message_id))  # before looking, so a reply committed meanwhile reaches it
             recorded = await h.find_reply(original)
         reply = recorded if recorded is not None else await asyncio.wait_for(fut, timeout or h.reply_timeout_s)
     except TimeoutError:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
+
+import pytest
 
 from events import ANY, NewEvent
-from events.hub import ReplySent
+from events.hub import AgentStarted, ReplySent
 from serve.replies import ReplyWaiter
 from storage.eventlog import EventLog
 
@@ -18,7 +21,7 @@ async def test_every_request_waiting_for_one_reply_gets_it(eventlog: EventLog) -
     await waiter.start()
     try:
         cid = str(uuid.uuid4())
-        first, second, gave_up = waiter.expect(cid), waiter.expect(cid), waiter.expect(cid)
+        first, second, gave_up = [await waiter.expect(cid) for _ in range(3)]
         waiter.forget(cid, gave_up)
         assert gave_up.cancelled() and not first.done() and not second.done()
 
@@ -30,5 +33,35 @@ async def test_every_request_waiting_for_one_reply_gets_it(eventlog: EventLog) -
         assert [e.id for e in got] == [reply.id, reply.id] and got[0].data["response"] == "done"
         waiter.forget(cid, first)  # after the reply: a no-op
         assert first.result().id == reply.id and waiter.pending == {}
+    finally:
+        await waiter.close()
+
+
+async def test_after_an_idle_spell_the_follower_moves_to_the_head_instead_of_catching_up(
+    eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While nobody waits the follower reads nothing; 3,000 events written meanwhile would cost the next request
+    six reads of 500 before its reply could be seen. It moves to the head first, and still gets the reply."""
+    waiter = ReplyWaiter(eventlog, poll_interval=0.5, idle_restart_s=0)
+    await waiter.start()
+    try:
+        for i in range(6):
+            await eventlog.append(f"agent-busy{i}", [NewEvent.of(AgentStarted()) for _ in range(500)])
+        reads = 0
+        read_committed = eventlog.read_committed
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read_committed(*args, **kwargs)
+
+        monkeypatch.setattr(eventlog, "read_committed", counted)
+        cid = str(uuid.uuid4())
+        fut = await waiter.expect(cid)
+        reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
+        reply.meta.correlation_id = uuid.UUID(cid)
+        await eventlog.append("chat-a/c", [reply], ANY)
+        assert (await asyncio.wait_for(fut, 5)).id == reply.id
+        assert reads <= 3  # the reply's batch and a look for more; not the 3,000 events before it
     finally:
         await waiter.close()
