@@ -32,6 +32,12 @@ class InvalidEvent(StoreError, ValueError):
     stream names were before it existed."""
 
 
+class StreamsNotLocked(StoreError):
+    """An append inside a caller's transaction that had already written something, without holding the stream
+    (``EventLog.lock_streams``): its transaction id could be older than another writer's of that stream, and
+    subscribers would get the stream out of order. A programming error; the transaction is left as it was."""
+
+
 class StoreUnavailable(StoreError):
     """Postgres cannot be reached, or the connection broke during the call. The outcome of a write is unknown: a
     connection lost during its COMMIT may have committed it. Retry a write with the same idempotency key, which

@@ -25,7 +25,14 @@ import structlog
 from events import ANY, NO_STREAM, ExpectedVersion, NewEvent, RecordedEvent, Subscription, registry
 from events.envelope import validate_stream
 from storage import metrics
-from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion, translate_errors
+from storage.errors import (
+    EventTooLarge,
+    InvalidEvent,
+    StoreUnavailable,
+    StreamsNotLocked,
+    WrongExpectedVersion,
+    translate_errors,
+)
 from storage.group_commit import GroupCommit, PendingAppend
 from storage.migrate import migrate
 
@@ -245,7 +252,8 @@ class EventLog:
         With ``conn``, the append joins the caller's transaction. If that transaction has already written anything,
         call ``lock_streams(conn, ...)`` before its first write, with every stream it will append to: otherwise its
         transaction id, assigned at that first write, may be older than that of a transaction that appends an
-        earlier version of one of these streams meanwhile, and subscribers would get the two out of order."""
+        earlier version of one of these streams meanwhile, and subscribers would get the two out of order. Such an
+        append without the lock raises ``StreamsNotLocked`` (one more query, on this path only)."""
         try:
             validate_stream(stream)
         except ValueError as e:
@@ -275,6 +283,11 @@ class EventLog:
         try:
             if conn is not None:
                 with translate_errors():
+                    if not await conn.fetchval(LOCKED_OR_FIRST_WRITE_SQL, stream):
+                        raise StreamsNotLocked(
+                            f"this transaction wrote before appending to {stream!r} without holding it: call "
+                            "EventLog.lock_streams(conn, [...every stream it appends to]) before its first write"
+                        )
                     rows = await conn.fetch(APPEND_SQL, *args)
             else:
                 async with self.connection() as c:
@@ -569,6 +582,13 @@ class EventLog:
 # the notify lock no longer costs what it did when 0004 took NOTIFY out of the append).
 APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, true)"
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
+# In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration
+# 0008: key pair 16712, hashtext(stream), shown in pg_locks as classid, objid as an unsigned oid, objsubid 2) is held.
+LOCKED_OR_FIRST_WRITE_SQL = (
+    "SELECT pg_current_xact_id_if_assigned() IS NULL OR EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+    "AND pid = pg_backend_pid() AND granted AND classid = 16712 AND objsubid = 2 "
+    "AND objid = (hashtext($1)::bigint & 4294967295)::oid)"
+)
 
 
 class Listener:

@@ -11,10 +11,11 @@ import asyncio
 from collections import defaultdict
 
 import asyncpg
+import pytest
 
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted
-from storage.errors import WrongExpectedVersion
+from storage.errors import StreamsNotLocked, WrongExpectedVersion
 from storage.eventlog import START, AppendResult, Checkpoint, EventLog
 from tests.conftest import eventually
 
@@ -172,3 +173,25 @@ async def test_appends_assign_no_transaction_id_before_they_hold_their_streams(d
             assert await conn.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
     finally:
         await conn.close()
+
+
+async def test_a_caller_transaction_that_wrote_first_must_hold_its_streams(eventlog: EventLog) -> None:
+    """The invariant is checked, not only documented: an append in a transaction that already has its id, to a
+    stream it does not hold, is refused and writes nothing."""
+    async with eventlog.connection() as conn:
+        with pytest.raises(StreamsNotLocked, match="lock_streams"):
+            async with conn.transaction():
+                await eventlog.append("chat-first", [started()], conn=conn)  # the first write: it takes its lock
+                await eventlog.append("chat-second", [started()], conn=conn)  # the id is assigned; no lock held
+        assert await eventlog.read_stream("chat-first") == []  # the caller's transaction rolled back
+
+        streams = [f"chat-s{i}" for i in range(20)]  # hashes of both signs: the lock check maps each right
+        async with conn.transaction():
+            await eventlog.lock_streams(conn, streams)
+            for stream in [*streams, streams[0]]:
+                await eventlog.append(stream, [started()], conn=conn)
+    assert (
+        await eventlog.fetchval("SELECT count(DISTINCT sign(hashtext(s))) FROM unnest($1::text[]) AS s", streams) == 2
+    )
+    expected = {s: [1] for s in streams} | {streams[0]: [1, 2]}
+    assert _versions_by_stream(await _in_commit_order(eventlog)) == expected
