@@ -59,7 +59,7 @@ class ReplyWaiter:
                             for fut in self.pending.pop(str(e.meta.correlation_id), []):
                                 if not fut.done():
                                     fut.set_result(e)
-                            self._maybe_idle()
+                    self._maybe_idle()
             except Exception as e:  # the store went away: wait and follow again from the new head
                 log.warning("reply follower restarting", error=str(e))
                 head = None
