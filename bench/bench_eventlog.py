@@ -284,6 +284,20 @@ class FoldEntity(Entity[Totals]):
         return []
 
 
+async def read_near_head(log: EventLog, reads: int = 200) -> float:
+    """Median time of ``read_committed`` a few events behind the head: what every subscriber pays per wake-up,
+    which must not grow with the log (it once scanned the whole table: docs/architecture.md, "Speed")."""
+    head = await log.head_cursor()
+    times = []
+    for _ in range(reads):
+        t = time.perf_counter()
+        got = await log.read_committed((head[0], head[1] - 5))
+        times.append(time.perf_counter() - t)
+        if len(got.events) != 5:
+            print(f"warning: the read near the head saw {len(got.events)} events", file=sys.stderr)
+    return percentile(sorted(times), 50)
+
+
 async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
     log = await EventLog.connect(url, max_size=2, run_migrations=False)
     stream, n = "benchfold-1", sizes.fold_events
@@ -292,6 +306,7 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
         for start in range(0, n, 1000):
             await log.append(stream, ticks(min(1000, n - start), start), ANY)
         append_s = time.perf_counter() - t0
+        tail_s = await read_near_head(log)
 
         sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
         fetch_s = read_s = load_s = nogc_s = float("inf")
@@ -335,6 +350,7 @@ async def bench_fold(url: str, sizes: Sizes) -> list[Row]:
     r_read, r_load = rate(n, read_s), rate(n, load_s)
     return [
         Row(f"c. append {n:,} events to one stream, 1000/call", fmt_rate(rate(n, append_s))),
+        Row(f"   a subscriber's read of the 5 newest events, {n:,} in the log: p50", f"{tail_s * 1000:.2f} ms"),
         Row(
             f"   read_stream + count/sum over {n:,} events ({read_s * 1000:,.0f} ms)",
             fmt_rate(r_read),

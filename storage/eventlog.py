@@ -428,14 +428,8 @@ class EventLog:
         older transaction still running (its commit may send no NOTIFY: a projection's, say, so a subscriber that
         only waited for one would wait for its poll interval). With ``types``, only events of those types are
         decoded and returned; the cursor still moves past the others."""
-        wanted = "($4::text[] IS NULL OR type = ANY($4::text[]))"
-        horizon = "pg_snapshot_xmin(pg_current_snapshot())"
         rows = await self.fetch(
-            f"SELECT b.*, f.held FROM (SELECT EXISTS (SELECT 1 FROM events WHERE tx_id >= {horizon}) AS held) f "
-            f"LEFT JOIN LATERAL (SELECT position, tx_id, id, stream, version, type, CASE WHEN {wanted} THEN data END, "
-            f"CASE WHEN {wanted} THEN meta END, recorded_at, {wanted} FROM events WHERE (tx_id, position) > "
-            f"($1::xid8, $2) AND tx_id < {horizon} ORDER BY tx_id, position LIMIT $3) b ON true "
-            "ORDER BY b.tx_id, b.position",
+            READ_COMMITTED_SQL,
             after[0],
             after[1],
             limit,
@@ -580,6 +574,19 @@ class EventLog:
 
 # Every append notifies inside its own transaction, so the NOTIFY arrives with the commit (migration 0007 says why
 # the notify lock no longer costs what it did when 0004 took NOTIFY out of the append).
+_WANTED = "($4::text[] IS NULL OR type = ANY($4::text[]))"
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"  # the oldest transaction still running
+# Events after the cursor ($1, $2) below the horizon, at most $3, decoded only when of the types $4; and whether
+# anything at or past the horizon is visible (``held``). ``held`` compares the newest transaction id, read from
+# the end of the commit-order index. Asked as ``EXISTS (... WHERE tx_id >= horizon)``, the planner cannot
+# estimate the horizon and scanned the whole log on every read (docs/architecture.md, "Speed").
+READ_COMMITTED_SQL = (
+    "SELECT b.*, f.held FROM (SELECT coalesce((SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) >= "
+    f"{_HORIZON}, false) AS held) f LEFT JOIN LATERAL (SELECT position, tx_id, id, stream, version, type, "
+    f"CASE WHEN {_WANTED} THEN data END, CASE WHEN {_WANTED} THEN meta END, recorded_at, {_WANTED} FROM events "
+    f"WHERE (tx_id, position) > ($1::xid8, $2) AND tx_id < {_HORIZON} ORDER BY tx_id, position LIMIT $3) b ON true "
+    "ORDER BY b.tx_id, b.position"
+)
 APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, true)"
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 # In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from events.envelope import Meta, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
-from storage.eventlog import CHANNEL, START, Checkpoint, EventLog
+from storage.eventlog import CHANNEL, READ_COMMITTED_SQL, START, Checkpoint, EventLog
 from storage.export import export_parquet
 from tests.conftest import eventually
 
@@ -431,3 +432,26 @@ async def _all_set(events: list[asyncio.Event]) -> bool:
 
 async def _equals(value: Any, expected: int) -> bool:
     return await value == expected
+
+
+async def test_a_read_near_the_head_does_not_scan_the_whole_log(eventlog: EventLog) -> None:
+    """Every subscriber read asks whether newer transactions hold events back; that once scanned the whole table
+    (the planner cannot estimate the snapshot horizon): a read then cost as much as the log was long."""
+    for i in range(30):
+        await eventlog.append(f"agent-big{i}", [started() for _ in range(100)])
+    head = await eventlog.head_cursor()
+    near_head = (head[0], head[1] - 5)
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    async with eventlog.connection() as c:
+        for analyze in (False, True):  # as between autovacuum's runs, and just after one
+            if analyze:
+                await c.execute("ANALYZE events")
+            explain = f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {READ_COMMITTED_SQL}"
+            [plan] = json.loads(await c.fetchval(explain, *near_head, 500, None))
+            scans = [n["Node Type"] for n in nodes(plan["Plan"])]
+            assert "Seq Scan" not in scans, (analyze, scans)
+            assert plan["Plan"]["Shared Hit Blocks"] < 30  # a few index and heap pages, not the log's ~75
+    assert len((await eventlog.read_committed(near_head)).events) == 5
