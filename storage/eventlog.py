@@ -89,16 +89,18 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _stored_size(value: dict[str, Any], what: str) -> int:
-    """The size of ``value`` as stored, or ``InvalidEvent`` if Postgres could not store it: found here, before the
-    append joins a group commit, it fails only its own caller."""
+def _encoded(value: dict[str, Any], what: str) -> bytes:
+    """``value`` as the JSON text the log stores, or ``InvalidEvent`` if Postgres could not store it: found here,
+    before the append joins a group commit, it fails only its own caller. The text goes to Postgres as it is
+    (``text[]`` cast to ``jsonb[]`` there): asyncpg's ``jsonb[]`` encoding called the codec and three ABC
+    ``isinstance`` checks per element, and encoded each value a second time (docs/architecture.md, "Speed")."""
     try:
         raw = orjson.dumps(value)
     except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, say
         raise InvalidEvent(f"event {what} cannot be stored: {e}") from None
     if b"\\u0000" in raw and _has_nul(value):  # jsonb rejects U+0000 (22P05); the search is cheap, the walk rare
         raise InvalidEvent(f"event {what} contains a NUL character (U+0000), which the log cannot store")
-    return len(raw)
+    return raw
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -217,21 +219,22 @@ class EventLog:
 
     # ---- writing -------------------------------------------------------------------------------------
 
-    def _prepare(self, events: Sequence[NewEvent]) -> tuple[list[Any], list[str], list[Any], list[Any]]:
-        """Validate, upcast and size the events; everything the database would reject for their content is raised
-        here as ``InvalidEvent`` or ``EventTooLarge``."""
+    def _prepare(self, events: Sequence[NewEvent]) -> tuple[list[Any], list[str], list[str], list[str]]:
+        """Validate, upcast, encode and size the events; everything the database would reject for their content is
+        raised here as ``InvalidEvent`` or ``EventTooLarge``."""
         ids, types, datas, metas = [], [], [], []
         for e in events:
             data = registry.validate(e.type, e.data, e.meta.schema_version)
             meta = e.meta.model_dump(mode="json", exclude_none=True)
             meta["schema_version"] = registry.spec(e.type).schema_version  # ``data`` is upcast to it: read as such
-            size = _stored_size(data, "data") + _stored_size(meta, "meta")
+            data_json, meta_json = _encoded(data, "data"), _encoded(meta, "meta")
+            size = len(data_json) + len(meta_json)  # bytes, as stored
             if size > self.max_event_bytes:
                 raise EventTooLarge(size, self.max_event_bytes)
             ids.append(e.id)
             types.append(e.type)
-            datas.append(data)
-            metas.append(meta)
+            datas.append(data_json.decode())
+            metas.append(meta_json.decode())
         return ids, types, datas, metas
 
     async def append(
@@ -343,7 +346,8 @@ class EventLog:
             metas += p.metas
         async with self.connection() as c:
             return await c.fetch(
-                "SELECT * FROM agenthub_append_batch_notify($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb[], $10::jsonb[])",
+                "SELECT * FROM agenthub_append_batch_notify($1, $2, $3, $4, $5, $6, $7, $8, $9::text[]::jsonb[], "
+                "$10::text[]::jsonb[])",
                 [p.stream for p in batch],
                 [p.mode for p in batch],
                 [p.expected for p in batch],
@@ -587,7 +591,10 @@ READ_COMMITTED_SQL = (
     f"WHERE (tx_id, position) > ($1::xid8, $2) AND tx_id < {_HORIZON} ORDER BY tx_id, position LIMIT $3) b ON true "
     "ORDER BY b.tx_id, b.position"
 )
-APPEND_SQL = "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[], $8, $9, $10, $11, true)"
+APPEND_SQL = (
+    "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::text[]::jsonb[], $7::text[]::jsonb[], $8, $9, $10, $11, "
+    "true)"
+)
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 # In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration
 # 0008: key pair 16712, hashtext(stream), shown in pg_locks as classid, objid as an unsigned oid, objsubid 2) is held.

@@ -36,8 +36,8 @@ class PendingAppend:
     idempotency_key: str | None
     ids: list[Any]
     types: list[str]
-    datas: list[Any]
-    metas: list[Any]
+    datas: list[str]  # JSON text (EventLog._prepare)
+    metas: list[str]
     done: asyncio.Future[list[Any] | None] = field(default_factory=_future)
 
 
