@@ -324,6 +324,19 @@ async def test_meta_counts_against_the_event_size_limit(eventlog: EventLog) -> N
     assert await eventlog.stream_version("agent-meta") == 0
 
 
+async def test_the_size_limit_counts_bytes_and_text_is_stored_exactly(eventlog: EventLog) -> None:
+    """Russian and Chinese text takes 2-3 bytes a character: 2,000 characters fit a 4,096-character limit but not
+    4,096 bytes. What fits is stored character for character (escapes, quotes, emoji included)."""
+    with pytest.raises(EventTooLarge):
+        await eventlog.append(
+            "agent-utf", [NewEvent.of(AgentCreated(agent_id="u", name="машина" * 333, settings=AgentSettings()))]
+        )
+    name = 'Джарвис 贾维斯 "quoted" \\ back\\slash \n newline 🚗 \u2028'
+    await eventlog.append("agent-utf", [NewEvent.of(AgentCreated(agent_id="u", name=name, settings=AgentSettings()))])
+    [event] = await eventlog.read_stream("agent-utf")
+    assert event.data["name"] == name
+
+
 def test_a_stream_name_is_matched_whole() -> None:
     for bad in ("agent-7\n", "agent-7\x00", "agent-a\tb", "agent-", "Agent-7", "agent-" + "x" * 201):
         with pytest.raises(ValueError, match="invalid stream"):
