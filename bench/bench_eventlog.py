@@ -37,6 +37,7 @@ from bench.common import (
     print_table,
     quiet_logs,
     rate,
+    ticks,
 )
 from events import ANY, NewEvent, RecordedEvent
 from storage.eventlog import _COLUMNS, EventLog, _init_connection
@@ -64,10 +65,6 @@ class Sizes:
             fold_events=20_000,
             fold_repeats=2,
         )
-
-
-def ticks(n: int, start: int = 0) -> list[NewEvent]:
-    return [NewEvent.of(BenchTick(n=i, label="tick", value=i * 0.5)) for i in range(start, start + n)]
 
 
 # ---- a. batched appends against raw executemany --------------------------------------------------------

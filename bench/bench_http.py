@@ -33,7 +33,9 @@ from bench.common import (
     print_table,
     quiet_logs,
     running_system,
+    ticks,
 )
+from storage.eventlog import EventLog
 
 if TYPE_CHECKING:
     from cluster.bootstrap import System
@@ -46,10 +48,11 @@ class Sizes:
     clients: int = 20
     messages: int = 50
     warmup: int = 20
+    grown_log: int = 100_000  # events added before the last round: does a reply cost more as the log grows?
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(clients=10, messages=10, warmup=10)
+        return cls(clients=10, messages=10, warmup=10, grown_log=10_000)
 
 
 Request = Callable[[aiohttp.ClientSession, str, str, str], Awaitable[int]]
@@ -89,6 +92,17 @@ async def nothing(http: aiohttp.ClientSession, *_: str) -> int:
     async with http.get("/no-such-route") as r:
         await r.read()
         return r.status
+
+
+async def grow_log(system: System, events: int) -> None:
+    """Append ``events`` that no actor subscribes to: every subscriber still reads past them, and the log's
+    indexes are that much larger, as in a system that has run for a while."""
+    store = await EventLog.connect(system.database_url, max_size=2, run_migrations=False)
+    try:
+        for start in range(0, events, 1000):
+            await store.append(f"benchfill-{start // 1000 % 50}", ticks(min(1000, events - start), start))
+    finally:
+        await store.close()
 
 
 async def warm_up(system: System, agent_id: str, sizes: Sizes) -> float:
@@ -146,6 +160,10 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
     floor = await run_clients(system, agent_id, sizes, nothing)
     floor_lat = sorted(floor.latencies)
     floor_rate = sum(floor.statuses.values()) / floor.elapsed
+    await grow_log(system, sizes.grown_log)
+    await warm_up(system, agent_id, sizes)  # its replies come once the orchestrator has read past the new events
+    grown = await run_clients(system, agent_id, sizes)
+    grown_lat = sorted(grown.latencies)
     lat = sorted(res.latencies)
     p50, p95, p99 = (percentile(lat, q) * 1000 for q in (50, 95, 99))
     ok = res.statuses.get(200, 0)
@@ -178,6 +196,14 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
             f"{percentile(floor_lat, 50) * 1000:.1f} / {percentile(floor_lat, 99) * 1000:.1f} ms",
         ),
         Row("   throughput", fmt_rate(floor_rate, "req/s")),
+        Row(
+            f"the first figure again, after {sizes.grown_log:,} more events in the log: p50 / p99",
+            f"{percentile(grown_lat, 50) * 1000:.1f} / {percentile(grown_lat, 99) * 1000:.1f} ms",
+        ),
+        Row(
+            "   throughput",
+            fmt_rate(grown.statuses.get(200, 0) / grown.elapsed, "msg/s"),
+        ),
         Row(f"   warm-up ({sizes.warmup} messages, runner start included)", f"{warm_s:.1f} s"),
     ]
 

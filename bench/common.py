@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import psutil
 import structlog
 
+from events import NewEvent
 from events.registry import EventData, event_type
 from storage.embedded import EmbeddedPostgres
 
@@ -36,6 +37,10 @@ class BenchTick(EventData):
     n: int
     label: str
     value: float
+
+
+def ticks(n: int, start: int = 0) -> list[NewEvent]:
+    return [NewEvent.of(BenchTick(n=i, label="tick", value=i * 0.5)) for i in range(start, start + n)]
 
 
 @event_type("bench.ping")
