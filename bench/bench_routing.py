@@ -86,10 +86,12 @@ class Sizes:
 
 async def append_pings(log: EventLog, prefix: str, streams: int, per_stream: int) -> None:
     """All pings in one transaction: none is visible to the orchestrator before all are."""
+    names = [f"{CATEGORY}-{prefix}{s}" for s in range(streams)]
     async with log.connection() as conn, conn.transaction():
-        for s in range(streams):
+        await log.lock_streams(conn, names)  # one transaction writes them all (EventLog.append, ``conn``)
+        for s, name in enumerate(names):
             pings = [NewEvent.of(BenchPing(n=s * per_stream + i)) for i in range(per_stream)]
-            await log.append(f"{CATEGORY}-{prefix}{s}", pings, ANY, conn=conn)
+            await log.append(name, pings, ANY, conn=conn)
 
 
 async def echoes(log: EventLog, prefix: str) -> int:
