@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo team-demo test lint bench up
+.PHONY: setup demo team-demo test lint bench bench-quick up
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,10 @@ bench: setup
 	$(BIN)/python -m bench.bench_routing
 	$(BIN)/python -m bench.bench_http
 	$(BIN)/python -m bench.bench_team
+
+# CI: every benchmark script still runs (small sizes; figures printed, not judged)
+bench-quick: setup
+	$(BIN)/python -m bench.bench_eventlog --quick
+	$(BIN)/python -m bench.bench_routing --quick
+	$(BIN)/python -m bench.bench_http --quick
+	$(BIN)/python -m bench.bench_team --quick
