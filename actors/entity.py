@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 S = TypeVar("S")
 
 MAX_CONFLICT_RETRIES = 10
+# How many of its newest causes an entity remembers (see ``Context``): a chat answers every message, so keeping
+# them all made a long chat's memory and each of its snapshots grow with its length (DESIGN's trap 3).
+REMEMBERED_CAUSES = 1000
 
 
 @dataclass
@@ -40,15 +43,31 @@ class Spawn:
 
 @dataclass
 class Context:
-    """What the host knows about an entity besides its state: version and which events caused its events."""
+    """What the host knows about an entity besides its state: version and which events caused its events.
+
+    Only the newest ``remembered`` causes are kept. That is enough for redelivery: the orchestrator delivers
+    again only what came after a subscriber's checkpoint, which it persists about once a second, and an entity
+    handles its messages one at a time (an append each, a few milliseconds). A message redelivered after more than
+    ``remembered`` newer causes of the same entity would be handled again."""
 
     stream: str
     version: int = 0
-    caused: dict[str, list[str]] = field(default_factory=dict)
+    caused: OrderedDict[str, list[str]] = field(default_factory=OrderedDict)
+    remembered: int = REMEMBERED_CAUSES
 
     def effects_of(self, event: RecordedEvent) -> list[str]:
         """Types of the events this entity already emitted in reaction to ``event``."""
         return self.caused.get(str(event.id), [])
+
+    def note(self, cause: str, effect_type: str) -> None:
+        """Remember that ``cause`` led to an event of ``effect_type``, forgetting the oldest cause past the bound."""
+        types = self.caused.get(cause)
+        if types is not None:
+            types.append(effect_type)
+            return
+        self.caused[cause] = [effect_type]
+        if len(self.caused) > self.remembered:
+            self.caused.popitem(last=False)
 
 
 class Entity(Generic[S]):
@@ -87,11 +106,20 @@ class Active(Generic[S]):
 class EntityHost(Generic[S]):
     """Hosts the entities of one type inside one process (a Ray actor)."""
 
-    def __init__(self, entity: Entity[S], store: EventLog, *, max_active: int = 1000, snapshot_every: int = 0):
+    def __init__(
+        self,
+        entity: Entity[S],
+        store: EventLog,
+        *,
+        max_active: int = 1000,
+        snapshot_every: int = 0,
+        remembered_causes: int = REMEMBERED_CAUSES,
+    ):
         self.entity = entity
         self.store = store
         self.max_active = max_active
         self.snapshot_every = snapshot_every
+        self.remembered_causes = remembered_causes
         self.active: OrderedDict[str, Active[S]] = OrderedDict()
         self.handled = 0
         self.activations = 0
@@ -103,18 +131,20 @@ class EntityHost(Generic[S]):
         a.state = self.entity.evolve(a.state, event)
         a.ctx.version = event.version
         if event.meta.causation_id is not None:
-            a.ctx.caused.setdefault(str(event.meta.causation_id), []).append(event.type)
+            a.ctx.note(str(event.meta.causation_id), event.type)
         a.since_snapshot += 1
 
     async def load(self, key: str) -> Active[S]:
         """Fold snapshot + events into a fresh in-memory entity."""
         stream = self.stream_of(key)
-        a: Active[S] = Active(self.entity.initial(), Context(stream))
+        a: Active[S] = Active(self.entity.initial(), Context(stream, remembered=self.remembered_causes))
         snap = await self.store.load_snapshot(stream)
-        if snap is not None:
+        if snap is not None and "causes" in snap[1]:  # a snapshot without (its older form) is not used: refold
             a.ctx.version = snap[0]
             a.state = self.entity.from_snapshot(snap[1]["state"])
-            a.ctx.caused = snap[1]["caused"]
+            for cause, types in snap[1]["causes"]:  # oldest first, as noted
+                for t in types:
+                    a.ctx.note(cause, t)
         with gc_paused():  # a long fold makes many short-lived objects: see storage/eventlog.py
             for event in await self.store.read_stream(stream, a.ctx.version + 1):
                 self._apply(a, event)
@@ -187,5 +217,7 @@ class EntityHost(Generic[S]):
     async def snapshot(self, a: Active[S]) -> None:
         data = self.entity.to_snapshot(a.state)
         if data is not None:
-            await self.store.save_snapshot(a.ctx.stream, a.ctx.version, {"state": data, "caused": a.ctx.caused})
+            # a list, not an object: jsonb keeps no key order, and the order says which causes to forget first
+            causes = list(a.ctx.caused.items())
+            await self.store.save_snapshot(a.ctx.stream, a.ctx.version, {"state": data, "causes": causes})
             a.since_snapshot = 0

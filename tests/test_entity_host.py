@@ -96,3 +96,31 @@ async def test_snapshot_then_fold_of_the_tail(eventlog: EventLog) -> None:
     loaded = await EntityHost(Counter(), eventlog).load("s")
     assert loaded.state == {"seen": 4, "effects": 3} and loaded.ctx.version == 7
     assert len(loaded.ctx.caused) == 3  # idempotency memory survives the snapshot
+
+
+async def test_an_entity_remembers_only_its_newest_causes_also_across_snapshots(eventlog: EventLog) -> None:
+    """A chat answers every message: remembering every cause made a long chat's memory and snapshots grow with
+    its length. The newest few are what redelivery needs; an older message delivered again is handled again."""
+    host = EntityHost(Counter(), eventlog, snapshot_every=1, remembered_causes=3)
+    messages = [await _message(eventlog, "counter-r") for _ in range(6)]
+    for m in messages:
+        await host.handle(m)
+    newest = [str(m.id) for m in messages[-3:]]
+    assert list(host.active["r"].ctx.caused) == newest
+    snap = await eventlog.load_snapshot("counter-r")
+    assert snap is not None and [cause for cause, _ in snap[1]["causes"]] == newest  # in order, bounded
+    restarted = EntityHost(Counter(), eventlog, remembered_causes=3)
+    assert await restarted.handle(messages[-1]) == []  # a recent message redelivered: no second effect
+    assert list(restarted.active["r"].ctx.caused) == newest
+    again = await restarted.handle(messages[0])  # forgotten: the documented limit of the bound
+    assert [e.type for e in again] == ["agent.stopped"]
+    folded = await EntityHost(Counter(), eventlog, remembered_causes=3).load("r")  # snapshot + the tail after it
+    assert list(folded.ctx.caused) == [*newest[1:], str(messages[0].id)]
+
+
+async def test_a_snapshot_in_the_older_form_is_ignored_and_the_entity_refolds(eventlog: EventLog) -> None:
+    msg = await _message(eventlog, "counter-o")
+    await EntityHost(Counter(), eventlog).handle(msg)
+    await eventlog.save_snapshot("counter-o", 2, {"state": {"seen": 99, "effects": 99}, "caused": {}})
+    loaded = await EntityHost(Counter(), eventlog).load("o")
+    assert loaded.state == {"seen": 1, "effects": 1} and loaded.ctx.effects_of(msg) == ["agent.stopped"]

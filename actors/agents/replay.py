@@ -92,7 +92,7 @@ async def _decide(conv: Conversation, state: ChatState, message: RecordedEvent) 
             break
         for n in new:
             state = conv.evolve(state, _as_recorded(n, message.stream, message))
-            ctx.caused.setdefault(str(message.id), []).append(n.type)
+            ctx.note(str(message.id), n.type)
             produced.append(n)
     return produced
 
