@@ -14,7 +14,7 @@ from tenacity import stop_after_attempt, wait_none
 
 from actors.agents.team.actors import RoleActorImpl
 from actors.agents.team.decision import Decision, DecisionState, evolve_decision
-from actors.agents.team.history import fork_run
+from actors.agents.team.history import RUN_EVENTS, fork_run, run_events
 from actors.agents.team.queue import TaskQueue
 from actors.agents.team.run import MAX_FAILED_TICKS, Run, RunState, evolve_run
 from actors.agents.team.services import Completed, RunConfig, TeamServices
@@ -22,8 +22,9 @@ from actors.agents.team.task import Task, TaskState, _commit, evolve_task
 from actors.entity import Context, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
 from events import NewEvent, RecordedEvent
+from events.hub import AgentStarted
 from events.system import TimerScheduled
-from events.team import DecisionVerdict, RunStarted, TaskCreated, TaskStarted
+from events.team import DecisionRequested, DecisionVerdict, MemoryNoted, RunStarted, TaskCreated, TaskStarted
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
@@ -269,6 +270,45 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
 
 
 # ---- fork ----
+
+
+async def test_a_runs_events_are_found_through_indexes_not_a_scan_of_the_log(eventlog: EventLog) -> None:
+    """Replay and fork read one run's events: its run and task streams, its decisions, and its notes in memory
+    streams that roles share across runs; once a scan of the whole log, now two index lookups."""
+    for i in range(30):
+        await eventlog.append(f"chat-a/c{i}", [NewEvent.of(AgentStarted()) for _ in range(100)])
+
+    def note(run: str) -> NewEvent:
+        return NewEvent.of(MemoryNoted(role="developer", run_id=run, key="k", content=f"from {run}"))
+
+    await eventlog.append("run-r9", [NewEvent.of(RunStarted(run_id="r9", goal="g"))])
+    await eventlog.append("task-r9.t1", [NewEvent.of(TaskCreated(task_id="r9.t1", run_id="r9", title="t", role="qa"))])
+    await eventlog.append("memory-developer", [note("r8"), note("r9"), note("r8")])
+    ask = DecisionRequested(decision_id="d1", run_id="r9", question="q?", voters=["cfo"])
+    await eventlog.append("decision-d1", [NewEvent.of(ask)])
+    await eventlog.append(
+        "task-r99.t1", [NewEvent.of(TaskCreated(task_id="r99.t1", run_id="r99", title="t", role="qa"))]
+    )
+    got = await run_events(eventlog, "r9")
+    assert [(e.stream, e.type) for e in got] == [
+        ("run-r9", "run.started"),
+        ("task-r9.t1", "task.created"),
+        ("memory-developer", "memory.noted"),
+        ("decision-d1", "decision.requested"),
+    ]
+    assert got[2].data["content"] == "from r9" and [e.position for e in got] == sorted(e.position for e in got)
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    sql = f"EXPLAIN (FORMAT JSON) SELECT position FROM events WHERE {RUN_EVENTS} ORDER BY position"
+    async with eventlog.connection() as c:
+        for analyze in (False, True):  # before statistics on the run index exist, and after
+            if analyze:
+                await c.execute("ANALYZE events")
+            [plan] = json.loads(await c.fetchval(sql, "run-r9", "task-r9.%", "r9", None))
+            scans = [n["Node Type"] for n in nodes(plan["Plan"])]
+            assert "Seq Scan" not in scans, (analyze, scans)
 
 
 async def test_a_fork_shifts_pending_timers_by_the_time_since_the_fork_point(eventlog: EventLog) -> None:

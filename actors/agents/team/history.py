@@ -25,17 +25,20 @@ from events.envelope import new_id
 from events.team import RunForked
 from storage.eventlog import START, Cursor, EventLog
 
+# A run's events: the streams it touched (index events_run, migration 0009), then their events through the
+# (stream, version) index. Matched by name and data alone, this scanned the whole log. The streams are an
+# ``ARRAY(...)``, computed once: as an ``IN (subquery)`` the planner chose the scan until the new index had
+# statistics (tests/test_team_steps.py checks the plan).
+RUN_EVENTS = (
+    "stream = ANY(ARRAY(SELECT DISTINCT stream FROM events WHERE data ? 'run_id' AND data->>'run_id' = $3)) "
+    "AND (stream = $1 OR stream LIKE $2 OR ((stream LIKE 'decision-%' OR stream LIKE 'memory-%') "
+    "AND data->>'run_id' = $3)) AND ($4::bigint IS NULL OR position <= $4)"
+)
+
 
 async def run_events(store: EventLog, run_id: str, up_to: int | None = None) -> list[RecordedEvent]:
     """Every event of a run (its run stream, tasks, decisions and memory notes), in position order."""
-    return await store.read_where(
-        "(stream = $1 OR stream LIKE $2 OR (stream LIKE 'decision-%' AND data->>'run_id' = $3) "
-        "OR (stream LIKE 'memory-%' AND data->>'run_id' = $3)) AND ($4::bigint IS NULL OR position <= $4)",
-        f"run-{run_id}",
-        f"task-{run_id}.%",
-        run_id,
-        up_to,
-    )
+    return await store.read_where(RUN_EVENTS, f"run-{run_id}", f"task-{run_id}.%", run_id, up_to)
 
 
 @dataclass
