@@ -30,9 +30,10 @@ from storage.eventlog import START, Cursor, EventLog
 # ``ARRAY(...)``, computed once: as an ``IN (subquery)`` the planner chose the scan until the new index had
 # statistics (tests/test_team_steps.py checks the plan).
 RUN_EVENTS = (
-    "stream = ANY(ARRAY(SELECT DISTINCT stream FROM events WHERE data ? 'run_id' AND data->>'run_id' = $3)) "
-    "AND (stream = $1 OR stream LIKE $2 OR ((stream LIKE 'decision-%' OR stream LIKE 'memory-%') "
-    "AND data->>'run_id' = $3)) AND ($4::bigint IS NULL OR position <= $4)"
+    "stream = ANY(ARRAY(SELECT DISTINCT stream FROM events WHERE data->>'run_id' IS NOT NULL "
+    "AND data->>'run_id' = $3)) AND (stream = $1 OR stream LIKE $2 "
+    "OR ((stream LIKE 'decision-%' OR stream LIKE 'memory-%') AND data->>'run_id' = $3)) "
+    "AND ($4::bigint IS NULL OR position <= $4)"
 )
 
 
