@@ -27,7 +27,7 @@ S = TypeVar("S")
 MAX_CONFLICT_RETRIES = 10
 # How many of its newest causes an entity remembers (see ``Context``): a chat answers every message, so keeping
 # them all made a long chat's memory and each of its snapshots grow with its length (DESIGN's trap 3).
-REMEMBERED_CAUSES = 1000
+REMEMBERED_CAUSES = 2000
 
 
 @dataclass
@@ -46,9 +46,10 @@ class Context:
     """What the host knows about an entity besides its state: version and which events caused its events.
 
     Only the newest ``remembered`` causes are kept. That is enough for redelivery: the orchestrator delivers
-    again only what came after a subscriber's checkpoint, which it persists about once a second, and an entity
-    handles its messages one at a time (an append each, a few milliseconds). A message redelivered after more than
-    ``remembered`` newer causes of the same entity would be handled again."""
+    again only what came after a subscriber's persisted checkpoint, which trails at most two unfinished
+    deliveries of 500 events and about a second of finished ones, and an entity handles its messages one at a
+    time (an append each, a few milliseconds). A message redelivered after more than ``remembered`` newer causes
+    of the same entity would be handled again."""
 
     stream: str
     version: int = 0
