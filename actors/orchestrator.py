@@ -128,8 +128,13 @@ class OrchestratorImpl:
         self.config = config
         self.ns = config.namespace
         self.subs: dict[str, Sub] = {}
+        # Pending timers by id, and a heap of them by time. A timer that fires, fails or is seen fired leaves
+        # ``pending`` at once and the heap when it comes to the top. Nothing is kept for a timer once it is done
+        # (a set of every fired id grew for as long as the system ran). Each event is acted on once (``_own``
+        # goes by the orchestrator's cursor) and a restart reads a timer's scheduling before its firing; were a
+        # done timer ever scheduled again, firing it into its idempotency key would append nothing.
+        self.pending: dict[str, Timer] = {}
         self.timers: list[Timer] = []
-        self.fired: set[str] = set()  # timers fired, or recorded as failed: never fired (again)
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
         self.throttled = False
@@ -201,7 +206,7 @@ class OrchestratorImpl:
     async def _restore(self) -> None:
         """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
         from nothing, so a try that failed half-way can simply run again (the actors' names are reused)."""
-        self.subs, self.timers, self.fired = {}, [], set()
+        self.subs, self.pending, self.timers = {}, {}, []
         self.cursor = await self.store.head_cursor()
         running: dict[str, RecordedEvent] = {}
         for e in await self._read_types(LIFECYCLE):
@@ -594,10 +599,11 @@ class OrchestratorImpl:
         try:
             tid = e.data["timer_id"]
             if e.type in ("timer.fired", "timer.failed"):
-                self.fired.add(tid)
-            elif tid not in self.fired:
-                fire_at = datetime.fromisoformat(e.data["fire_at"]).timestamp()
-                heapq.heappush(self.timers, Timer(fire_at, tid, e))
+                self.pending.pop(tid, None)
+            elif tid not in self.pending:
+                t = Timer(datetime.fromisoformat(e.data["fire_at"]).timestamp(), tid, e)
+                self.pending[tid] = t
+                heapq.heappush(self.timers, t)
                 self.timer_wake.set()
         except Exception:
             SKIPPED.labels("timer").inc()
@@ -613,8 +619,8 @@ class OrchestratorImpl:
 
     async def _fire_next_timer(self) -> None:
         self.timer_wake.clear()
-        while self.timers and self.timers[0].timer_id in self.fired:
-            heapq.heappop(self.timers)
+        while self.timers and self.pending.get(self.timers[0].timer_id) is not self.timers[0]:
+            heapq.heappop(self.timers)  # done, or scheduled again under its id
         delay = (self.timers[0].fire_at - time.time()) if self.timers else 3600.0
         if delay > 0:
             with contextlib.suppress(TimeoutError):
@@ -629,14 +635,14 @@ class OrchestratorImpl:
         except Exception as e:
             # It will never fire (a target stream the log refuses, a payload over the size limit): skip it, and
             # record that, so the orchestrator does not try again after every restart.
-            self.fired.add(t.timer_id)
+            self.pending.pop(t.timer_id, None)
             SKIPPED.labels("timer").inc()
             log.exception("timer cannot fire; recorded as failed", timer=t.timer_id)
             await self._record_timer_failure(t, e)
             return
-        # Marked by id, not popped: while the append was awaited the reader may have pushed an earlier timer, and
-        # the heap's top may be that one now. A fired timer leaves the heap when it comes to the top.
-        self.fired.add(t.timer_id)
+        # Forgotten by id, not popped: while the append was awaited the reader may have pushed an earlier timer,
+        # and the heap's top may be that one now. A fired timer leaves the heap when it comes to the top.
+        self.pending.pop(t.timer_id, None)
 
     async def _fire(self, t: Timer) -> None:
         fired = NewEvent.of(
@@ -671,7 +677,7 @@ class OrchestratorImpl:
             "router": router,
             "cursor": list(self.cursor),
             "routed": self.routed,
-            "pending_timers": sum(1 for t in self.timers if t.timer_id not in self.fired),
+            "pending_timers": len(self.pending),
             "uptime_s": round(time.time() - self.started_at, 1),
             "subscribers": {
                 n: {

@@ -250,6 +250,30 @@ async def test_an_earlier_timer_scheduled_while_one_fires_fires_too(start: Start
     assert (await o.status())["pending_timers"] == 0
 
 
+async def test_a_fired_timer_leaves_no_state_behind_also_after_a_restart(start: Start, eventlog: EventLog) -> None:
+    """The orchestrator once kept every fired timer's id for as long as it ran (a CEO loop ticks on timers): now
+    a timer that is done leaves nothing behind, and a restart, which reads every timer event again, neither
+    keeps nor fires any of them."""
+    o = await start()
+    now = datetime.now(UTC)
+    for i in range(20):
+        await eventlog.append(f"timer-t{i}", [timer(f"t{i}", now - timedelta(seconds=1))])
+
+    async def all_fired() -> bool:
+        return all([await fired_in(eventlog, f"reminder-t{i}") == ["timer.fired"] for i in range(20)])
+
+    await eventually(all_fired, timeout=10, what="20 timers fired")
+
+    async def forgotten() -> bool:
+        return not o.pending and not o.timers
+
+    await eventually(forgotten, timeout=5, what="no state left for fired timers")
+    again = await start()
+    assert not again.pending and not again.timers and (await again.status())["pending_timers"] == 0
+    await asyncio.sleep(0.3)  # a timer loop that fired anything again would have by now
+    assert all([await fired_in(eventlog, f"reminder-t{i}") == ["timer.fired"] for i in range(20)])
+
+
 def test_a_timer_for_an_invalid_stream_is_refused_when_scheduled() -> None:
     with pytest.raises(ValueError, match="invalid stream name"):
         TimerScheduled(timer_id="x", fire_at=datetime.now(UTC), target_stream="Not A Stream")
