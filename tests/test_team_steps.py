@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from tenacity import stop_after_attempt, wait_none
 
+from actors.agents import team
 from actors.agents.team.actors import RoleActorImpl
 from actors.agents.team.decision import Decision, DecisionState, evolve_decision
 from actors.agents.team.history import RUN_EVENTS, fork_run, run_events
@@ -267,6 +268,20 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
     finally:
         worker.cancel()
     assert host.calls == failures + 1 and len(actor.queue) == 0
+
+
+async def test_a_roles_cache_of_run_configs_stays_bounded(
+    eventlog: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(team.services, "MAX_CACHED_RUNS", 2)
+    svc = TeamServices(eventlog, lambda _: None, tmp_path)
+    for i in range(5):
+        await eventlog.append(f"run-c{i}", [NewEvent.of(RunStarted(run_id=f"c{i}", goal=f"goal {i}"))])
+    for i in range(5):
+        assert (await svc.run(f"c{i}")).goal == f"goal {i}"
+        assert len(svc._runs) <= 2
+    with pytest.raises(LookupError):
+        await svc.run("nope")
 
 
 # ---- fork ----

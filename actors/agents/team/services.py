@@ -53,6 +53,9 @@ class Completed(BaseModel):
     structured: dict[str, Any] | None = None
 
 
+MAX_CACHED_RUNS = 256
+
+
 class TeamServices:
     def __init__(self, store: EventLog, complete: Callable[[CompletionRequest], Any], workspaces: Path) -> None:
         self.store = store
@@ -61,10 +64,14 @@ class TeamServices:
         self._runs: dict[str, RunConfig] = {}
 
     async def run(self, run_id: str) -> RunConfig:
+        """The run's config, folded once and cached; the cache is emptied when it reaches ``MAX_CACHED_RUNS`` (a
+        role serves runs for as long as it lives, and a fold of a run's stream is one cheap read)."""
         if run_id not in self._runs:
             cfg = fold_run(await self.store.read_stream(f"run-{run_id}"))
             if cfg is None:
                 raise LookupError(f"unknown run {run_id!r}")
+            if len(self._runs) >= MAX_CACHED_RUNS:
+                self._runs.clear()
             self._runs[run_id] = cfg
         return self._runs[run_id]
 
