@@ -180,8 +180,16 @@ class OrchestratorImpl:
     async def _connect(self) -> EventLog:
         return await EventLog.connect(self.config.database_url, max_size=6, max_event_bytes=self.config.max_event_bytes)
 
+    def _named(self, cls: Any, name: str) -> Any:
+        """Options for an actor this orchestrator starts: named, found again if it exists, and detached. An actor
+        Ray counts as ours would die with us: an orchestrator that crashed took every agent runner, the projector
+        and the team with it, and its restart had to start them all again (tens of processes at once on a small
+        machine). Detached, they run on; the restarted orchestrator finds them by name and redelivers from their
+        checkpoints. Stopping an agent kills its runner explicitly (``_kill``)."""
+        return cls.options(name=name, namespace=self.ns, get_if_exists=True, lifetime="detached")
+
     def _start_llm(self) -> Any:
-        return LLMActor.options(name="llm", namespace=self.ns, get_if_exists=True).remote(self.config)
+        return self._named(LLMActor, "llm").remote(self.config)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -232,13 +240,13 @@ class OrchestratorImpl:
         return out
 
     def _projector_factory(self) -> Any:
-        return Projector.options(name=PROJECTOR, namespace=self.ns, get_if_exists=True).remote(self.config)
+        return self._named(Projector, PROJECTOR).remote(self.config)
 
     def _runner_factory(self, agent_id: str) -> Callable[[], Any]:
         name = runner_name(agent_id)
 
         def factory() -> Any:
-            return AgentRunner.options(name=name, namespace=self.ns, get_if_exists=True).remote(self.config, agent_id)
+            return self._named(AgentRunner, name).remote(self.config, agent_id)
 
         return factory
 
@@ -739,9 +747,7 @@ class OrchestratorImpl:
             return
 
         def factory() -> Any:
-            return cls.options(name=subscription.name, namespace=self.ns, get_if_exists=True).remote(
-                self.config, *reg.args
-            )
+            return self._named(cls, subscription.name).remote(self.config, *reg.args)
 
         await self._add_sub(subscription, factory)
 

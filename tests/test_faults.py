@@ -58,17 +58,22 @@ async def test_orchestrator_killed_resumes_from_checkpoints(
     assert (
         await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "a", "chat_id": "o"})
     ).status_code == 200
-    orch = ray.get_actor("orchestrator", namespace=system.settings.ray_namespace)
+    ns = system.settings.ray_namespace
+    runner = ray.get_actor(f"agent:{agent_id}", namespace=ns)._actor_id
+    orch = ray.get_actor("orchestrator", namespace=ns)
     ray.kill(orch, no_restart=False)  # Ray restarts it; it must rebuild its routing state from the log
     # messages written while it is down are in the log and must be answered once it is back
     r = await http.post(
         f"/api/v1/agents/{agent_id}/messages",
-        params={"timeout": 60},
+        params={"timeout": 50},
         json={"text": "while down", "chat_id": "o"},
     )
     assert r.status_code == 200 and r.json()["response"].endswith("turn 2: you said 'while down'")
     status = await orch.status.remote()
     assert f"agent:{agent_id}" in status["subscribers"]
+    # The actors it starts are detached: the agent's runner lived through the orchestrator's death (an
+    # orchestrator crash once took every agent, the projector and the team down with it).
+    assert ray.get_actor(f"agent:{agent_id}", namespace=ns)._actor_id == runner
     messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/o")
     assert len(messages) == 2 and all(replies[m] == 1 for m in messages)
 
