@@ -11,7 +11,11 @@ import pytest
 from actors.agents.team.actors import RoleActorImpl
 from actors.agents.team.queue import TaskQueue, deadline_ts
 from actors.agents.team.task import Task, TaskState
+from actors.config import RuntimeConfig
+from actors.projections import ProjectorImpl
 from events import NewEvent, RecordedEvent
+from events.team import ReviewRequested, TaskCompleted, TaskCreated, TaskPriorityRaised, TaskReviewed
+from storage.eventlog import EventLog
 
 
 def trigger(task_id: str, position: int, type_: str = "task.created") -> RecordedEvent:
@@ -47,41 +51,57 @@ def event(type_: str, position: int, **data: Any) -> RecordedEvent:
     )
 
 
-class LogStub:
-    """``read_all`` over a list of events, as the event log pages it."""
-
-    def __init__(self, events: list[RecordedEvent]) -> None:
-        self.events = events
-
-    async def read_all(self, from_position: int = 0, *, types: Any = None, limit: int = 1000) -> list[RecordedEvent]:
-        found = [e for e in self.events if e.position > from_position and (types is None or e.type in types)]
-        return found[:limit]
-
-
-def role_actor(name: str, events: list[RecordedEvent] | None = None) -> RoleActorImpl:
-    """The role actor's queue logic without Ray or a database."""
+def role_actor(name: str, store: EventLog | None = None) -> RoleActorImpl:
+    """The role actor's queue logic without Ray."""
     actor = object.__new__(RoleActorImpl)
     actor.name, actor.queue, actor.current, actor.failures = name, TaskQueue(), None, 0
-    actor.store = LogStub(events or [])  # type: ignore[assignment]
+    actor.store = store  # type: ignore[assignment]
     return actor
 
 
-async def test_requeue_from_the_log_keeps_raised_priorities_and_deadlines() -> None:
+async def test_requeue_from_the_log_keeps_raised_priorities_and_deadlines(eventlog: EventLog, db_url: str) -> None:
+    """After a restart a role queues again every unfinished task it must act on, as the log has it. It folds only
+    tasks that may be unfinished: the read model's unfinished ones as of the projector's checkpoint, and those
+    with events after it (folding every task event ever written made a role's start as slow as the history)."""
     soon, later = "2030-01-01T00:00:00+00:00", "2030-06-01T00:00:00+00:00"
-    actor = role_actor(
-        "product",
-        [
-            event("task.created", 1, task_id="low-raised", role="product", priority=10),
-            event("task.created", 2, task_id="late", role="product", priority=5, deadline=later),
-            event("task.created", 3, task_id="soon", role="product", priority=5, deadline=soon),
-            event("task.created", 4, task_id="other-role", role="cfo", priority=1),
-            event("task.created", 5, task_id="done", role="product", priority=1),
-            event("task.completed", 6, task_id="done", role="product", result="ok"),
-            event("task.priority_raised", 7, task_id="low-raised", priority=1, reason="deadline is near"),
-            event("task.review_requested", 8, task_id="late", role="tech_lead", owner="product", priority=5),
-            event("task.reviewed", 9, task_id="late", role="tech_lead", owner="product", approved=True, comments=""),
-        ],
+
+    def created(tid: str, role: str, priority: int, deadline: str | None = None) -> NewEvent:
+        return NewEvent.of(
+            TaskCreated(task_id=tid, run_id="r", title=tid, role=role, priority=priority, deadline=deadline)
+        )
+
+    for tid, role, priority, deadline in [
+        ("low-raised", "product", 10, None),
+        ("late", "product", 5, later),
+        ("soon", "product", 5, soon),
+        ("other-role", "cfo", 1, None),
+        ("done", "product", 1, None),
+    ]:
+        await eventlog.append(f"task-{tid}", [created(tid, role, priority, deadline)])
+    await eventlog.append(
+        "task-done", [NewEvent.of(TaskCompleted(task_id="done", run_id="r", role="product", result="ok"))]
     )
+    projector = ProjectorImpl(RuntimeConfig(database_url=db_url))
+    projected = await eventlog.read_all(0)
+    await projector.deliver(projected, projected[-1].cursor)  # read model and checkpoint cover these
+    await projector.store.close()
+    # after the projector's checkpoint: only in the log
+    raised = TaskPriorityRaised(task_id="low-raised", run_id="r", priority=1, reason="deadline is near")
+    await eventlog.append("task-low-raised", [NewEvent.of(raised)])
+    review = {"task_id": "late", "run_id": "r", "role": "tech_lead", "owner": "product"}
+    await eventlog.append(
+        "task-late",
+        [NewEvent.of(ReviewRequested(**review)), NewEvent.of(TaskReviewed(**review, approved=True, comments=""))],
+    )
+    folded: list[str] = []
+    read_stream = eventlog.read_stream
+
+    async def recording(stream: str, *args: Any) -> list[RecordedEvent]:
+        folded.append(stream)
+        return await read_stream(stream, *args)
+
+    eventlog.read_stream = recording  # type: ignore[method-assign]
+    actor = role_actor("product", eventlog)
     await actor._requeue_from_log()
     order = [await actor.queue.get() for _ in range(len(actor.queue))]
     assert [(tid, trigger.type) for tid, trigger in order] == [
@@ -89,6 +109,7 @@ async def test_requeue_from_the_log_keeps_raised_priorities_and_deadlines() -> N
         ("soon", "task.created"),
         ("late", "task.reviewed"),  # its deadline was set at creation, its latest trigger is the review
     ]
+    assert "task-done" not in folded and "task-low-raised" in folded  # finished as of the read model: not read
 
 
 async def test_triggers_after_creation_keep_the_task_deadline_in_the_queue() -> None:

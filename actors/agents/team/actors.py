@@ -20,10 +20,12 @@ from actors.config import RuntimeConfig
 from actors.entity import EntityHost
 from actors.llm.actor import complete_via
 from actors.llm.providers import Completion, CompletionRequest
+from actors.projections import PROJECTOR
 from actors.subscriber import EntityActor
 from events import NewEvent, RecordedEvent, Subscription
 from events.team import DecisionVerdict
 from storage.errors import StoreUnavailable
+from storage.eventlog import START, Cursor
 
 log = structlog.get_logger(__name__)
 
@@ -126,13 +128,24 @@ class RoleActorImpl(TeamActor):
 
     async def _requeue_from_log(self) -> None:
         """After a restart, the queue is rebuilt from the log: every unfinished task this role must act on, with
-        its priority as last raised and its deadline."""
+        its priority as last raised and its deadline. Only tasks that may be unfinished are folded: those the
+        read model has unfinished as of the projector's checkpoint (both read in one snapshot: the projector
+        writes them in one transaction), and those with an event after that checkpoint. Folding every task
+        event ever written made each role's start as slow as the team's whole history."""
+        async with self.store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            cp = await conn.fetchrow("SELECT tx_id, position FROM checkpoints WHERE subscriber = $1", PROJECTOR)
+            rows = await conn.fetch("SELECT task_id FROM team_tasks WHERE status <> ALL($1::text[])", list(TERMINAL))
+        candidates = {r[0] for r in rows}
+        cursor: Cursor = (int(cp[0]), int(cp[1])) if cp else START
+        while (got := await self.store.read_committed(cursor, 5000, types=OpenTasks.TYPES)).cursor != cursor:
+            candidates.update(e.data["task_id"] for e in got.events)
+            cursor = got.cursor
+        streams = [await self.store.read_stream(f"task-{tid}") for tid in candidates]
         tasks = OpenTasks()
-        pos = 0
-        while batch := await self.store.read_all(pos, types=list(OpenTasks.TYPES), limit=5000):
-            for e in batch:
-                tasks.add(e)
-            pos = batch[-1].position
+        for events in sorted((s for s in streams if s), key=lambda s: s[0].position):  # in order of creation
+            for e in events:
+                if e.type in OpenTasks.TYPES:
+                    tasks.add(e)
         for tid, trigger, priority, deadline in tasks.for_role(self.name):
             self.queue.put(tid, trigger, priority, deadline)
 
