@@ -3,12 +3,13 @@ a role actor fills it, live and from the log after a restart."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import pytest
 
-from actors.agents.team.actors import RoleActorImpl
+from actors.agents.team.actors import TASK_STREAMS, RoleActorImpl
 from actors.agents.team.queue import TaskQueue, deadline_ts
 from actors.agents.team.task import Task, TaskState
 from actors.config import RuntimeConfig
@@ -94,13 +95,13 @@ async def test_requeue_from_the_log_keeps_raised_priorities_and_deadlines(eventl
         [NewEvent.of(ReviewRequested(**review)), NewEvent.of(TaskReviewed(**review, approved=True, comments=""))],
     )
     folded: list[str] = []
-    read_stream = eventlog.read_stream
+    read_where = eventlog.read_where
 
-    async def recording(stream: str, *args: Any) -> list[RecordedEvent]:
-        folded.append(stream)
-        return await read_stream(stream, *args)
+    async def recording(condition: str, streams: list[str], *args: Any) -> list[RecordedEvent]:
+        folded.extend(streams)
+        return await read_where(condition, streams, *args)
 
-    eventlog.read_stream = recording  # type: ignore[method-assign]
+    eventlog.read_where = recording  # type: ignore[method-assign]
     actor = role_actor("product", eventlog)
     await actor._requeue_from_log()
     order = [await actor.queue.get() for _ in range(len(actor.queue))]
@@ -137,3 +138,22 @@ def test_a_deadline_without_a_time_zone_is_utc(monkeypatch: pytest.MonkeyPatch) 
         time.tzset()
     assert deadline_ts("2030-01-01T02:00:00+02:00") == deadline_ts("2030-01-01T00:00:00Z")
     assert deadline_ts(None) == deadline_ts("not a date") == float("inf")
+
+
+async def test_a_roles_restart_reads_its_candidate_tasks_through_the_stream_index(eventlog: EventLog) -> None:
+    """Not through the index on type, which would walk every task event ever written."""
+    for i in range(30):
+        raised = TaskPriorityRaised(task_id=f"old{i}", run_id="r", priority=1, reason="r")
+        await eventlog.append(f"task-old{i}", [NewEvent.of(raised) for _ in range(100)])
+    sql = f"EXPLAIN (FORMAT JSON) SELECT position FROM events WHERE {TASK_STREAMS} ORDER BY position"
+
+    def indexes(node: dict[str, Any]) -> list[str]:
+        return [node.get("Index Name", node["Node Type"]), *(i for c in node.get("Plans", []) for i in indexes(c))]
+
+    async with eventlog.connection() as c:
+        for analyze in (False, True):
+            if analyze:
+                await c.execute("ANALYZE events")
+            [plan] = json.loads(await c.fetchval(sql, ["task-a", "task-b"]))
+            used = indexes(plan["Plan"])
+            assert "events_stream_version" in used and "Seq Scan" not in used and "events_type" not in used, used
