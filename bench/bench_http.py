@@ -26,8 +26,8 @@ from bench.common import (
     Row,
     at_least,
     at_most,
+    cpu_by_process,
     fmt_rate,
-    machine_cpu_s,
     parser,
     percentile,
     print_table,
@@ -153,9 +153,11 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
     async with session(system) as http:
         agent_id = await create_agent(http)
     warm_s = await warm_up(system, agent_id, sizes)
-    cpu0 = machine_cpu_s()
+    cpu0 = cpu_by_process()
     res = await run_clients(system, agent_id, sizes)
-    cpu = machine_cpu_s() - cpu0
+    cpu1 = cpu_by_process()
+    by_process = {g: cpu1[g] - cpu0.get(g, 0.0) for g in cpu1}
+    cpu = sum(by_process.values())
     lone = sorted((await run_clients(system, agent_id, Sizes(clients=1, messages=sizes.messages))).latencies)
     floor = await run_clients(system, agent_id, sizes, nothing)
     floor_lat = sorted(floor.latencies)
@@ -181,6 +183,11 @@ async def measure(system: System, sizes: Sizes) -> list[Row]:
         Row("   max", f"{lat[-1] * 1000:.1f} ms"),
         Row(f"   throughput ({ok:,} replies in {res.elapsed:.1f} s)", fmt_rate(ok / res.elapsed, "msg/s")),
         Row("   CPU per message, all processes on the machine", f"{cpu / max(ok, 1) * 1000:.1f} ms"),
+        *(
+            Row(f"      {group}", f"{seconds / max(ok, 1) * 1000:.2f} ms")
+            for group, seconds in sorted(by_process.items(), key=lambda kv: -kv[1])
+            if seconds > 0
+        ),
         Row(
             f"   replies with status 200 (other statuses: {other})",
             f"{ok:,} of {total:,}",

@@ -60,12 +60,32 @@ class BenchEcho(EventData):
 def machine_cpu_s() -> float:
     """CPU seconds used so far by every process on the machine (Postgres, Ray, the clients): the difference over
     a run, divided by what it did, is what one unit of work costs the whole system."""
-    total = 0.0
-    for p in psutil.process_iter():
+    return sum(cpu_by_process().values())
+
+
+# Which process a command line belongs to, first match wins; everything else is "other".
+PROCESS_GROUPS = (
+    ("ingress replica", "ServeReplica"),
+    ("agent runners", "AgentRunner"),
+    ("orchestrator", "Orchestrator"),
+    ("projector", "Projector"),
+    ("Postgres", "postgres"),
+    ("HAProxy", "haproxy"),
+    ("Ray and Serve's own processes", "ray"),
+)
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds used so far, summed by ``PROCESS_GROUPS`` ("this process": the benchmark and its clients)."""
+    me = os.getpid()
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
-            total += t.user + t.system
-    return total
+            cmd = " ".join(p.info["cmdline"] or [])
+            group = "this process" if p.info["pid"] == me else next((g for g, k in PROCESS_GROUPS if k in cmd), "other")
+            out[group] = out.get(group, 0.0) + t.user + t.system
+    return out
 
 
 def free_port() -> int:
