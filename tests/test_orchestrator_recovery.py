@@ -172,6 +172,15 @@ def positions(actors: Actors, name: str) -> list[int]:
     return sorted({e.position for e in actors.seen(name)})
 
 
+async def delivered_to(actors: Actors, name: str, wanted: list[int], *, timeout: float, what: str) -> None:
+    """Wait until subscriber ``name`` has received exactly the events at ``wanted``."""
+
+    async def delivered() -> bool:
+        return positions(actors, name) == wanted
+
+    await eventually(delivered, timeout=timeout, what=what)
+
+
 # ---- 1. a failed delivery never strands what was read meanwhile ------------------------------------------
 
 
@@ -203,10 +212,7 @@ async def test_events_read_again_during_a_failed_deliverys_retry_are_sent(
     await route(o, "s", "work")
     wanted = await put(eventlog, "work-1", 2)
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=5, what="both events delivered after the failed delivery")
+    await delivered_to(actors, "s", wanted, timeout=5, what="both events delivered after the failed delivery")
     assert o.subs["s"].pending == [] and o.subs["s"].in_flight == 0
 
 
@@ -355,10 +361,7 @@ async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
     await route(o, "s", "work")
     wanted = await put(eventlog, "work-1", 3)
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=15, what="delivered by a restarted subscriber")
+    await delivered_to(actors, "s", wanted, timeout=15, what="delivered by a restarted subscriber")
     assert len(actors.instances["s"]) == 2 and o.subs["s"].attempts == 0
 
 
@@ -381,10 +384,7 @@ async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
     await route(o, "s", "work")
     wanted = await put(eventlog, "work-1")
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=20, what="delivered once the store is back")
+    await delivered_to(actors, "s", wanted, timeout=20, what="delivered once the store is back")
     assert len(actors.instances["s"]) == 1
 
 
@@ -402,10 +402,7 @@ async def test_a_runner_that_cannot_reload_its_config_does_not_stall_the_reader(
     await eventlog.append("agent-x", [NewEvent.of(AgentUpdated(name="renamed"))])
     wanted = await put(eventlog, "work-1")
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=10, what="events after the update routed")
+    await delivered_to(actors, "s", wanted, timeout=10, what="events after the update routed")
     assert "agent:x" in o.subs
 
 
@@ -435,10 +432,7 @@ async def test_a_restart_that_fails_is_tried_again(start: Start, actors: Actors,
     assert outage["left"] == 0
     wanted = await put(eventlog, "work-1")
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=5, what="delivered after the restart")
+    await delivered_to(actors, "s", wanted, timeout=5, what="delivered after the restart")
 
 
 # ---- 5. the orchestrator always comes up ------------------------------------------------------------------
@@ -474,10 +468,7 @@ async def test_a_registration_whose_class_does_not_import_is_skipped(
     assert "gone" not in o.subs and "s" in o.subs
     wanted = await put(eventlog, "work-1")
 
-    async def delivered() -> bool:
-        return positions(actors, "s") == wanted
-
-    await eventually(delivered, timeout=5, what="the good registration routed")
+    await delivered_to(actors, "s", wanted, timeout=5, what="the good registration routed")
 
 
 async def test_register_refuses_a_class_that_does_not_import(start: Start, eventlog: EventLog) -> None:
