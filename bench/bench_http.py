@@ -2,9 +2,10 @@
 
 Why: this is what a user of the API waits for; it crosses every component (ingress, log append, routing,
 the agent's entity host, the agent's LLM router, the reply waiter), so it is the figure the others add up to.
-Each client is its own ``aiohttp.ClientSession`` and its own chat, sending its next message when the last
-reply came. The clients use aiohttp, whose per-request CPU is a fraction of httpx's: the load generator shares the
-same two cores, so a heavier client would be measured as the system's latency. Beside the figures, the same
+Each client is its own keep-alive connection and its own chat, sending its next message when the last reply came.
+The clients are a minimal HTTP/1.1 client on httptools (``bench/http_client.py``): the load generator shares the
+same two cores, so a heavier client (aiohttp, httpx) would be measured as the system's latency. Beside the figures,
+the same
 clients against a route that does no work (an unknown path: 404) show what Ray Serve and FastAPI alone allow
 on this machine. Run from the repository root (not while another Ray job is using this machine):
 
@@ -14,13 +15,15 @@ on this machine. Run from the repository root (not while another Ray job is usin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
+import uvloop
 
 from bench.common import (
     Row,
@@ -35,6 +38,7 @@ from bench.common import (
     running_system,
     ticks,
 )
+from bench.http_client import HttpConnection
 from storage.eventlog import EventLog
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class Sizes:
         return cls(clients=10, messages=10, warmup=10, grown_log=10_000)
 
 
-Request = Callable[[aiohttp.ClientSession, str, str, str], Awaitable[int]]
+Request = Callable[[HttpConnection, str, str, str], Awaitable[int]]
 
 
 @dataclass
@@ -65,33 +69,43 @@ class Results:
     elapsed: float
 
 
-def session(system: System, timeout: float = 60) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(system.api_url, headers=auth(), timeout=aiohttp.ClientTimeout(total=timeout))
+@contextlib.asynccontextmanager
+async def connection(system: System) -> AsyncIterator[HttpConnection]:
+    conn = await HttpConnection.open(system.api_url, {"Authorization": f"Bearer {TOKEN}"})
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
-async def create_agent(http: aiohttp.ClientSession) -> str:
+async def call(conn: HttpConnection, method: str, path: str, body: object = None, expect: int = 200) -> dict:
+    status, data = await conn.request(method, path, body)
+    if status != expect:
+        raise RuntimeError(f"{method} {path}: {status} {data.decode(errors='replace')}")
+    answer: dict = json.loads(data)
+    return answer
+
+
+async def create_agent(conn: HttpConnection) -> str:
     body = {"name": "bench agent", "settings": {"provider": "scripted"}}
-    async with http.post("/api/v1/agents", json=body, raise_for_status=True) as r:
-        agent_id: str = (await r.json())["id"]
-    async with http.post(f"/api/v1/agents/{agent_id}/start", raise_for_status=True) as r:
-        if (await r.json())["status"] != "running":
-            raise RuntimeError(f"agent did not start: {await r.text()}")
+    agent_id: str = (await call(conn, "POST", "/api/v1/agents", body, expect=201))["id"]
+    started = await call(conn, "POST", f"/api/v1/agents/{agent_id}/start")
+    if started["status"] != "running":
+        raise RuntimeError(f"agent did not start: {started}")
     return agent_id
 
 
-async def send(http: aiohttp.ClientSession, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
-    params = {"timeout": timeout} if timeout else None
+async def send(conn: HttpConnection, agent_id: str, chat: str, text: str, timeout: float | None = None) -> int:
+    query = f"?timeout={timeout:g}" if timeout else ""
     body = {"text": text, "chat_id": chat}
-    async with http.post(f"/api/v1/agents/{agent_id}/messages", json=body, params=params) as r:
-        await r.read()
-        return r.status
+    status, _ = await conn.request("POST", f"/api/v1/agents/{agent_id}/messages{query}", body, timeout=120)
+    return status
 
 
-async def nothing(http: aiohttp.ClientSession, *_: str) -> int:
+async def nothing(conn: HttpConnection, *_: str) -> int:
     """A request that crosses HAProxy, the replica and FastAPI's routing, and does nothing else."""
-    async with http.get("/no-such-route") as r:
-        await r.read()
-        return r.status
+    status, _ = await conn.request("GET", "/no-such-route")
+    return status
 
 
 async def grow_log(system: System, events: int) -> None:
@@ -108,22 +122,22 @@ async def grow_log(system: System, events: int) -> None:
 async def warm_up(system: System, agent_id: str, sizes: Sizes) -> float:
     """One message first (the orchestrator starts the agent's runner), then one per remaining chat."""
     t0 = time.perf_counter()
-    async with session(system, timeout=120) as http:
+    async with connection(system) as conn:
         deadline = time.perf_counter() + 90
-        while (status := await send(http, agent_id, "c0", "hello", timeout=60)) != 200:
+        while (status := await send(conn, agent_id, "c0", "hello", timeout=60)) != 200:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"warm-up: no reply from the agent within 90 s (last status {status})")
             if status != 202:  # 202: recorded, reply still pending; anything else: give the system a moment
                 await asyncio.sleep(0.5)
-        rest = [f"c{i % sizes.clients}" for i in range(1, sizes.warmup)]
-        statuses = await asyncio.gather(*(send(http, agent_id, chat, "hello", timeout=60) for chat in rest))
+
+    async def one(chat: str) -> int:
+        async with connection(system) as conn:
+            return await send(conn, agent_id, chat, "hello", timeout=60)
+
+    statuses = await asyncio.gather(*(one(f"c{i % sizes.clients}") for i in range(1, sizes.warmup)))
     if any(s != 200 for s in statuses):
         print(f"warning: warm-up statuses {Counter(statuses)}")
     return time.perf_counter() - t0
-
-
-def auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def run_clients(system: System, agent_id: str, sizes: Sizes, request: Request = send) -> Results:
@@ -132,12 +146,12 @@ async def run_clients(system: System, agent_id: str, sizes: Sizes, request: Requ
     go = asyncio.Event()
 
     async def client(i: int) -> None:
-        async with session(system) as http:
-            await nothing(http)  # open the connection before the clock starts
+        async with connection(system) as conn:
+            await nothing(conn)  # open the connection before the clock starts
             await go.wait()
             for k in range(sizes.messages):
                 t = time.perf_counter()
-                status = await request(http, agent_id, f"c{i}", f"message {k} from client {i}")
+                status = await request(conn, agent_id, f"c{i}", f"message {k} from client {i}")
                 latencies.append(time.perf_counter() - t)
                 statuses[status] += 1
 
@@ -150,8 +164,8 @@ async def run_clients(system: System, agent_id: str, sizes: Sizes, request: Requ
 
 
 async def measure(system: System, sizes: Sizes) -> list[Row]:
-    async with session(system) as http:
-        agent_id = await create_agent(http)
+    async with connection(system) as conn:
+        agent_id = await create_agent(conn)
     warm_s = await warm_up(system, agent_id, sizes)
     cpu0 = cpu_by_process()
     res = await run_clients(system, agent_id, sizes)
@@ -221,7 +235,7 @@ def main() -> None:
     sizes = Sizes.quick() if args.quick else Sizes()
     t0 = time.perf_counter()
     with running_system(TOKEN) as (system, started_s):
-        rows = asyncio.run(measure(system, sizes))
+        rows = uvloop.run(measure(system, sizes))  # the load generator: as little CPU per request as it can
     rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
     print_table(f"HTTP API with the scripted provider ({time.perf_counter() - t0:.0f} s in all)", rows)
 

@@ -549,6 +549,40 @@ def test_digest_is_what_was_asked() -> None:
     assert ask("openai", "gpt-4o", schema_name="ignored without a schema").digest() == base.digest()
 
 
+def whole_dump_digest(request: CompletionRequest) -> str:
+    """The digest as it was first written: the whole request dumped at once (recorded logs hold these)."""
+    asked = request.model_dump(mode="json", exclude={"cache", "timeout_s", "fallback_provider", "fallback_model"})
+    for k in ("agent_id", "run_id", "record_key", "api_key"):
+        asked.pop(k, None)
+    if request.response_schema is None:
+        del asked["response_schema"], asked["schema_name"]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"base_url": "\0messages"},  # a value that is the digest's own stand-in for the messages
+        {"response_schema": {"\0messages": {"type": "string"}}, "schema_name": "\0messages"},
+        {"messages": []},
+    ],
+)
+def test_digest_matches_the_whole_request_dumped(changes: dict[str, object]) -> None:
+    """The digest joins each message's cached JSON instead of dumping the history on every request; it must stay
+    byte-for-byte what dumping the whole request gives, or recorded completions stop matching on replay."""
+    messages = [
+        ChatMessage(role="system", content='be "brief"\n\tand kind'),
+        ChatMessage(role="user", content="Привет, 你好 \0messages \\u0000messages"),
+        ChatMessage(role="assistant", content=""),
+    ]
+    request = CompletionRequest(provider="openai", model="gpt-4o", messages=messages).model_copy(update=changes)
+    assert request.digest() == whole_dump_digest(request)
+    assert request.digest() == request.digest()  # the cached parts give the same text again
+    other = request.model_copy(update={"messages": [*request.messages, ChatMessage(role="user", content="x")]})
+    assert other.digest() == whole_dump_digest(other) != request.digest()
+
+
 # ---- a cached answer its recorder never recorded, budget errors across Ray, keys per base URL ----
 
 

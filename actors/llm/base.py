@@ -9,10 +9,11 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping
+from functools import cached_property, lru_cache
 from typing import Any, Protocol
 
 import jsonschema
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from events.pickling import PickledAsJson
 
@@ -30,9 +31,24 @@ _NOT_ASKED = {
 }
 
 
+# Stands in for the messages in the digest's JSON until their cached parts replace it (unless a value is this very
+# string: then the request is dumped whole).
+_MESSAGES = "\0messages"
+_MESSAGES_JSON = json.dumps(_MESSAGES)
+
+
 class ChatMessage(BaseModel):
+    """Frozen, because a chat resends the same messages with every request and caches their digest part."""
+
+    model_config = ConfigDict(frozen=True)
+
     role: str
     content: str
+
+    @cached_property
+    def asked(self) -> str:
+        """This message as the request's digest writes it (``json.dumps`` with sorted keys)."""
+        return json.dumps({"content": self.content, "role": self.role})
 
 
 class CompletionRequest(PickledAsJson):
@@ -63,10 +79,18 @@ class CompletionRequest(PickledAsJson):
 
         A request without a schema hashes exactly as it did before structured output existed, so logs recorded
         then still replay."""
-        asked = self.model_dump(mode="json", exclude=_NOT_ASKED)
+        asked = self.model_dump(mode="json", exclude=_NOT_ASKED | {"messages"})
         if self.response_schema is None:
             del asked["response_schema"], asked["schema_name"]
-        return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
+        # the same text as dumping the whole request, without dumping the history again for every reply
+        asked["messages"] = _MESSAGES
+        text = json.dumps(asked, sort_keys=True)
+        if text.count(_MESSAGES_JSON) == 1:
+            text = text.replace(_MESSAGES_JSON, "[" + ", ".join(m.asked for m in self.messages) + "]")
+        else:  # another value is the stand-in itself
+            asked["messages"] = [m.model_dump() for m in self.messages]
+            text = json.dumps(asked, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def last_user_message(self) -> str:
         return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
@@ -126,6 +150,7 @@ class Provider(Protocol):
     async def complete(self, request: CompletionRequest) -> Completion: ...
 
 
+@lru_cache(maxsize=16384)  # a chat's history is counted again for every reply
 def count_tokens(text: str) -> int:
     """A deterministic stand-in for a tokenizer: words and punctuation runs."""
     return max(1, len(text.split()))
