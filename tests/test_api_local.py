@@ -113,6 +113,21 @@ async def test_a_chat_id_too_long_for_its_stream_name_is_422(api: httpx.AsyncCli
         f"/api/v1/agents/{agent_id}/messages", json={"text": "hi", "chat_id": "c" * 191}, params={"timeout": 0.01}
     )
     assert r.status_code == 202  # the longest chat id that fits is recorded
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {
+        "status": "accepted",
+        "event_id": r.json()["event_id"],
+        "correlation_id": r.json()["event_id"],
+        "detail": "message recorded; the reply will arrive in the log",
+    }
+
+
+async def test_the_message_route_documents_both_answers(api: httpx.AsyncClient) -> None:
+    """The route writes its JSON itself (no FastAPI encoding on the busiest route); its schema still says what."""
+    answers = (await api.get("/openapi.json")).json()["paths"]["/api/v1/agents/{agent_id}/messages"]["post"]
+    schemas = {code: a["content"]["application/json"]["schema"] for code, a in answers["responses"].items()}
+    assert schemas["200"] == {"$ref": "#/components/schemas/MessageOut"}
+    assert schemas["202"] == {"$ref": "#/components/schemas/Accepted"}
 
 
 async def test_integers_beyond_64_bits_and_nul_characters_are_422(api: httpx.AsyncClient, eventlog: EventLog) -> None:
