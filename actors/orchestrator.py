@@ -50,6 +50,10 @@ RUNNER_IN_FLIGHT = 2
 PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
 TIMER_TYPES = ("timer.scheduled", "timer.fired", "timer.failed")
+# The snapshots row with the timers the log has armed as of a cursor: a restart reads the timer events after it,
+# not every one ever written (a team's CEO loop and task timeouts schedule timers all day).
+TIMERS_SNAPSHOT = "orchestrator-timers"
+TIMERS_SNAPSHOT_IDLE_S = 30.0  # with no timer event meanwhile, the snapshot's cursor still moves this often
 RETRY_S = 0.2  # a failed delivery is sent again after this, doubled for each failure in a row ...
 RETRY_MAX_S = 5.0  # ... up to this
 FAULTS_BEFORE_RESTART = 5  # failures in a row (deliveries, or pings) other than a store outage: restart the actor
@@ -135,6 +139,12 @@ class OrchestratorImpl:
         # done timer ever scheduled again, firing it into its idempotency key would append nothing.
         self.pending: dict[str, Timer] = {}
         self.timers: list[Timer] = []
+        # What the log says is armed (scheduled, not yet seen fired or failed), as of ``self.cursor``: snapshotted
+        # for the next restart. Unlike ``pending``, a firing in flight does not take a timer out of it.
+        self.armed: dict[str, RecordedEvent] = {}
+        self.armed_changed = False
+        self.timers_saved: tuple[Cursor, float] = (START, 0.0)  # the snapshot's cursor and when it was saved
+        self.timers_version = 0
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
         self.throttled = False
@@ -214,7 +224,7 @@ class OrchestratorImpl:
     async def _restore(self) -> None:
         """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
         from nothing, so a try that failed half-way can simply run again (the actors' names are reused)."""
-        self.subs, self.pending, self.timers = {}, {}, []
+        self.subs, self.pending, self.timers, self.armed = {}, {}, [], {}
         self.cursor = await self.store.head_cursor()
         running: dict[str, RecordedEvent] = {}
         for e in await self._read_types(LIFECYCLE):
@@ -228,8 +238,47 @@ class OrchestratorImpl:
         projector.linger_s = PROJECTOR_LINGER_S
         for e in await self._read_types(("subscriber.registered",)):
             await self._add_registered(e.data)
-        for e in await self._read_types(TIMER_TYPES):
-            self._track_timer(e)
+        await self._restore_timers()
+
+    async def _restore_timers(self) -> None:
+        """The timers of the last snapshot, then the timer events after its cursor, in commit order, up to what is
+        visible now (what comes later the reader acts on: its cursor is the head taken before). Replaying events
+        the state already holds changes nothing: each timer ends as its last event says. Without a snapshot (a log
+        written before them) every timer event is read, once."""
+        snapshot = await self.store.load_snapshot(TIMERS_SNAPSHOT)
+        if snapshot is None:
+            for e in await self._read_types(TIMER_TYPES):
+                self._track_timer(e)
+            return
+        self.timers_version, state = snapshot
+        for data in state["armed"]:
+            self._track_timer(RecordedEvent.model_validate(data))
+        after: Cursor = (int(state["cursor"][0]), int(state["cursor"][1]))
+        while True:
+            batch, read_to, _ = await self.store.read_committed(after, 5000, TIMER_TYPES)
+            for e in batch:
+                self._track_timer(e)
+            if read_to == after:
+                break
+            after = read_to
+        self.timers_saved = (after, time.monotonic())
+
+    async def _save_timers(self) -> None:
+        """Snapshot the armed timers with the cursor they are current to, when they changed (at most once per
+        flush), or when only the cursor moved, every ``TIMERS_SNAPSHOT_IDLE_S``."""
+        cursor, saved_at = self.timers_saved
+        if self.cursor == cursor or not (self.armed_changed or time.monotonic() - saved_at > TIMERS_SNAPSHOT_IDLE_S):
+            return
+        now = self.cursor
+        state = {"cursor": list(now), "armed": [e.model_dump(mode="json") for e in self.armed.values()]}
+        self.armed_changed = False  # before the await: a change while it is saved is saved next time
+        self.timers_version += 1
+        try:
+            await self.store.save_snapshot(TIMERS_SNAPSHOT, self.timers_version, state)
+        except Exception:
+            self.armed_changed = True
+            raise
+        self.timers_saved = (now, time.monotonic())
 
     async def _read_types(self, types: tuple[str, ...]) -> list[RecordedEvent]:
         out: list[RecordedEvent] = []
@@ -299,6 +348,7 @@ class OrchestratorImpl:
                 batch = await self._route_once()
                 if time.monotonic() - last_flush > 1.0:
                     await self._flush_cursors()
+                    await self._save_timers()
                     last_flush = time.monotonic()
             except StoreUnavailable as e:
                 log.warning("routing paused: event store unavailable", error=str(e))
@@ -608,11 +658,17 @@ class OrchestratorImpl:
             tid = e.data["timer_id"]
             if e.type in ("timer.fired", "timer.failed"):
                 self.pending.pop(tid, None)
-            elif tid not in self.pending:
-                t = Timer(datetime.fromisoformat(e.data["fire_at"]).timestamp(), tid, e)
-                self.pending[tid] = t
-                heapq.heappush(self.timers, t)
-                self.timer_wake.set()
+                self.armed_changed |= self.armed.pop(tid, None) is not None
+            else:
+                fire_at = datetime.fromisoformat(e.data["fire_at"]).timestamp()
+                if tid not in self.armed:
+                    self.armed[tid] = e
+                    self.armed_changed = True
+                if tid not in self.pending:
+                    t = Timer(fire_at, tid, e)
+                    self.pending[tid] = t
+                    heapq.heappush(self.timers, t)
+                    self.timer_wake.set()
         except Exception:
             SKIPPED.labels("timer").inc()
             log.exception("unreadable timer event skipped", event=str(e.id), type=e.type)

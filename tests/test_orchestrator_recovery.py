@@ -280,6 +280,55 @@ async def test_a_fired_timer_leaves_no_state_behind_also_after_a_restart(start: 
     assert all([await fired_in(eventlog, f"reminder-t{i}") == ["timer.fired"] for i in range(20)])
 
 
+async def saved_timers(log: EventLog) -> tuple[Any, set[str]]:
+    snapshot = await log.load_snapshot(orchestrator.TIMERS_SNAPSHOT)
+    if snapshot is None:
+        return None, set()
+    return tuple(snapshot[1]["cursor"]), {e["data"]["timer_id"] for e in snapshot[1]["armed"]}
+
+
+async def test_a_restart_reads_the_timers_snapshot_and_the_timer_events_after_it(
+    start: Start, eventlog: EventLog
+) -> None:
+    """A restart once read every timer event ever written. Now the orchestrator snapshots the armed timers with
+    the cursor they are current to, and a restart reads that and the timer events after it."""
+    now = datetime.now(UTC)
+    o = await start()
+    await eventlog.append("timer-later", [timer("later", now + timedelta(hours=1))])
+    await eventlog.append("timer-soon", [timer("soon", now - timedelta(seconds=1))])
+    await put(eventlog, "agent-unrelated")  # the snapshot's cursor moves past events of other types too
+    head = await eventlog.head_cursor()
+
+    async def snapshotted() -> bool:
+        cursor, armed = await saved_timers(eventlog)
+        return cursor is not None and cursor >= head and armed == {"later"}  # "soon" fired: not armed
+
+    await eventually(snapshotted, timeout=10, what="a snapshot with the armed timer")
+    snapshot_cursor, _ = await saved_timers(eventlog)
+    assert await fired_in(eventlog, "reminder-soon") == ["timer.fired"]
+    await o.close()
+
+    # After the snapshot: one more timer, and the firing of one the snapshot holds.
+    await eventlog.append("timer-next", [timer("next", now + timedelta(hours=2))])
+    again = await start()
+    assert set(again.pending) == {"later", "next"} and set(again.armed) == {"later", "next"}
+    await again.close()
+
+    # The snapshot is what a restart believes: one that says nothing is armed (as of the same cursor) leaves only
+    # the timer scheduled after it; the events before its cursor are not read again.
+    trust = {"cursor": list(snapshot_cursor), "armed": []}
+    await eventlog.save_snapshot(orchestrator.TIMERS_SNAPSHOT, 10**6, trust)
+    trusting = await start()
+    assert set(trusting.pending) == {"next"}
+    await trusting.close()
+
+    # Without a snapshot (a log from before them), every timer event is read.
+    await eventlog.execute("DELETE FROM snapshots WHERE stream = $1", orchestrator.TIMERS_SNAPSHOT)
+    fresh = await start()
+    assert set(fresh.pending) == {"later", "next"}
+    assert await fired_in(eventlog, "reminder-soon") == ["timer.fired"]  # never fired twice
+
+
 def test_a_timer_for_an_invalid_stream_is_refused_when_scheduled() -> None:
     with pytest.raises(ValueError, match="invalid stream name"):
         TimerScheduled(timer_id="x", fire_at=datetime.now(UTC), target_stream="Not A Stream")
