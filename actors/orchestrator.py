@@ -275,9 +275,10 @@ class OrchestratorImpl:
         self.timers_version += 1
         try:
             await self.store.save_snapshot(TIMERS_SNAPSHOT, self.timers_version, state)
-        except Exception:
+        except Exception as e:  # routing goes on; the next flush tries again, a restart reads a longer suffix
             self.armed_changed = True
-            raise
+            log.warning("timers snapshot not saved", error=repr(e))
+            return
         self.timers_saved = (now, time.monotonic())
 
     async def _read_types(self, types: tuple[str, ...]) -> list[RecordedEvent]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from structlog.testing import capture_logs
 
 from actors import orchestrator
 from actors.config import RuntimeConfig
@@ -327,6 +328,40 @@ async def test_a_restart_reads_the_timers_snapshot_and_the_timer_events_after_it
     fresh = await start()
     assert set(fresh.pending) == {"later", "next"}
     assert await fired_in(eventlog, "reminder-soon") == ["timer.fired"]  # never fired twice
+
+
+async def test_a_timers_snapshot_that_cannot_be_saved_holds_nothing_up(
+    start: Start, eventlog: EventLog, actors: Actors, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is an optimisation of the next start: failing to save it is logged and tried again at the
+    next flush; routing and timers go on undisturbed (a routing step that failed would pause the reader)."""
+    o = await start()
+    failed: list[int] = []
+
+    async def refuse(*_: Any) -> None:
+        failed.append(1)
+        raise RuntimeError("snapshot refused")
+
+    monkeypatch.setattr(o.store, "save_snapshot", refuse)
+    await route(o, "s1", "agent")
+    now = datetime.now(UTC)
+    with capture_logs() as logs:
+        await eventlog.append("timer-x", [timer("x", now - timedelta(seconds=1))])
+
+        async def tried_twice() -> bool:
+            return len(failed) >= 2
+
+        await eventually(tried_twice, timeout=5, what="a snapshot tried at two flushes")
+        wanted = await put(eventlog, "agent-a", 3)
+        await delivered_to(actors, "s1", wanted, timeout=5, what="events routed while snapshots fail")
+
+        async def fired() -> bool:
+            return await fired_in(eventlog, "reminder-x") == ["timer.fired"]
+
+        await eventually(fired, timeout=5, what="the timer fired while snapshots fail")
+    events = [entry["event"] for entry in logs]
+    assert "timers snapshot not saved" in events and "routing step failed" not in events
+    assert await saved_timers(eventlog) == (None, set())
 
 
 def test_a_timer_for_an_invalid_stream_is_refused_when_scheduled() -> None:
