@@ -253,7 +253,9 @@ class OrchestratorImpl:
         self.timers_version, state = snapshot
         for data in state["armed"]:
             self._track_timer(RecordedEvent.model_validate(data))
-        after: Cursor = (int(state["cursor"][0]), int(state["cursor"][1]))
+        saved: Cursor = (int(state["cursor"][0]), int(state["cursor"][1]))
+        self.timers_saved = (saved, time.monotonic())
+        after = saved
         while True:
             batch, read_to, _ = await self.store.read_committed(after, 5000, TIMER_TYPES)
             for e in batch:
@@ -261,7 +263,6 @@ class OrchestratorImpl:
             if read_to == after:
                 break
             after = read_to
-        self.timers_saved = (after, time.monotonic())
 
     async def _save_timers(self) -> None:
         """Snapshot the armed timers with the cursor they are current to, when they changed (at most once per

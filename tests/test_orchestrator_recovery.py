@@ -313,6 +313,11 @@ async def test_a_restart_reads_the_timers_snapshot_and_the_timer_events_after_it
     await eventlog.append("timer-next", [timer("next", now + timedelta(hours=2))])
     again = await start()
     assert set(again.pending) == {"later", "next"} and set(again.armed) == {"later", "next"}
+
+    async def snapshotted_again() -> bool:  # the restarted orchestrator brings the snapshot up to date
+        return (await saved_timers(eventlog))[1] == {"later", "next"}
+
+    await eventually(snapshotted_again, timeout=10, what="the snapshot refreshed after the restart")
     await again.close()
 
     # The snapshot is what a restart believes: one that says nothing is armed (as of the same cursor) leaves only
