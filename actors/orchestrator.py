@@ -270,8 +270,8 @@ class OrchestratorImpl:
         cursor, saved_at = self.timers_saved
         if self.cursor == cursor or not (self.armed_changed or time.monotonic() - saved_at > TIMERS_SNAPSHOT_IDLE_S):
             return
-        now = self.cursor
-        state = {"cursor": list(now), "armed": [e.model_dump(mode="json") for e in self.armed.values()]}
+        current = self.cursor
+        state = {"cursor": list(current), "armed": [e.model_dump(mode="json") for e in self.armed.values()]}
         self.armed_changed = False  # before the await: a change while it is saved is saved next time
         self.timers_version += 1
         try:
@@ -280,7 +280,7 @@ class OrchestratorImpl:
             self.armed_changed = True
             log.warning("timers snapshot not saved", error=repr(e))
             return
-        self.timers_saved = (now, time.monotonic())
+        self.timers_saved = (current, time.monotonic())
 
     async def _read_types(self, types: tuple[str, ...]) -> list[RecordedEvent]:
         out: list[RecordedEvent] = []
