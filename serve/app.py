@@ -32,6 +32,7 @@ from events.hub import (
 from serve.deps import HubDep, api, state
 from serve.hub import Hub
 from serve.metrics import merge_expositions
+from serve.request_metrics import RequestMetrics
 from serve.schemas import (
     INT64_MAX,
     Accepted,
@@ -142,6 +143,7 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
+app.add_middleware(RequestMetrics)  # added last: outermost, so it counts the body limit's 413s too
 
 
 # ---- health and metrics -------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from actors.agents.agent import agent_stream
 from events import NewEvent
@@ -293,3 +295,46 @@ def test_merged_metrics_keep_an_actor_label_of_their_own() -> None:
     assert len(samples) == len(set(samples))  # no duplicate series
     nested = merge_expositions({"x": b'm_total{actor="a",source="b"} 1.0\n'})
     assert 'm_total{actor="a",exported_source="x",source="b"} 1.0' in nested
+
+
+def http_samples(page: str) -> Counter[tuple[str, ...]]:
+    """The ingress's request counts by (method, route, status) and latency observations by (method, route)."""
+    out: Counter[tuple[str, ...]] = Counter()
+    for family in text_string_to_metric_families(page):
+        for s in family.samples:
+            if s.name == "agenthub_http_requests_total":
+                out[(s.labels["method"], s.labels["route"], s.labels["status"])] += int(s.value)
+            elif s.name == "agenthub_http_request_seconds_count":
+                out[("latency", s.labels["method"], s.labels["route"])] += int(s.value)
+    return out
+
+
+async def test_requests_are_counted_by_route_template_and_status(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    """Route templates, not raw paths, so clients cannot grow the number of series; the body limit's 413 and
+    paths no route takes are counted too, as one ``unmatched`` series."""
+    agent_id = await running_agent(eventlog, "counted")
+    before = http_samples((await api.get("/metrics")).text)
+    message = f"/api/v1/agents/{agent_id}/messages"
+    r = await api.post(message, json={"text": "hi", "chat_id": "c"}, params={"timeout": 0.01})
+    assert r.status_code == 202
+    assert (await api.get("/api/v1/agents/nobody")).status_code == 404
+    assert (await api.get("/api/v1/agents/nobody", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    big = b"x" * (64 * 1024 + 1)
+    assert (await api.post(message, content=big, headers={"content-type": "application/json"})).status_code == 413
+    assert (await api.get("/no/such/path/1")).status_code == 404
+    assert (await api.get("/no/such/path/2")).status_code == 404
+    delta = http_samples((await api.get("/metrics")).text) - before
+    route, agent = "/api/v1/agents/{agent_id}/messages", "/api/v1/agents/{agent_id}"
+    assert delta == {
+        ("GET", "/metrics", "200"): 1,  # the first read: counted once its answer was sent
+        ("latency", "GET", "/metrics"): 1,
+        ("POST", route, "202"): 1,
+        ("latency", "POST", route): 1,
+        ("GET", agent, "404"): 1,
+        ("GET", agent, "401"): 1,
+        ("latency", "GET", agent): 2,
+        ("POST", "unmatched", "413"): 1,
+        ("GET", "unmatched", "404"): 2,
+        ("latency", "POST", "unmatched"): 1,
+        ("latency", "GET", "unmatched"): 2,
+    }

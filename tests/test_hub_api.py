@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import psutil
 import ray
 from ray.util.state import list_actors
 
-from cluster.bootstrap import System
+from cluster.bootstrap import SERVE_ENV, System
 from storage.eventlog import EventLog
 from tests.conftest import eventually, free_port, new_agent
 from tests.fakes.openai_server import FakeOpenAI
@@ -243,6 +244,7 @@ async def test_metrics_cover_appends_routing_handlers_and_tokens(http: httpx.Asy
         "agenthub_routed_events_total",
         "agenthub_handler_latency_seconds_bucket",
         "agenthub_llm_tokens_total",
+        'agenthub_http_requests_total{actor="ingress",method="POST",route="/api/v1/agents/{agent_id}/messages"',
     ]:
         assert name in text, name
     assert f'actor="agent:{agent_id}"' in text
@@ -261,6 +263,19 @@ def test_haproxy_holds_the_api_port(system: System) -> None:
     port = system.settings.http_port
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and {psutil.Process(c.pid).name() for c in listening} == {"haproxy"}
+    # and it sends no log datagram per request to Serve's Python HAProxy manager (the ingress counts requests)
+    config = psutil.Process(listening[0].pid).cmdline()
+    text = Path(config[config.index("-f") + 1]).read_text()
+    assert "frontend" in text and "log-format-sd" not in text
+
+
+def test_a_ray_cluster_starts_serve_as_the_local_bootstrap_does() -> None:
+    yaml = (Path(__file__).parent.parent / "ray-cluster.yaml").read_text()
+    starts = [line for line in yaml.splitlines() if "ray start" in line]
+    assert len(starts) == 2
+    for line in starts:
+        for key, value in SERVE_ENV.items():
+            assert f"{key}={value} " in line, (key, line)
 
 
 async def test_openai_compatible_provider_over_http(http: httpx.AsyncClient, hub_log: EventLog) -> None:
