@@ -18,6 +18,8 @@ from serve.deployment import ApiIngress, IngressConfig
 from storage.embedded import EmbeddedPostgres
 from storage.migrate import migrate
 
+APP_NAME = "agenthub"  # the Serve application
+
 
 @dataclass
 class System:
@@ -92,6 +94,7 @@ def start_ray(settings: Settings) -> None:
         ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # our own Ray, even where a `ray start` cluster runs (ray.init() would join that one)
             num_cpus=settings.num_cpus,
             namespace=settings.ray_namespace,
             include_dashboard=True,
@@ -126,7 +129,7 @@ def up(settings: Settings) -> System:
         max_body_bytes=settings.max_event_bytes + 16 * 1024,
         max_event_bytes=settings.max_event_bytes,
     )
-    serve.run(ApiIngress.bind(ingress), name="agenthub", route_prefix="/")
+    serve.run(ApiIngress.bind(ingress), name=APP_NAME, route_prefix="/")
     return System(settings, url, embedded, token, generated, orchestrator)
 
 
@@ -135,3 +138,32 @@ def down(system: System) -> None:
     ray.shutdown()
     if system.embedded is not None:
         system.embedded.stop()
+
+
+def stop_deployment(settings: Settings) -> list[str]:
+    """Stop what ``up --address`` left running in a cluster: the Serve app, then every actor in the namespace,
+    the orchestrator first (alive, it would restart the others as they die), and the embedded Postgres if there
+    is one under the data dir. Other Serve apps and namespaces stay (and Serve, while it has other apps). The log
+    stays: a later ``up`` resumes from it, each subscriber from its checkpoint. Returns what was stopped."""
+    start_ray(settings)
+    stopped: list[str] = []
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+        stopped.append(f"serve app {APP_NAME}")
+        if not serve.status().applications:  # nothing else to serve: let go of the HTTP port too
+            serve.shutdown()
+    ns = settings.ray_namespace
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns)
+    for name in sorted(names, key=lambda n: n != "orchestrator"):
+        try:
+            ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
+        except ValueError:  # it ended meanwhile (an agent stopped as the orchestrator went down)
+            continue
+        stopped.append(f"actor {ns}/{name}")
+    ray.shutdown()
+    if not settings.database_url:
+        embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
+        if embedded.running():
+            embedded.stop()
+            stopped.append(f"embedded postgres {embedded.pgdata}")
+    return stopped

@@ -46,7 +46,8 @@ def up(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
 ) -> None:
-    """Start Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and the HTTP API; run until Ctrl-C."""
+    """Start Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and the HTTP API. On a local Ray: run
+    until Ctrl-C. On a cluster (--address): deploy and return; it runs there until `agenthub down`."""
     from cluster.bootstrap import down
     from cluster.bootstrap import up as bring_up
 
@@ -55,6 +56,9 @@ def up(
     console.print(f"[bold green]agenthub is up[/]  API {system.api_url}  dashboard {system.dashboard_url}")
     if system.token_generated:
         console.print(f"API token (generated, kept in {system.settings.data_dir / 'api_token'}): {system.api_token}")
+    if address:
+        console.print(f"running in the Ray cluster at {address}; stop it with: agenthub down --address {address}")
+        return
     stop = asyncio.Event()
 
     async def wait() -> None:
@@ -65,6 +69,25 @@ def up(
 
     asyncio.run(wait())
     down(system)
+
+
+@app.command()
+def down(
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+) -> None:
+    """Stop what `agenthub up --address` runs in a cluster: the HTTP app, the orchestrator and every agenthub
+    actor (and the embedded Postgres, if DATABASE_URL is unset). The event log is kept; `up` resumes from it."""
+    from cluster.bootstrap import stop_deployment
+
+    configure_logging()
+    try:
+        stopped = stop_deployment(_settings(address))
+    except ConnectionError as e:
+        console.print(f"[red]no Ray cluster at {address}:[/] {e}")
+        raise typer.Exit(1) from None
+    for what in stopped:
+        console.print(f"stopped {what}")
+    console.print("[bold]agenthub is down[/]" if stopped else "nothing of agenthub was running")
 
 
 @app.command()

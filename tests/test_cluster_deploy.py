@@ -1,0 +1,131 @@
+"""``agenthub up --address`` and ``agenthub down`` against a Ray cluster of their own (``ray start --head``).
+
+The cluster runs beside the test session's Ray, so it gets its own ports, token and Serve in its default mode (the
+Python proxy: HAProxy's fixed ports are the session's). The CLI runs as it does from a shell, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+TOKEN = "deploy-token"
+LIST_ACTORS = (
+    "import json, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+    "print(json.dumps(ray.util.list_named_actors(all_namespaces=True)))"
+)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-node Ray cluster; its address and the environment a client of it needs."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env |= {
+        "RAY_AUTH_MODE": "token",  # Ray 2.60 clusters may require it; an explicit address never picks it up itself
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1",  # at the end, stop at once: nothing is left to drain
+        "AGENTHUB_DATA_DIR": str(tmp_path / "data"),
+        "AGENTHUB_PG_PORT": str(free_port()),
+        "AGENTHUB_API_TOKEN": TOKEN,
+    }
+    ports = {
+        "port": address.split(":")[1],
+        "ray-client-server-port": free_port(),
+        "dashboard-agent-listen-port": free_port(),
+        "dashboard-agent-grpc-port": free_port(),
+    }
+    options = [f"--{k}={v}" for k, v in ports.items()]
+    options += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", *options],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert head.stdout is not None
+        for line in head.stdout:  # it prints this once its processes are up, then blocks
+            if "Ray runtime started" in line:
+                break
+        else:
+            pytest.fail("ray start --head exited before the cluster was up")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops the node's processes on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        # `ray start` leaves its address here for `ray.init()` and the `ray` CLI to find; `ray stop` would remove it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{ports['port']}"):
+            current.unlink()
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([str(BIN / "agenthub"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return " ".join(done.stdout.split())  # rich wraps long lines
+
+
+def our_actors(env: dict[str, str], address: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", LIST_ACTORS, address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return {a["name"] for a in json.loads(out.stdout.splitlines()[-1]) if a["namespace"] == "agenthub"}
+
+
+def message(api: str, agent_id: str, text: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"text": text, "chat_id": "deploy"}
+    return httpx.post(f"{api}/api/v1/agents/{agent_id}/messages", json=body, headers=headers, timeout=60)
+
+
+def test_up_on_a_cluster_returns_and_down_stops_it_keeping_the_log(cluster: tuple[str, dict[str, str]]) -> None:
+    address, env = cluster
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+
+    started = time.monotonic()
+    out = cli(env, "up", "--address", address, "--port", str(port))
+    assert f"agenthub down --address {address}" in out  # it returned: the deployment runs in the cluster
+    assert time.monotonic() - started < 300
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    agent_id = httpx.post(f"{api}/api/v1/agents", json={"name": "d"}, headers=headers, timeout=60).json()["id"]
+    assert httpx.post(f"{api}/api/v1/agents/{agent_id}/start", headers=headers, timeout=60).status_code == 200
+    first = message(api, agent_id, "one")
+    assert first.status_code == 200 and "turn 1" in first.json()["response"]
+    assert {"orchestrator", "projector", "llm", f"agent:{agent_id}"} <= our_actors(env, address)
+
+    out = cli(env, "down", "--address", address)
+    assert "stopped serve app agenthub" in out and "stopped actor agenthub/orchestrator" in out
+    assert f"stopped actor agenthub/agent:{agent_id}" in out and "stopped embedded postgres" in out
+    assert our_actors(env, address) == set()
+    with pytest.raises(httpx.TransportError):  # no other Serve app was left, so Serve let go of the port too
+        httpx.get(f"{api}/healthz", timeout=5)
+
+    # The log was kept: a new deployment finds the running agent and the chat's history in it.
+    cli(env, "up", "--address", address, "--port", str(port))
+    second = message(api, agent_id, "two")
+    assert second.status_code == 200 and "turn 2" in second.json()["response"], second.text
+    assert "nothing of agenthub was running" not in cli(env, "down", "--address", address)
+    assert cli(env, "down", "--address", address).endswith("nothing of agenthub was running")
