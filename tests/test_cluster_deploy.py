@@ -28,9 +28,10 @@ LIST_ACTORS = (
 )
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A one-node Ray cluster; its address and the environment a client of it needs."""
+    tmp_path = tmp_path_factory.mktemp("deploy")
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
     env |= {
@@ -129,3 +130,19 @@ def test_up_on_a_cluster_returns_and_down_stops_it_keeping_the_log(cluster: tupl
     assert second.status_code == 200 and "turn 2" in second.json()["response"], second.text
     assert "nothing of agenthub was running" not in cli(env, "down", "--address", address)
     assert cli(env, "down", "--address", address).endswith("nothing of agenthub was running")
+
+
+LOCAL_GCS = (
+    "import ray; from cluster.bootstrap import start_ray; from cluster.settings import Settings; "
+    "start_ray(Settings(num_cpus=1)); print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()"
+)
+
+
+def test_a_local_up_starts_its_own_ray_beside_a_ray_start_cluster(cluster: tuple[str, dict[str, str]]) -> None:
+    """``ray.init()`` joins the cluster a ``ray start`` left its address for (and refuses our ``num_cpus``)."""
+    address, env = cluster
+    local = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-c", LOCAL_GCS], env=local, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS "))
+    assert gcs.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
