@@ -304,7 +304,7 @@ def http_samples(page: str) -> Counter[tuple[str, ...]]:
         for s in family.samples:
             if s.name == "agenthub_http_requests_total":
                 out[(s.labels["method"], s.labels["route"], s.labels["status"])] += int(s.value)
-            elif s.name == "agenthub_http_request_seconds_count":
+            elif s.name == "agenthub_http_request_duration_seconds_count":
                 out[("latency", s.labels["method"], s.labels["route"])] += int(s.value)
     return out
 
