@@ -94,6 +94,11 @@ class LLMRouter:
     ) -> None:
         self.providers = dict(providers)
         self.policy = policy or RetryPolicy()
+        # The strategies hold no state of a call, so every call shares them (building them took ~10 µs a call);
+        # the ``AsyncRetrying`` that runs them keeps its state on itself, so each call gets its own.
+        self._stop = stop_after_attempt(self.policy.max_attempts)
+        self._wait = _RetryWait(self.policy)
+        self._retry = retry_if_exception(_retryable)
         self.cache = cache
         self.provider_calls = 0
         self._usage: dict[str, AgentUsage] = {}
@@ -220,9 +225,9 @@ class LLMRouter:
             return await self._attempt(provider, request)
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.max_attempts),
-            wait=_RetryWait(self.policy),
-            retry=retry_if_exception(_retryable),
+            stop=self._stop,
+            wait=self._wait,
+            retry=self._retry,
             before_sleep=partial(_log_retry, provider.name, request.model),
             reraise=True,
         )
