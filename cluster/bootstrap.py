@@ -153,8 +153,8 @@ def stop_deployment(settings: Settings) -> list[str]:
         if not serve.status().applications:  # nothing else to serve: let go of the HTTP port too
             serve.shutdown()
     ns = settings.ray_namespace
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns)
-    for name in sorted(names, key=lambda n: n != "orchestrator"):
+    ours = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
+    for name in sorted(ours, key=lambda n: (n != "orchestrator", n)):
         try:
             ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
         except ValueError:  # it ended meanwhile (an agent stopped as the orchestrator went down)
