@@ -255,14 +255,9 @@ class OrchestratorImpl:
             self._track_timer(RecordedEvent.model_validate(data))
         saved: Cursor = (int(state["cursor"][0]), int(state["cursor"][1]))
         self.timers_saved = (saved, time.monotonic())
-        after = saved
-        while True:
-            batch, read_to, _ = await self.store.read_committed(after, 5000, TIMER_TYPES)
+        async for batch in self.store.committed_pages(saved, types=TIMER_TYPES):
             for e in batch:
                 self._track_timer(e)
-            if read_to == after:
-                break
-            after = read_to
 
     async def _save_timers(self) -> None:
         """Snapshot the armed timers with the cursor they are current to, when they changed (at most once per

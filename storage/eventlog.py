@@ -445,6 +445,15 @@ class EventLog:
         cursor = (int(rows[-1][1]), int(rows[-1][0]))
         return Committed(_rows_to_events([r for r in rows if r[9]]), cursor, held)
 
+    async def committed_pages(
+        self, after: Cursor, limit: int = 5000, types: Sequence[str] | None = None
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """``read_committed`` page by page from ``after`` up to what is visible now (what commits later, or is
+        held back, is left for the caller's next read). A page may be empty: it had no events of ``types``."""
+        while (got := await self.read_committed(after, limit, types)).cursor != after:
+            yield got.events
+            after = got.cursor
+
     async def cursor_at(self, position: int) -> Cursor:
         """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the
         commit-order cursor of the last event at or before ``position``, ``START`` when there is none. For a

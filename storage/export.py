@@ -48,11 +48,7 @@ async def export_parquet(
     written = 0
     cursor = await store.cursor_at(from_position)
     with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
-        while True:
-            batch, after, _ = await store.read_committed(cursor, limit=page)
-            if after == cursor:
-                break
-            cursor = after
+        async for batch in store.committed_pages(cursor, limit=page):
             if not batch:
                 continue
             cols = {

@@ -142,9 +142,8 @@ class RoleActorImpl(TeamActor):
             rows = await conn.fetch("SELECT task_id FROM team_tasks WHERE status <> ALL($1::text[])", list(TERMINAL))
         candidates = {r[0] for r in rows}
         cursor: Cursor = (int(cp[0]), int(cp[1])) if cp else START
-        while (got := await self.store.read_committed(cursor, 5000, types=OpenTasks.TYPES)).cursor != cursor:
-            candidates.update(e.data["task_id"] for e in got.events)
-            cursor = got.cursor
+        async for batch in self.store.committed_pages(cursor, types=OpenTasks.TYPES):
+            candidates.update(e.data["task_id"] for e in batch)
         tasks = OpenTasks()
         streams = [f"task-{tid}" for tid in sorted(candidates)]
         for e in await self.store.read_where(TASK_STREAMS, streams):
