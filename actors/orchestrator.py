@@ -158,6 +158,7 @@ class OrchestratorImpl:
         self._background: set[asyncio.Task[Any]] = set()  # deliveries, restarts, reloads: kept until done
         self._flushing = asyncio.Lock()
         self._rebuilding = asyncio.Lock()
+        self.draining = False
         self._main = asyncio.get_running_loop().create_task(self._run())
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -220,6 +221,28 @@ class OrchestratorImpl:
             await self.listener.close()
         if hasattr(self, "store"):
             await self.store.close()
+
+    async def drain(self, timeout: float) -> dict[str, int]:
+        """The first half of a stop (``agenthub down``): read nothing more, start no delivery, restart nothing and
+        fire no timer; wait up to ``timeout`` for the deliveries under way; then save every subscriber's cursor and
+        the timers. Killed after this, the next start redelivers only what was unfinished, not up to a second of
+        handled events (the periodic flush's lag). Returns the deliveries still in flight, by subscriber."""
+        await self.ready.wait()
+        self.draining = True
+        loops = [self._main, *self._tasks]
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        busy = [asyncio.ensure_future(sub.idle.wait()) for sub in self.subs.values() if sub.in_flight]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=timeout)
+            for waiter in late:
+                waiter.cancel()
+        await self._flush_cursors()
+        await self._save_timers()
+        unfinished = {name: sub.in_flight for name, sub in self.subs.items() if sub.in_flight}
+        log.info("orchestrator drained", subscribers=len(self.subs), unfinished=unfinished)
+        return unfinished
 
     async def _restore(self) -> None:
         """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
@@ -451,6 +474,8 @@ class OrchestratorImpl:
                 if sub.in_flight == 0:
                     sub.cursor = max(sub.cursor, sub.queued)
                 return
+            if self.draining:  # a stop is under way: the next start delivers what is pending
+                return
             now = time.monotonic()
             linger = sub.last_sent + sub.linger_s - now if len(sub.pending) < BATCH else 0.0
             wait = max(linger, sub.retry_at - now)
@@ -552,7 +577,7 @@ class OrchestratorImpl:
         ``_supervise`` each heartbeat until it succeeds or gives up (``agent.failed``)."""
         sub.dead = True
         sub.restart_reason = reason
-        if not sub.restarting:
+        if not sub.restarting and not self.draining:
             sub.restarting = True
             self._spawn(self._restart_guarded(sub))
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 import ray
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.schema import LoggingConfig
 
 from actors.config import ActorSettings, RuntimeConfig
@@ -133,8 +134,22 @@ def up(settings: Settings) -> System:
     return System(settings, url, embedded, token, generated, orchestrator)
 
 
+def drain(orchestrator: object, timeout: float) -> str:
+    """Have the orchestrator finish the deliveries under way and save every checkpoint before it is stopped;
+    says how that went. A dead or stuck orchestrator is reported, not waited for: the stop goes on (what it had
+    not checkpointed is redelivered at the next start, which the subscribers handle idempotently)."""
+    try:
+        unfinished = ray.get(orchestrator.drain.remote(timeout), timeout=timeout + 30)  # type: ignore[attr-defined]
+    except RayError as e:  # dead, or no answer in time (GetTimeoutError)
+        return f"orchestrator not drained ({type(e).__name__}): what it had not checkpointed is redelivered"
+    if unfinished:
+        return f"orchestrator drained, checkpoints saved; still in flight after {timeout:g} s: {unfinished}"
+    return "orchestrator drained, checkpoints saved"
+
+
 def down(system: System) -> None:
     serve.shutdown()
+    drain(system.orchestrator, system.settings.drain_timeout_s)
     ray.shutdown()
     if system.embedded is not None:
         system.embedded.stop()
@@ -144,26 +159,29 @@ def stop_deployment(settings: Settings) -> list[str]:
     """Stop what ``up --address`` left running in a cluster: the Serve app, then every actor in the namespace,
     the orchestrator first (alive, it would restart the others as they die), and the embedded Postgres if there
     is one under the data dir. Other Serve apps and namespaces stay (and Serve, while it has other apps). The log
-    stays: a later ``up`` resumes from it, each subscriber from its checkpoint. Returns what was stopped."""
+    stays: a later ``up`` resumes from it, each subscriber from its checkpoint, saved by the orchestrator's drain just
+    before. Returns a line for each thing done."""
     start_ray(settings)
     stopped: list[str] = []
     if APP_NAME in serve.status().applications:
         serve.delete(APP_NAME)
-        stopped.append(f"serve app {APP_NAME}")
+        stopped.append(f"stopped serve app {APP_NAME}")
         if not serve.status().applications:  # nothing else to serve: let go of the HTTP port too
             serve.shutdown()
     ns = settings.ray_namespace
     ours = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
+    if "orchestrator" in ours:
+        stopped.append(drain(ray.get_actor("orchestrator", namespace=ns), settings.drain_timeout_s))
     for name in sorted(ours, key=lambda n: (n != "orchestrator", n)):
         try:
             ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
         except ValueError:  # it ended meanwhile (an agent stopped as the orchestrator went down)
             continue
-        stopped.append(f"actor {ns}/{name}")
+        stopped.append(f"stopped actor {ns}/{name}")
     ray.shutdown()
     if not settings.database_url:
         embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
         if embedded.running():
             embedded.stop()
-            stopped.append(f"embedded postgres {embedded.pgdata}")
+            stopped.append(f"stopped embedded postgres {embedded.pgdata}")
     return stopped

@@ -74,19 +74,25 @@ def up(
 @app.command()
 def down(
     address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    wait: Annotated[
+        float | None,
+        typer.Option(help="seconds to let deliveries under way finish first (default AGENTHUB_DRAIN_TIMEOUT_S, 10)"),
+    ] = None,
 ) -> None:
-    """Stop what `agenthub up --address` runs in a cluster: the HTTP app, the orchestrator and every agenthub
-    actor (and the embedded Postgres, if DATABASE_URL is unset). The event log is kept; `up` resumes from it."""
+    """Stop what `agenthub up --address` runs in a cluster: the HTTP app, the orchestrator (after the deliveries
+    under way finished and every checkpoint is saved) and every agenthub actor (and the embedded Postgres, if
+    DATABASE_URL is unset). The event log is kept; `up` resumes from it."""
     from cluster.bootstrap import stop_deployment
 
     configure_logging()
     try:
-        stopped = stop_deployment(_settings(address))
+        settings = _settings(address)
+        stopped = stop_deployment(settings if wait is None else settings.model_copy(update={"drain_timeout_s": wait}))
     except ConnectionError as e:
         console.print(f"[red]no Ray cluster at {address}:[/] {e}")
         raise typer.Exit(1) from None
     for what in stopped:
-        console.print(f"stopped {what}")
+        console.print(what)
     console.print("[bold]agenthub is down[/]" if stopped else "nothing of agenthub was running")
 
 

@@ -28,6 +28,8 @@ class Settings(BaseSettings, ActorSettings):
     num_cpus: int = 2
     dashboard_port: int = 8265
     reply_timeout_s: float = 10.0
+    # how long a stop lets the deliveries under way finish before the actors go (an LLM call may be in one)
+    drain_timeout_s: float = 10.0
 
     def resolve_api_token(self) -> tuple[str, bool]:
         """The configured token, or one generated at first start and kept in the data dir.

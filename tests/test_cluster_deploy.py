@@ -119,6 +119,8 @@ def test_up_on_a_cluster_returns_and_down_stops_it_keeping_the_log(cluster: tupl
 
     out = cli(env, "down", "--address", address)
     assert "stopped serve app agenthub" in out and "stopped actor agenthub/orchestrator" in out
+    # drained first (the chat was answered: nothing left in flight), then stopped
+    assert "orchestrator drained, checkpoints saved stopped actor agenthub/orchestrator" in out
     assert f"stopped actor agenthub/agent:{agent_id}" in out and "stopped embedded postgres" in out
     assert our_actors(env, address) == set()
     with pytest.raises(httpx.TransportError):  # no other Serve app was left, so Serve let go of the port too

@@ -590,3 +590,60 @@ async def test_a_failed_rebuild_leaves_the_projector_running(start: Start, actor
     await eventually(projected, timeout=5, what="the projector still receives events")
     pings = actors.instances[PROJECTOR][-1].pings
     await eventually(lambda: _gt(actors.instances[PROJECTOR][-1].pings, pings), timeout=5, what="still supervised")
+
+
+# ---- 8. a stop drains: deliveries under way finish, every cursor is saved, nothing new starts --------------------
+
+
+class Held(Recorder):
+    """A subscriber whose deliveries wait for ``release`` (an LLM call under way, say)."""
+
+    def __init__(self, release: asyncio.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        await self.release.wait()
+        await super().deliver(events, cursor)
+
+
+async def test_a_drain_lets_the_delivery_under_way_finish_saves_its_cursor_and_starts_no_other(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    release = asyncio.Event()
+    actors.make["s"] = lambda _: Held(release)
+    o = await start()
+    await route(o, "s", "work")
+    first = await put(eventlog, "work-1", 2)
+    await eventually(lambda: _gt(o.subs["s"].in_flight, 0), timeout=5, what="a delivery under way")
+    queued = await put(eventlog, "work-2")  # read, and waiting for the delivery under way
+    await eventually(lambda: _gt(len(o.subs["s"].pending), 0), timeout=5, what="an event queued behind it")
+
+    drained = asyncio.ensure_future(o.drain(timeout=10))
+    await asyncio.sleep(0.3)
+    assert not drained.done()  # it waits for the delivery
+    release.set()
+    assert await asyncio.wait_for(drained, 5) == {}
+
+    await asyncio.sleep(0.3)  # time enough to deliver the queued event, were deliveries still started
+    assert positions(actors, "s") == first
+    # The routing loop (which flushes cursors once a second) is stopped: the checkpoint is the drain's own, past the
+    # finished delivery and short of the queued event, which the next start delivers.
+    _, saved = await eventlog.load_checkpoint("s")
+    assert first[-1] <= saved < queued[0]
+
+
+async def test_a_drain_gives_up_on_a_delivery_that_does_not_finish_and_saves_no_cursor_past_it(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    actors.make["s"] = lambda _: Held(asyncio.Event())  # never released
+    o = await start()
+    await route(o, "s", "work")
+    stuck = await put(eventlog, "work-1")
+    await eventually(lambda: _gt(o.subs["s"].in_flight, 0), timeout=5, what="a delivery under way")
+
+    t0 = asyncio.get_running_loop().time()
+    assert await o.drain(timeout=0.5) == {"s": 1}
+    assert asyncio.get_running_loop().time() - t0 < 3
+    _, saved = await eventlog.load_checkpoint("s")
+    assert saved < stuck[0]  # the next start delivers it again
