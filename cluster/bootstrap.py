@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from dataclasses import dataclass
 
 import asyncpg
@@ -84,6 +85,23 @@ SERVE_ENV = {
 }
 
 
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answers at the address given."""
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail at once when nothing listens at a ``host:port`` address: Ray retries such an address for minutes
+    before it gives up. ``auto`` and ``ray://`` addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ClusterUnreachable(f"nothing answers at {address} ({e})") from None
+
+
 def start_ray(settings: Settings) -> None:
     """A local Ray (workers inherit this process's environment, SERVE_ENV included) or a running cluster."""
     if ray.is_initialized():
@@ -92,7 +110,11 @@ def start_ray(settings: Settings) -> None:
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
     if settings.ray_address:
-        ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
+        check_reachable(settings.ray_address)
+        try:
+            ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
+        except ConnectionError as e:  # `auto` with no cluster on this machine, say
+            raise ClusterUnreachable(str(e)) from None
     else:
         ray.init(
             address="local",  # our own Ray, even where a `ray start` cluster runs (ray.init() would join that one)
@@ -107,8 +129,8 @@ def start_ray(settings: Settings) -> None:
 
 def up(settings: Settings) -> System:
     """Bring everything up (idempotent: reuses a running orchestrator and Serve app)."""
+    start_ray(settings)  # first: an address nothing answers at fails before a database is started for it
     url, embedded = start_database(settings)
-    start_ray(settings)
     token, generated = settings.resolve_api_token()
     orchestrator = Orchestrator.options(
         name="orchestrator",

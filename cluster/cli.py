@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +35,18 @@ def _settings(address: str | None = None, port: int | None = None) -> Settings:
     return s.model_copy(update=updates) if updates else s
 
 
+@contextlib.contextmanager
+def _cluster_required(address: str | None) -> Iterator[None]:
+    """A Ray address nothing answers at: one clear line and exit status 1, not a traceback."""
+    from cluster.bootstrap import ClusterUnreachable
+
+    try:
+        yield
+    except ClusterUnreachable as e:
+        console.print(f"[red]no Ray cluster at {address}:[/] {e}")
+        raise typer.Exit(1) from None
+
+
 async def _open_store(s: Settings):
     from cluster.bootstrap import start_database
     from storage.eventlog import EventLog
@@ -52,7 +66,8 @@ def up(
     from cluster.bootstrap import up as bring_up
 
     configure_logging()
-    system = bring_up(_settings(address, port))
+    with _cluster_required(address):
+        system = bring_up(_settings(address, port))
     console.print(f"[bold green]agenthub is up[/]  API {system.api_url}  dashboard {system.dashboard_url}")
     if system.token_generated:
         console.print(f"API token (generated, kept in {system.settings.data_dir / 'api_token'}): {system.api_token}")
@@ -85,12 +100,9 @@ def down(
     from cluster.bootstrap import stop_deployment
 
     configure_logging()
-    try:
-        settings = _settings(address)
+    settings = _settings(address)
+    with _cluster_required(address):
         stopped = stop_deployment(settings if wait is None else settings.model_copy(update={"drain_timeout_s": wait}))
-    except ConnectionError as e:
-        console.print(f"[red]no Ray cluster at {address}:[/] {e}")
-        raise typer.Exit(1) from None
     for what in stopped:
         console.print(what)
     console.print("[bold]agenthub is down[/]" if stopped else "nothing of agenthub was running")
