@@ -227,7 +227,6 @@ class OrchestratorImpl:
         fire no timer; wait up to ``timeout`` for the deliveries under way; then save every subscriber's cursor and
         the timers. Killed after this, the next start redelivers only what was unfinished, not up to a second of
         handled events (the periodic flush's lag). Returns the deliveries still in flight, by subscriber."""
-        await self.ready.wait()
         self.draining = True
         loops = [self._main, *self._tasks]
         for task in loops:

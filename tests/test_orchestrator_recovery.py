@@ -23,7 +23,7 @@ from events.hub import AgentStarted, AgentStopped, AgentUpdated
 from events.system import SubscriberRegistered, TimerScheduled
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 
 HERE = __name__  # "tests.test_orchestrator_recovery": registrations name classes of this module
 
@@ -647,3 +647,11 @@ async def test_a_drain_gives_up_on_a_delivery_that_does_not_finish_and_saves_no_
     assert asyncio.get_running_loop().time() - t0 < 3
     _, saved = await eventlog.load_checkpoint("s")
     assert saved < stuck[0]  # the next start delivers it again
+
+
+async def test_a_drain_while_the_orchestrator_still_waits_for_the_store_ends_it_at_once(actors: Actors) -> None:
+    o = OrchestratorImpl(RuntimeConfig(database_url=f"postgresql://127.0.0.1:{free_port()}/nothing_listens"))
+    await asyncio.sleep(0.3)
+    assert not o.ready.is_set()
+    assert await asyncio.wait_for(o.drain(timeout=10), 2) == {}
+    assert o._main.done()
