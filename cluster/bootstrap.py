@@ -129,8 +129,11 @@ def start_ray(settings: Settings) -> None:
 
 def up(settings: Settings) -> System:
     """Bring everything up (idempotent: reuses a running orchestrator and Serve app)."""
-    start_ray(settings)  # first: an address nothing answers at fails before a database is started for it
+    if settings.ray_address:  # before the database is started for it (start_ray checks too: `down` comes that way)
+        check_reachable(settings.ray_address)
+    # Postgres before Ray: its port (54329 by default) is in the ephemeral range, where Ray's processes bind theirs
     url, embedded = start_database(settings)
+    start_ray(settings)
     token, generated = settings.resolve_api_token()
     orchestrator = Orchestrator.options(
         name="orchestrator",
