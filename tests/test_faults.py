@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import ray
 
-from cluster.bootstrap import System
+from cluster.bootstrap import System, drain
 from storage.eventlog import EventLog
 from tests.conftest import eventually, new_agent
 
@@ -115,3 +115,20 @@ async def test_durable_timer_fires_once_across_an_orchestrator_restart(
         and events[0].data["scheduled_position"] == r.json()["positions"][0]
     )
     assert events[0].recorded_at >= datetime.fromisoformat(fire_at)
+
+
+@ray.remote(num_cpus=0)
+class _Dead:
+    """Any actor with a ``drain`` method, killed: what a stop meets when the orchestrator died."""
+
+    async def drain(self, timeout: float) -> dict[str, int]:
+        return {}
+
+
+def test_a_stop_reports_an_orchestrator_that_cannot_drain_and_goes_on(system: System) -> None:
+    """``agenthub down`` with the orchestrator dead: one line says what that means, and the stop is not held up
+    (the real drain's answer is checked in tests/test_cluster_deploy.py)."""
+    dead = _Dead.remote()
+    ray.kill(dead, no_restart=True)
+    said = drain(dead, 5)
+    assert said.startswith("orchestrator not drained (") and "redelivered" in said
