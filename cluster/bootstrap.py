@@ -172,12 +172,15 @@ def drain(orchestrator: object, timeout: float) -> str:
     return "orchestrator drained, checkpoints saved"
 
 
-def down(system: System) -> None:
+def down(system: System) -> str:
+    """Stop what ``up`` started in this process (Serve, the drained orchestrator, Ray, the embedded Postgres);
+    returns how the drain went."""
     serve.shutdown()
-    drain(system.orchestrator, system.settings.drain_timeout_s)
+    drained = drain(system.orchestrator, system.settings.drain_timeout_s)
     ray.shutdown()
     if system.embedded is not None:
         system.embedded.stop()
+    return drained
 
 
 def stop_deployment(settings: Settings) -> list[str]:

@@ -83,7 +83,7 @@ def up(
         await stop.wait()
 
     asyncio.run(wait())
-    down(system)
+    console.print(down(system))
 
 
 @app.command()
