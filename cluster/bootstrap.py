@@ -89,10 +89,10 @@ class ClusterUnreachable(ConnectionError):
     """No Ray cluster answers at the address given."""
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> None:
+def check_reachable(address: str | None, timeout: float = 3.0) -> None:
     """Fail at once when nothing listens at a ``host:port`` address: Ray retries such an address for minutes
-    before it gives up. ``auto`` and ``ray://`` addresses are left to Ray."""
-    if address == "auto" or "://" in address:
+    before it gives up. No address (a local Ray), ``auto`` and ``ray://`` addresses are left to Ray."""
+    if not address or address == "auto" or "://" in address:
         return
     host, _, port = address.rpartition(":")
     try:
@@ -110,7 +110,6 @@ def start_ray(settings: Settings) -> None:
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
     if settings.ray_address:
-        check_reachable(settings.ray_address)
         try:
             ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=False)
         except ConnectionError as e:  # `auto` with no cluster on this machine, say
@@ -129,8 +128,7 @@ def start_ray(settings: Settings) -> None:
 
 def up(settings: Settings) -> System:
     """Bring everything up (idempotent: reuses a running orchestrator and Serve app)."""
-    if settings.ray_address:  # before the database is started for it (start_ray checks too: `down` comes that way)
-        check_reachable(settings.ray_address)
+    check_reachable(settings.ray_address)  # before a database is started for a cluster that is not there
     # Postgres before Ray: its port (54329 by default) is in the ephemeral range, where Ray's processes bind theirs
     url, embedded = start_database(settings)
     start_ray(settings)
@@ -189,6 +187,7 @@ def stop_deployment(settings: Settings) -> list[str]:
     is one under the data dir. Other Serve apps and namespaces stay (and Serve, while it has other apps). The log
     stays: a later ``up`` resumes from it, each subscriber from its checkpoint, saved by the orchestrator's drain just
     before. Returns a line for each thing done."""
+    check_reachable(settings.ray_address)
     start_ray(settings)
     stopped: list[str] = []
     if APP_NAME in serve.status().applications:

@@ -29,9 +29,10 @@ console = Console()
 POSITION_MAX = 2**63 - 1  # positions are Postgres bigints
 
 
-def _settings(address: str | None = None, port: int | None = None) -> Settings:
+def _settings(address: str | None = None, port: int | None = None, drain_timeout_s: float | None = None) -> Settings:
     s = get_settings()
-    updates = {k: v for k, v in {"ray_address": address, "http_port": port}.items() if v is not None}
+    given = {"ray_address": address, "http_port": port, "drain_timeout_s": drain_timeout_s}
+    updates = {k: v for k, v in given.items() if v is not None}
     return s.model_copy(update=updates) if updates else s
 
 
@@ -100,9 +101,8 @@ def down(
     from cluster.bootstrap import stop_deployment
 
     configure_logging()
-    settings = _settings(address)
     with _cluster_required(address):
-        stopped = stop_deployment(settings if wait is None else settings.model_copy(update={"drain_timeout_s": wait}))
+        stopped = stop_deployment(_settings(address, drain_timeout_s=wait))
     for what in stopped:
         console.print(what)
     console.print("[bold]agenthub is down[/]" if stopped else "nothing of agenthub was running")
