@@ -8,8 +8,8 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-import uuid_utils
 from pydantic import BaseModel, ConfigDict, Field
+from uuid_utils.compat import uuid7
 
 from events.pickling import PickledAsJson
 
@@ -30,8 +30,8 @@ ExpectedVersion = int | _Sentinel
 
 
 def new_id() -> UUID:
-    """UUIDv7: time-ordered, so ids sort like the log."""
-    return UUID(str(uuid_utils.uuid7()))
+    """UUIDv7: time-ordered, so ids sort like the log (uuid_utils' ``compat`` form is the standard ``UUID`` type)."""
+    return uuid7()
 
 
 def utcnow() -> datetime:

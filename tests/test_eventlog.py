@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from events import ANY, NO_STREAM, NewEvent, UnknownEventType
-from events.envelope import Meta, validate_stream
+from events.envelope import Meta, new_id, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
@@ -468,3 +469,10 @@ async def test_a_read_near_the_head_does_not_scan_the_whole_log(eventlog: EventL
             assert "Seq Scan" not in scans, (analyze, scans)
             assert plan["Plan"]["Shared Hit Blocks"] < 30  # a few index and heap pages, not the log's ~75
     assert len((await eventlog.read_committed(near_head)).events) == 5
+
+
+def test_event_ids_are_standard_uuid7s_that_sort_in_creation_order() -> None:
+    """Ids sort like the log (UUIDv7), and are the standard ``UUID`` type that pydantic, asyncpg and ``==`` expect."""
+    ids = [new_id() for _ in range(1000)]
+    assert all(type(i) is uuid.UUID and i.version == 7 for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
