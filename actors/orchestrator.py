@@ -247,7 +247,7 @@ class OrchestratorImpl:
         """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
         from nothing, so a try that failed half-way can simply run again (the actors' names are reused)."""
         self.subs, self.pending, self.timers, self.armed = {}, {}, [], {}
-        self.cursor = await self.store.head_cursor()
+        self.cursor = (await self.store.head_cursor()).cursor
         running: dict[str, RecordedEvent] = {}
         for e in await self._read_types(LIFECYCLE):
             if e.type == "agent.started":

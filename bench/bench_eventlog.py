@@ -284,7 +284,7 @@ class FoldEntity(Entity[Totals]):
 async def read_near_head(log: EventLog, reads: int = 200) -> float:
     """Median time of ``read_committed`` a few events behind the head: what every subscriber pays per wake-up,
     which must not grow with the log (it once scanned the whole table: docs/architecture.md, "Speed")."""
-    head = await log.head_cursor()
+    head = (await log.head_cursor()).cursor
     times = []
     for _ in range(reads):
         t = time.perf_counter()

@@ -47,7 +47,7 @@ from serve.schemas import (
 )
 from serve.team_routes import build_router
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
-from storage.eventlog import Cursor
+from storage.eventlog import Cursor, Head
 
 STREAM_NAME_MAX = 200  # events/envelope.py STREAM_RE: a stream's id (after the category's dash) has 1-200 characters
 XID8_MAX = 2**64 - 1
@@ -414,6 +414,7 @@ async def stream_events(
     id is its commit-order cursor; a reconnect's ``Last-Event-ID`` resumes right after it (and wins over
     ``from``)."""
     resume = parse_sse_id(last_event_id) if last_event_id else from_
+    start: Cursor | Head
     if resume is None:
         start = await h.store.head_cursor()
     elif isinstance(resume, tuple):

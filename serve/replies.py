@@ -9,7 +9,7 @@ import time
 import structlog
 
 from events import RecordedEvent
-from storage.eventlog import Cursor, EventLog
+from storage.eventlog import EventLog, Head
 
 log = structlog.get_logger(__name__)
 REPLY_TYPES = frozenset({"chat.reply_sent", "chat.reply_failed"})
@@ -43,7 +43,7 @@ class ReplyWaiter:
             self._task = asyncio.get_running_loop().create_task(self._follow())
         await self._started.wait()
 
-    async def _follow(self, head: Cursor | None = None) -> None:
+    async def _follow(self, head: Head | None = None) -> None:
         while True:
             try:
                 if head is None:

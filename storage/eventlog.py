@@ -58,6 +58,15 @@ class AppendResult:
         return self.positions[-1]
 
 
+@dataclass(frozen=True)
+class Head:
+    """The log's head as one snapshot saw it (``EventLog.head_cursor``): subscribe from ``cursor`` skipping the
+    transactions in ``seen``, committed above it already, to get exactly the events committed after the snapshot."""
+
+    cursor: Cursor
+    seen: frozenset[int]
+
+
 class Committed(NamedTuple):
     events: list[RecordedEvent]
     cursor: Cursor
@@ -476,18 +485,29 @@ class EventLog:
         async with self.connection() as c:
             return int(await c.fetchval("SELECT coalesce(max(position), 0) FROM events"))
 
-    async def head_cursor(self) -> Cursor:
-        """Cursor of the newest visible event: a subscriber starting here sees only what comes next."""
-        async with self.connection() as c:
+    async def head_cursor(self) -> Head:
+        """Where "only what comes next" starts. One cursor cannot say it exactly: below the oldest transaction
+        still open every event is committed, but above it some are (younger transactions that committed first)
+        and some are not. So the head is the newest event below that horizon plus the transactions above it
+        already committed, all under one snapshot; ``subscribe`` from it skips those, and delivers every event
+        committed later exactly once. Used as a plain cursor (``.cursor``) it may deliver those again."""
+        async with self.connection() as c, c.transaction(isolation="repeatable_read", readonly=True):
+            horizon = await c.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())")
             r = await c.fetchrow(
-                "SELECT tx_id, position FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
-                "ORDER BY tx_id DESC, position DESC LIMIT 1"
+                "SELECT tx_id, position FROM events WHERE tx_id < $1 ORDER BY tx_id DESC, position DESC LIMIT 1",
+                horizon,
             )
-        return (int(r[0]), int(r[1])) if r else START
+            seen: list[int] = []
+            after = int(horizon) - 1
+            # one index probe per committed transaction above the horizon: there are few, however long the log
+            while (tx := await c.fetchval(NEXT_TX_SQL, after)) is not None:
+                after = int(tx)
+                seen.append(after)
+        return Head((int(r[0]), int(r[1])) if r else START, frozenset(seen))
 
     async def subscribe(
         self,
-        after: Cursor = START,
+        after: Cursor | Head = START,
         *,
         batch_size: int = 500,
         poll_interval: float = 1.0,
@@ -498,10 +518,11 @@ class EventLog:
         """Catch up from ``after``, then follow live. Yields ``(matching events, cursor after the batch)``;
         the cursor advances even when no event of a batch matches, so callers can checkpoint it. ``types`` filters
         in the database (only those events are decoded). While ``active()`` is false nothing is read and the
-        cursor stays put; the first wake-up after it turns true catches up from there."""
+        cursor stays put; the first wake-up after it turns true catches up from there. From a ``Head``
+        (``head_cursor``): exactly the events committed after it was taken."""
         wake = asyncio.Event()
         await self._listen(wake)
-        cursor = after
+        cursor, seen = (after.cursor, after.seen) if isinstance(after, Head) else (after, frozenset[int]())
         try:
             while True:
                 wake.clear()
@@ -515,6 +536,9 @@ class EventLog:
                         continue
                     if after_batch != cursor:
                         cursor = after_batch
+                        if seen:
+                            batch = [e for e in batch if e.tx_id not in seen]
+                            seen = seen if cursor[0] < max(seen) else frozenset()
                         matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                         yield matching, cursor
                         continue
@@ -604,6 +628,7 @@ APPEND_SQL = (
     "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::text[]::jsonb[], $7::text[]::jsonb[], $8, $9, $10, $11, "
     "true)"
 )
+NEXT_TX_SQL = "SELECT tx_id FROM events WHERE tx_id > $1::xid8 ORDER BY tx_id LIMIT 1"
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 # In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration
 # 0008: key pair 16712, hashtext(stream), shown in pg_locks as classid, objid as an unsigned oid, objsubid 2) is held.

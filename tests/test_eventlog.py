@@ -27,6 +27,19 @@ def started() -> NewEvent:
     return NewEvent.of(AgentStarted())
 
 
+async def _append_in(conn: asyncpg.Connection, stream: str) -> None:
+    """Append one event on ``conn``, in whatever transaction the caller holds open there."""
+    await conn.fetch(
+        "SELECT * FROM agenthub_append($1, 'any', 0, $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], "
+        "NULL, NULL, NULL, NULL, true)",
+        stream,
+        [started().id],
+        ["agent.started"],
+        ["{}"],
+        ['{"schema_version": 1}'],
+    )
+
+
 async def test_append_assigns_versions_and_positions(eventlog: EventLog) -> None:
     r1 = await eventlog.append(
         "agent-a", [NewEvent.of(AgentCreated(agent_id="a", name="A", settings=AgentSettings()))], NO_STREAM
@@ -111,14 +124,7 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
     slow = await asyncpg.connect(db_url)
     tx = slow.transaction()
     await tx.start()
-    await slow.fetch(
-        "SELECT * FROM agenthub_append('agent-slow', 'any', 0, $1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], "
-        "NULL, NULL, NULL, NULL, true)",
-        [started().id],
-        ["agent.started"],
-        ["{}"],
-        ['{"schema_version": 1}'],
-    )
+    await _append_in(slow, "agent-slow")
     for _ in range(4):
         await eventlog.append("agent-h", [started()])
     await asyncio.sleep(0.5)
@@ -139,6 +145,36 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
         if len(again) >= 6:
             break
     assert again == seen
+
+
+async def test_a_subscriber_from_the_head_gets_exactly_what_commits_after_it(eventlog: EventLog, db_url: str) -> None:
+    """Only new events (the SSE stream, ``tail --follow``): with an older append still open, a younger one that
+    committed before the head was taken is not new, and the older one, committing after, is."""
+    await eventlog.append("agent-before", [started()])
+    slow = await asyncpg.connect(db_url)
+    tx = slow.transaction()
+    await tx.start()
+    await _append_in(slow, "agent-slow")
+    await eventlog.append("agent-young", [started()])  # committed above the open transaction's id
+    head = await eventlog.head_cursor()
+    assert len(head.seen) == 1  # the young transaction: the only commit above the horizon
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for batch, _ in eventlog.subscribe(head, poll_interval=0.2):
+            seen.extend(e.stream for e in batch)
+            if "agent-after" in seen:
+                return
+
+    task = asyncio.create_task(consume())
+    await tx.commit()
+    await slow.close()
+    await eventlog.append("agent-after", [started()])
+    await asyncio.wait_for(task, 10)
+    assert seen == ["agent-slow", "agent-after"]
+    # the plain cursor is the horizon: it delivers the young commit again (what the orchestrator's restore expects)
+    again = await eventlog.read_committed(head.cursor)
+    assert [e.stream for e in again.events] == ["agent-slow", "agent-young", "agent-after"]
 
 
 async def test_events_held_back_by_a_silent_transaction_arrive_without_waiting_for_the_poll(
@@ -371,7 +407,7 @@ async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(ev
     resumed = await eventlog.read_committed(await eventlog.cursor_at(gap))
     assert [e.position for e in resumed.events] == [e.position for e in await eventlog.read_all(gap)]
     assert [e.position for e in resumed.events] == after.positions
-    head = await eventlog.head_cursor()
+    head = (await eventlog.head_cursor()).cursor
     assert await eventlog.cursor_at(after.positions[0] + 1000) == head  # past the head: only new events
     assert await eventlog.cursor_at(2**70) == head
 
@@ -453,7 +489,7 @@ async def test_a_read_near_the_head_does_not_scan_the_whole_log(eventlog: EventL
     (the planner cannot estimate the snapshot horizon): a read then cost as much as the log was long."""
     for i in range(30):
         await eventlog.append(f"agent-big{i}", [started() for _ in range(100)])
-    head = await eventlog.head_cursor()
+    head = (await eventlog.head_cursor()).cursor
     near_head = (head[0], head[1] - 5)
 
     def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:

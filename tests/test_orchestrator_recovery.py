@@ -298,7 +298,7 @@ async def test_a_restart_reads_the_timers_snapshot_and_the_timer_events_after_it
     await eventlog.append("timer-later", [timer("later", now + timedelta(hours=1))])
     await eventlog.append("timer-soon", [timer("soon", now - timedelta(seconds=1))])
     await put(eventlog, "agent-unrelated")  # the snapshot's cursor moves past events of other types too
-    head = await eventlog.head_cursor()
+    head = (await eventlog.head_cursor()).cursor
 
     async def snapshotted() -> bool:
         cursor, armed = await saved_timers(eventlog)
