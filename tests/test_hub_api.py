@@ -208,12 +208,15 @@ async def test_integration_secrets_never_reach_the_log(http: httpx.AsyncClient, 
 
 
 async def test_sse_stream_delivers_new_events(http: httpx.AsyncClient) -> None:
+    """Without ``from``, only what commits after the request: the agent's ``agent.created`` came before it."""
     agent_id = await new_agent(http, start=False)
     got: list[dict] = []
+    open_ = asyncio.Event()
 
     async def listen() -> None:
         async with http.stream("GET", "/api/v1/events/stream") as resp:
             assert resp.status_code == 200
+            open_.set()  # the head is taken before the response starts
             event_id = None
             async for line in resp.aiter_lines():
                 if line.startswith("id:"):
@@ -226,7 +229,7 @@ async def test_sse_stream_delivers_new_events(http: httpx.AsyncClient) -> None:
                         return
 
     task = asyncio.create_task(listen())
-    await asyncio.sleep(1.0)
+    await asyncio.wait_for(open_.wait(), 15)
     await http.post(f"/api/v1/agents/{agent_id}/start")
     await asyncio.wait_for(task, 15)
     assert got[0]["type"] == "agent.started"
