@@ -489,21 +489,12 @@ class EventLog:
         """Where "only what comes next" starts. One cursor cannot say it exactly: below the oldest transaction
         still open every event is committed, but above it some are (younger transactions that committed first)
         and some are not. So the head is the newest event below that horizon plus the transactions above it
-        already committed, all under one snapshot; ``subscribe`` from it skips those, and delivers every event
-        committed later exactly once. Used as a plain cursor (``.cursor``) it may deliver those again."""
-        async with self.connection() as c, c.transaction(isolation="repeatable_read", readonly=True):
-            horizon = await c.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())")
-            r = await c.fetchrow(
-                "SELECT tx_id, position FROM events WHERE tx_id < $1 ORDER BY tx_id DESC, position DESC LIMIT 1",
-                horizon,
-            )
-            seen: list[int] = []
-            after = int(horizon) - 1
-            # one index probe per committed transaction above the horizon: there are few, however long the log
-            while (tx := await c.fetchval(NEXT_TX_SQL, after)) is not None:
-                after = int(tx)
-                seen.append(after)
-        return Head((int(r[0]), int(r[1])) if r else START, frozenset(seen))
+        already committed, all in one statement (one snapshot); ``subscribe`` from it skips those, and delivers
+        every event committed later exactly once. Used as a plain cursor (``.cursor``) it may deliver those again."""
+        async with self.connection() as c:
+            r = await c.fetchrow(HEAD_SQL)
+        cursor = (int(r[0]), int(r[1])) if r[0] is not None else START
+        return Head(cursor, frozenset(int(tx) for tx in r[2]))
 
     async def subscribe(
         self,
@@ -628,7 +619,17 @@ APPEND_SQL = (
     "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::text[]::jsonb[], $7::text[]::jsonb[], $8, $9, $10, $11, "
     "true)"
 )
-NEXT_TX_SQL = "SELECT tx_id FROM events WHERE tx_id > $1::xid8 ORDER BY tx_id LIMIT 1"
+# The head (``EventLog.head_cursor``) in one statement, so under one snapshot: the newest event below the oldest
+# open transaction, and the transactions above it already committed, found by one index probe each (there are few,
+# however long the log).
+HEAD_SQL = (
+    "WITH RECURSIVE h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x), above(tx) AS ("
+    "SELECT (SELECT tx_id FROM events WHERE tx_id >= (SELECT x FROM h) ORDER BY tx_id LIMIT 1) UNION ALL "
+    "SELECT (SELECT tx_id FROM events WHERE tx_id > above.tx ORDER BY tx_id LIMIT 1) FROM above "
+    "WHERE above.tx IS NOT NULL) "
+    "SELECT b.tx_id, b.position, ARRAY(SELECT tx::text FROM above WHERE tx IS NOT NULL) FROM h LEFT JOIN LATERAL "
+    "(SELECT tx_id, position FROM events WHERE tx_id < h.x ORDER BY tx_id DESC, position DESC LIMIT 1) b ON true"
+)
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 # In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration
 # 0008: key pair 16712, hashtext(stream), shown in pg_locks as classid, objid as an unsigned oid, objsubid 2) is held.
