@@ -529,7 +529,8 @@ class EventLog:
                         cursor = after_batch
                         if seen:
                             batch = [e for e in batch if e.tx_id not in seen]
-                            seen = seen if cursor[0] < max(seen) else frozenset()
+                            # kept until the cursor is past the last of them: a batch may end inside one
+                            seen = seen if cursor[0] <= max(seen) else frozenset()
                         matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                         yield matching, cursor
                         continue
