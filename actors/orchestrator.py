@@ -394,7 +394,7 @@ class OrchestratorImpl:
         if batch:
             await self._own(batch)
             for sub in list(self.subs.values()):
-                self._enqueue(sub, batch)
+                self._enqueue(sub, batch, low)
         return batch
 
     async def _own(self, batch: list[RecordedEvent]) -> None:
@@ -457,9 +457,12 @@ class OrchestratorImpl:
                 if not w.done():
                     w.set_result(None)
 
-    def _enqueue(self, sub: Sub, batch: list[RecordedEvent]) -> None:
+    def _enqueue(self, sub: Sub, batch: list[RecordedEvent], read_after: Cursor) -> None:
+        """Queue ``batch`` (read after ``read_after``) for ``sub``. A subscriber queued below that point was
+        rewound, restarted or added while the batch was read: the batch lacks what it needs first, so it takes
+        nothing now and the next read starts from its cursor."""
         end = batch[-1].cursor
-        if not sub.active or end <= sub.queued:
+        if not sub.active or end <= sub.queued or sub.queued < read_after:
             return
         sub.pending.extend(e for e in batch if e.cursor > sub.queued and sub.subscription.matches(e))
         sub.queued = end

@@ -217,6 +217,58 @@ async def test_events_read_again_during_a_failed_deliverys_retry_are_sent(
     assert o.subs["s"].pending == [] and o.subs["s"].in_flight == 0
 
 
+async def test_a_delivery_that_fails_while_the_reader_reads_past_it_is_sent_again(
+    start: Start, actors: Actors, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader reads from the lowest queued cursor, which is past the events of a delivery in flight. If that
+    delivery fails while the read is under way, its subscriber is rewound below where the read began: the batch
+    read must not be queued for it as if it followed on (the failed events would be skipped for good, and its
+    cursor would pass them)."""
+    fail = asyncio.Event()
+
+    class FailsFirst(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                await fail.wait()
+                raise RuntimeError("store blip inside the actor")
+            await super().deliver(events, cursor)
+
+    actors.make["s"] = lambda _: FailsFirst()
+    o = await start()
+    await route(o, "s", "work")
+    first = await put(eventlog, "work-1", 3)
+
+    async def in_flight() -> bool:
+        return o.subs["s"].in_flight == 1
+
+    await eventually(in_flight, timeout=5, what="the first delivery under way")
+    reading, release = asyncio.Event(), asyncio.Event()
+    read = o.store.read_committed
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        await release.wait()
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(o.store, "read_committed", held)
+    later = await put(eventlog, "work-2", 2)
+    await asyncio.wait_for(reading.wait(), 5)  # the reader reads from past the first three
+    fail.set()
+
+    async def failed() -> bool:
+        return o.subs["s"].in_flight == 0
+
+    await eventually(failed, timeout=5, what="the first delivery failed and rewound")
+    release.set()
+    await delivered_to(actors, "s", first + later, timeout=5, what="the failed events sent again with the later ones")
+    assert o.subs["s"].cursor >= (await eventlog.read_all(later[-1] - 1, limit=1))[0].cursor
+
+
 # ---- 2, 3. timers -------------------------------------------------------------------------------------
 
 
