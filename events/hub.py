@@ -38,12 +38,16 @@ class AgentSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _unwrap_seed_form(cls, v: Any) -> Any:
-        """Accept the seed's stored form ``{"simple": {"settings": {...}}}`` as well as the bare block."""
-        if isinstance(v, dict) and len(v) == 1:
-            (inner,) = v.values()
-            if isinstance(inner, dict) and set(inner) == {"settings"}:
-                return inner["settings"]
-        return v
+        return settings_block(v)
+
+
+def settings_block(v: Any) -> Any:
+    """Accept the seed's stored form ``{"simple": {"settings": {...}}}`` as well as the bare block."""
+    if isinstance(v, dict) and len(v) == 1:
+        (inner,) = v.values()
+        if isinstance(inner, dict) and set(inner) == {"settings"}:
+            return inner["settings"]
+    return v
 
 
 def check_agent_id(v: str) -> str:

@@ -28,9 +28,11 @@ from events.hub import (
     AgentStopped,
     AgentUpdated,
     MessageReceived,
+    settings_block,
 )
-from serve.deps import HubDep, api, state
-from serve.hub import Hub
+from events.registry import registry
+from serve.deps import BearerAuth, HubDep, state
+from serve.hub import Hub, OrchestratorUnavailable
 from serve.metrics import merge_expositions
 from serve.request_metrics import RequestMetrics
 from serve.schemas import (
@@ -51,6 +53,7 @@ from storage.eventlog import Cursor, Head
 
 STREAM_NAME_MAX = 200  # events/envelope.py STREAM_RE: a stream's id (after the category's dash) has 1-200 characters
 XID8_MAX = 2**64 - 1
+STATUS_TIMEOUT_S = 10.0
 
 app = FastAPI(title="agenthub", version="0.1.0")
 
@@ -59,13 +62,20 @@ app = FastAPI(title="agenthub", version="0.1.0")
 
 
 @app.exception_handler(StoreUnavailable)
-async def _unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
-    # The connection may have dropped while a commit was in flight: whether a write went through is unknown.
-    detail = (
-        f"{e}; the outcome is unknown: a write may or may not have been recorded. Retry later with the same "
-        "Idempotency-Key (or idempotency_key) so that it is applied at most once"
-    )
+async def _unavailable(request: Request, e: StoreUnavailable) -> JSONResponse:
+    detail = str(e)
+    if request.method not in ("GET", "HEAD"):
+        # The connection may have dropped while a commit was in flight: whether a write went through is unknown.
+        detail += (
+            "; the outcome is unknown: a write may or may not have been recorded. Retry later with the same "
+            "Idempotency-Key (or idempotency_key) so that it is applied at most once"
+        )
     return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "1"})
+
+
+@app.exception_handler(OrchestratorUnavailable)
+async def _no_orchestrator(_: Request, e: OrchestratorUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, 503, headers={"Retry-After": "1"})
 
 
 @app.exception_handler(WrongExpectedVersion)
@@ -98,6 +108,12 @@ async def _pg(_: Request, e: asyncpg.PostgresError) -> JSONResponse:
     if isinstance(e, asyncpg.DataError):  # SQLSTATE class 22: the input cannot be stored (a NUL character, ...)
         return JSONResponse({"detail": f"invalid input: {e}"}, 422)
     return JSONResponse({"detail": f"database error: {type(e).__name__}"}, 500)
+
+
+@app.exception_handler(Exception)
+async def _internal(_: Request, e: Exception) -> JSONResponse:
+    """Anything unforeseen is still JSON (Starlette's default is a plain-text page); the server logs the trace."""
+    return JSONResponse({"detail": f"internal error: {type(e).__name__}"}, 500)
 
 
 class BodyLimit:
@@ -143,6 +159,7 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
+app.add_middleware(BearerAuth)  # outside the body limit: an anonymous client's body is never read
 app.add_middleware(RequestMetrics)  # added last: outermost, so it counts the body limit's 413s too
 
 
@@ -200,12 +217,14 @@ async def agent_out(h: Hub, s: AgentState) -> AgentOut:
 
 async def change_agent(h: Hub, agent_id: str, event: NewEvent, state: AgentState) -> AgentOut:
     event.meta.actor = "api"
-    await h.store.append(agent_stream(agent_id), [event], state.version)
-    h.forget_agent(agent_id)
+    try:
+        await h.store.append(agent_stream(agent_id), [event], state.version)
+    finally:  # also when the outcome is unknown (503): the change may have been recorded
+        h.forget_agent(agent_id)
     return await agent_out(h, await load_agent(h, agent_id) if event.type != "agent.deleted" else state)
 
 
-@app.post("/api/v1/agents", status_code=201, dependencies=api)
+@app.post("/api/v1/agents", status_code=201)
 async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
     agent_id = body.id or h.new_agent_id()
     existing = await h.agent(agent_id)
@@ -217,7 +236,7 @@ async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
     return await agent_out(h, await load_agent(h, agent_id))
 
 
-@app.get("/api/v1/agents", dependencies=api)
+@app.get("/api/v1/agents")
 async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, Any]]:
     rows = await h.store.fetch(
         "SELECT a.*, hb.at AS last_heartbeat FROM proj_agents a LEFT JOIN agent_heartbeats hb USING (agent_id) "
@@ -240,29 +259,29 @@ async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, An
     ]
 
 
-@app.get("/api/v1/agents/{agent_id}", dependencies=api)
+@app.get("/api/v1/agents/{agent_id}")
 async def get_agent(agent_id: str, h: HubDep) -> AgentOut:
     return await agent_out(h, await load_agent(h, agent_id))
 
 
-@app.patch("/api/v1/agents/{agent_id}", dependencies=api)
+@app.patch("/api/v1/agents/{agent_id}")
 async def patch_agent(agent_id: str, body: AgentPatch, h: HubDep) -> AgentOut:
     state = await load_agent(h, agent_id)
     settings = None
     if body.settings is not None:
-        merged = AgentSettings.model_validate({**state.settings.model_dump(), **body.settings})
+        merged = AgentSettings.model_validate({**state.settings.model_dump(), **settings_block(body.settings)})
         settings = await h.secrets.mask_settings(agent_id, merged)
     return await change_agent(h, agent_id, NewEvent.of(AgentUpdated(name=body.name, settings=settings)), state)
 
 
-@app.delete("/api/v1/agents/{agent_id}", status_code=204, dependencies=api)
+@app.delete("/api/v1/agents/{agent_id}", status_code=204)
 async def delete_agent(agent_id: str, h: HubDep) -> Response:
     state = await load_agent(h, agent_id)
     await change_agent(h, agent_id, NewEvent.of(AgentDeleted()), state)
     return Response(status_code=204)
 
 
-@app.post("/api/v1/agents/{agent_id}/start", dependencies=api)
+@app.post("/api/v1/agents/{agent_id}/start")
 async def start_agent(agent_id: str, h: HubDep) -> AgentOut:
     state = await load_agent(h, agent_id)
     if state.status == "running":
@@ -270,7 +289,7 @@ async def start_agent(agent_id: str, h: HubDep) -> AgentOut:
     return await change_agent(h, agent_id, NewEvent.of(AgentStarted()), state)
 
 
-@app.post("/api/v1/agents/{agent_id}/stop", dependencies=api)
+@app.post("/api/v1/agents/{agent_id}/stop")
 async def stop_agent(agent_id: str, h: HubDep) -> AgentOut:
     state = await load_agent(h, agent_id)
     if state.status != "running":
@@ -280,7 +299,6 @@ async def stop_agent(agent_id: str, h: HubDep) -> AgentOut:
 
 @app.post(
     "/api/v1/agents/{agent_id}/messages",
-    dependencies=api,
     response_model=MessageOut,
     responses={202: {"model": Accepted, "description": "recorded; the reply will arrive in the log"}},
 )
@@ -344,7 +362,7 @@ async def send_message(
     return Response(out.model_dump_json(), media_type="application/json")
 
 
-@app.get("/api/v1/agents/{agent_id}/chats/{chat_id:path}/messages", dependencies=api)
+@app.get("/api/v1/agents/{agent_id}/chats/{chat_id:path}/messages")
 async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
     await load_agent(h, agent_id)
     rows = await h.store.fetch(
@@ -357,7 +375,7 @@ async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Quer
     return [dict(r) for r in reversed(rows)]
 
 
-@app.get("/api/v1/agents/{agent_id}/usage", dependencies=api)
+@app.get("/api/v1/agents/{agent_id}/usage")
 async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
     await load_agent(h, agent_id)
     rows = await h.store.fetch(
@@ -377,7 +395,7 @@ async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
 # ---- events -------------------------------------------------------------------------------------------
 
 
-@app.get("/api/v1/events", dependencies=api)
+@app.get("/api/v1/events")
 async def list_events(
     h: HubDep,
     stream: str | None = None,
@@ -404,7 +422,7 @@ def parse_sse_id(value: str) -> Cursor | int:
     raise HTTPException(422, f"Last-Event-ID {value[:100]!r} is not an event id of this stream (<tx_id>:<position>)")
 
 
-@app.get("/api/v1/events/stream", dependencies=api)
+@app.get("/api/v1/events/stream")
 async def stream_events(
     h: HubDep,
     from_: Annotated[int | None, Query(alias="from", ge=0, le=INT64_MAX)] = None,
@@ -430,18 +448,25 @@ async def stream_events(
     return EventSourceResponse(gen(), ping=15)
 
 
-@app.post("/api/v1/streams/{stream:path}/events", status_code=201, dependencies=api)
+@app.post("/api/v1/streams/{stream:path}/events", status_code=201)
 async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
+    """A client's ``idempotency_key`` lives in its own namespace (``api:``), so it can never match a key the
+    system's own appends use; a key used again for other events is a 422, not a silent no-op."""
     expected = {"any": ANY, "no_stream": NO_STREAM}.get(body.expected_version, body.expected_version)  # type: ignore[arg-type]
+    key = None if body.idempotency_key is None else f"api:{body.idempotency_key}"
     try:
         storable(stream, "stream")
         events = [
             NewEvent(type=e.type, data=e.data, meta=Meta.model_validate({**e.meta, "actor": "api"}))
             for e in body.events
         ]
-        res = await h.store.append(stream, events, expected, idempotency_key=body.idempotency_key)
-        if stream.startswith("agent-"):
-            h.forget_agent(stream.removeprefix("agent-"))
+        try:
+            res = await h.store.append(stream, events, expected, idempotency_key=key)
+        finally:  # also when the outcome is unknown (503): the change may have been recorded
+            if stream.startswith("agent-"):
+                h.forget_agent(stream.removeprefix("agent-"))
+        if res.replayed:
+            await same_as_recorded(h, stream, events, res.positions, body.idempotency_key or "")
     except ValueError as e:
         if isinstance(e, ValidationError):
             raise
@@ -449,7 +474,19 @@ async def append_events(stream: str, body: AppendIn, h: HubDep) -> AppendOut:
     return AppendOut(positions=res.positions, versions=res.versions, replayed=res.replayed)
 
 
-@app.get("/api/v1/streams/{stream:path}", dependencies=api)
+async def same_as_recorded(h: Hub, stream: str, events: list[NewEvent], positions: list[int], key: str) -> None:
+    """A replayed append must be the one recorded under its key: the same stream, types and (normalised) data."""
+    recorded = await h.store.read_where("position = ANY($1::bigint[])", positions)
+    asked = [(stream, e.type, registry.validate(e.type, e.data, e.meta.schema_version)) for e in events]
+    if [(r.stream, r.type, r.data) for r in recorded] != asked:
+        where = recorded[0].stream if recorded else "?"
+        raise HTTPException(
+            422,
+            f"idempotency_key {key!r} was already used for other events (in {where}); use a new key for new events",
+        )
+
+
+@app.get("/api/v1/streams/{stream:path}")
 async def read_stream(
     stream: str, h: HubDep, from_version: Annotated[int, Query(ge=1, le=INT64_MAX)] = 1
 ) -> dict[str, Any]:
@@ -464,14 +501,15 @@ async def read_stream(
 # ---- system -------------------------------------------------------------------------------------------
 
 
-@app.get("/api/v1/system/status", dependencies=api)
+@app.get("/api/v1/system/status")
 async def system_status(h: HubDep) -> dict[str, Any]:
-    return await h.orchestrator.status.remote()
+    return await h.ask(h.orchestrator.status.remote(), STATUS_TIMEOUT_S)
 
 
-@app.post("/api/v1/projections/rebuild", dependencies=api)
+@app.post("/api/v1/projections/rebuild")
 async def rebuild_projections(h: HubDep) -> dict[str, int]:
-    return {"projected": await h.orchestrator.rebuild_projection.remote()}
+    # no deadline: a rebuild replays the whole log; only the orchestrator's death ends the wait early
+    return {"projected": await h.ask(h.orchestrator.rebuild_projection.remote(), None)}
 
 
 app.include_router(build_router())

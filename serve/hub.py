@@ -6,12 +6,22 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from ray.exceptions import RayActorError
 
 from actors.agents.agent import AgentState, agent_stream, fold_agent
 from events import RecordedEvent
 from serve.replies import REPLY_TYPES, ReplyWaiter
 from storage.eventlog import EventLog
 from storage.secrets import SecretStore
+
+T = TypeVar("T")
+
+
+class OrchestratorUnavailable(Exception):
+    """The orchestrator actor is missing, dead or restarting, or did not answer in time: a 503, retry later."""
 
 
 class Hub:
@@ -39,7 +49,12 @@ class Hub:
         )
         hub: Hub | None = None
         try:
-            orchestrator = ray.get_actor("orchestrator", namespace=namespace)
+            try:  # a GCS round trip: off the event loop, which serves every other request meanwhile
+                orchestrator = await asyncio.to_thread(ray.get_actor, "orchestrator", namespace=namespace)
+            except ValueError:
+                raise OrchestratorUnavailable(
+                    f"no orchestrator actor in Ray namespace {namespace!r}: is the system up (agenthub up)?"
+                ) from None
             hub = cls(store, orchestrator, reply_timeout_s=reply_timeout_s)
             await hub.waiter.start()
         except BaseException:
@@ -48,6 +63,19 @@ class Hub:
             store.pool.terminate()  # at once: closing gracefully would wait on whatever the failure left behind
             raise
         return hub
+
+    @staticmethod
+    async def ask(call: Awaitable[T], timeout: float | None) -> T:
+        """The answer of an orchestrator call; its death, or no answer within ``timeout``, is
+        ``OrchestratorUnavailable`` (a request must not hang on a stuck actor)."""
+        try:
+            return await asyncio.wait_for(call, timeout)
+        except RayActorError as e:
+            raise OrchestratorUnavailable(f"orchestrator unavailable ({type(e).__name__}); retry later") from None
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise OrchestratorUnavailable(f"orchestrator did not answer within {timeout:g} s; retry later") from None
 
     AGENT_TTL_S = 1.0
     MAX_CACHED_AGENTS = 10_000

@@ -34,21 +34,21 @@ class ReplyWaiter:
         self.idle_restart_s = idle_restart_s
         self.pending: dict[str, list[asyncio.Future[RecordedEvent]]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._started = asyncio.Event()
         self._idle_since = time.monotonic()
         self._moving = asyncio.Lock()
 
     async def start(self) -> None:
+        """Take the head here, not in the follower: a database that is down fails the caller (a 503, and the
+        replica's next request opens again) instead of keeping it waiting while the follower retries."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._follow())
-        await self._started.wait()
+            head = await self.store.head_cursor()
+            self._task = asyncio.get_running_loop().create_task(self._follow(head))
 
-    async def _follow(self, head: Head | None = None) -> None:
+    async def _follow(self, head: Head | None) -> None:
         while True:
             try:
                 if head is None:
                     head = await self.store.head_cursor()
-                self._started.set()
                 # nobody waiting, nothing to read: a busy log (a team at work) costs the ingress no queries
                 follow = self.store.subscribe(
                     head, poll_interval=self.poll_interval, types=REPLY_TYPES, active=lambda: bool(self.pending)

@@ -18,14 +18,15 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-UNMATCHED = "unmatched"  # a path no route took (404s of any path, a body refused before routing): one series
+UNMATCHED = "unmatched"  # no route took it (404s of any path; 401s and 413s refused before routing): one series
 
 
 class RequestMetrics:
-    """Pure ASGI, outermost, so it also sees the answers of the middlewares inside it (the body limit's 413).
-    The route label is the matched route's template (``/api/v1/agents/{agent_id}``), never the raw path, so
-    the number of series stays bounded whatever clients send. An exception that escapes the app is counted as the
-    500 Starlette answers with; a request whose client left before the response began, with status ``0``."""
+    """Pure ASGI, outermost, so it also sees the answers of the middlewares inside it (the auth's 401, the body
+    limit's 413: both before routing, so ``unmatched``). The route label is the matched route's template
+    (``/api/v1/agents/{agent_id}``), never the raw path, so the number of series stays bounded whatever clients
+    send. An exception that escapes the app is counted as the 500 Starlette answers with; a request whose client
+    left before the response began, with status ``0``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

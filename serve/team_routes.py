@@ -15,11 +15,12 @@ from actors.agents.team.services import fold_run
 from actors.agents.team.task import TERMINAL, TaskState, evolve_task
 from events import NO_STREAM, NewEvent
 from events.team import DecisionRequested, RunStarted, TaskCancelled, TaskCreated
-from serve.deps import HubDep, api
+from serve.deps import HubDep
 from serve.hub import Hub
 from storage.errors import WrongExpectedVersion
 
 PRIORITIES = {"high": 1, "medium": 5, "low": 10}
+TEAM_READY_TIMEOUT_S = 30.0
 
 
 class RunIn(BaseModel):
@@ -76,12 +77,12 @@ async def team_ready(h: Hub) -> None:
     """The role actors and the CEO loop are registered. The registration is durable (events), so one success
     per replica is enough: this is not a Ray round trip per task."""
     if not h.team_registered:
-        await ensure_team(h.orchestrator)
+        await h.ask(ensure_team(h.orchestrator), TEAM_READY_TIMEOUT_S)
         h.team_registered = True
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/api/v1", dependencies=api)
+    router = APIRouter(prefix="/api/v1")
 
     async def run_or_404(h: Hub, run_id: str) -> dict[str, Any]:
         cfg = fold_run(await h.store.read_stream(f"run-{run_id}"))

@@ -1,4 +1,4 @@
-"""Typed errors of the event store, mapped to HTTP codes at the edge (serve/errors.py)."""
+"""Typed errors of the event store, mapped to HTTP codes at the edge (serve/app.py)."""
 
 from __future__ import annotations
 

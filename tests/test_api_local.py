@@ -214,6 +214,102 @@ async def test_an_idempotency_key_reused_for_another_message_is_refused(
     assert await eventlog.read_stream("chat-idem/elsewhere") == []
 
 
+async def test_a_raw_append_key_used_again_for_other_events_is_refused_and_has_its_own_namespace(
+    api: httpx.AsyncClient, eventlog: EventLog
+) -> None:
+    url = "/api/v1/streams/agent-raw/events"
+    body = {"events": [{"type": "agent.stopped", "data": {"reason": "maintenance"}}], "idempotency_key": "op-1"}
+    first = await api.post(url, json=body)
+    again = await api.post(url, json=body)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == {**first.json(), "replayed": True}
+    other_events = {**body, "events": [{"type": "agent.started", "data": {}}]}
+    for other_url, other in [(url, other_events), ("/api/v1/streams/agent-elsewhere/events", body)]:
+        r = await api.post(other_url, json=other)
+        assert r.status_code == 422, r.text
+        assert "idempotency_key 'op-1' was already used for other events (in agent-raw)" in r.json()["detail"]
+    assert [e.type for e in await eventlog.read_stream("agent-raw")] == ["agent.stopped"]
+    assert await eventlog.read_stream("agent-elsewhere") == []
+
+    # a client's key never matches one of the system's own: the message route's key for agent "desk"
+    agent_id = await running_agent(eventlog, "desk")
+    taken = {**body, "idempotency_key": f"msg:{agent_id}:k1"}
+    assert (await api.post("/api/v1/streams/agent-raw2/events", json=taken)).status_code == 201
+    r = await api.post(
+        f"/api/v1/agents/{agent_id}/messages",
+        json={"text": "hi", "chat_id": "c"},
+        headers={"Idempotency-Key": "k1"},
+        params={"timeout": 0.01},
+    )
+    assert r.status_code == 202 and [e.data["text"] for e in await eventlog.read_stream("chat-desk/c")] == ["hi"]
+
+
+async def test_patch_takes_the_seeds_stored_settings_form(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    agent_id = await running_agent(eventlog, "seedform")
+    r = await api.patch(f"/api/v1/agents/{agent_id}", json={"settings": {"simple": {"settings": {"temperature": 0.1}}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["temperature"] == 0.1
+    assert r.json()["settings"]["system_prompt"] == AgentSettings().system_prompt  # merged, not replaced
+
+
+# ---- auth and the orchestrator's faults -----------------------------------------------------------------
+
+
+async def test_an_anonymous_request_is_401_before_its_body_is_read(api: httpx.AsyncClient) -> None:
+    """FastAPI parses a body before it resolves a route's dependencies: the check runs before both."""
+    anon = {"Authorization": ""}
+    for body in (b"{not json", b"x" * (64 * 1024 + 1)):
+        r = await api.post("/api/v1/agents", content=body, headers={**anon, "content-type": "application/json"})
+        assert r.status_code == 401 and r.json() == {"detail": "missing or wrong bearer token"}
+        assert r.headers["www-authenticate"] == "Bearer"
+    for header in ("Bearer wrong", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"):
+        assert (await api.get("/api/v1/agents", headers={"Authorization": header})).status_code == 401
+    assert (await api.get("/api/v1/agents", headers={"Authorization": f"bearer {TOKEN}"})).status_code == 200
+    assert (await api.post("/api/v1/agents", content=b"{not json")).status_code == 422  # with the token: parsed
+
+
+class Orchestrator:
+    """Stands in for the orchestrator's Ray handle: ``status.remote()`` gives what ``answer`` makes."""
+
+    def __init__(self, answer: Callable[[], Awaitable[Any]]) -> None:
+        self.answer = answer
+
+    @property
+    def status(self) -> Any:
+        return self
+
+    def remote(self) -> Awaitable[Any]:
+        return self.answer()
+
+
+async def test_a_dead_stuck_or_failing_orchestrator_is_a_json_error_not_a_hang(
+    api: httpx.AsyncClient, hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.exceptions import ActorDiedError
+
+    import serve.app
+
+    async def dead() -> Any:
+        raise ActorDiedError()
+
+    async def stuck() -> Any:
+        await asyncio.sleep(3600)
+
+    async def broken() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serve.app, "STATUS_TIMEOUT_S", 0.2)
+    expected = [
+        (dead, 503, "orchestrator unavailable (ActorDiedError); retry later"),
+        (stuck, 503, "orchestrator did not answer within 0.2 s; retry later"),
+        (broken, 500, "internal error: RuntimeError"),
+    ]
+    for answer, status, detail in expected:
+        hub.orchestrator = Orchestrator(answer)
+        r = await api.get("/api/v1/system/status")
+        assert (r.status_code, r.json()) == (status, {"detail": detail})
+
+
 # ---- streams whose names contain "/" (chats) ------------------------------------------------------------
 
 
@@ -331,10 +427,10 @@ async def test_requests_are_counted_by_route_template_and_status(api: httpx.Asyn
         ("POST", route, "202"): 1,
         ("latency", "POST", route): 1,
         ("GET", agent, "404"): 1,
-        ("GET", agent, "401"): 1,
-        ("latency", "GET", agent): 2,
+        ("latency", "GET", agent): 1,
+        ("GET", "unmatched", "401"): 1,  # refused before routing
         ("POST", "unmatched", "413"): 1,
         ("GET", "unmatched", "404"): 2,
         ("latency", "POST", "unmatched"): 1,
-        ("latency", "GET", "unmatched"): 2,
+        ("latency", "GET", "unmatched"): 3,
     }

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cluster.bootstrap import System
 from cluster.cli import app
-from cluster.settings import get_settings
+from cluster.settings import Settings, get_settings
 from events import NewEvent
 from events.hub import AgentStarted
 from storage.eventlog import EventLog
@@ -205,3 +205,11 @@ def test_bad_command_line_values_are_usage_errors() -> None:
     assert result.exit_code == 2 and "ROLE=TEXT" in result.output and "Traceback" not in result.output
     assert runner.invoke(app, ["events", "tail", "--from", "-1"]).exit_code == 2
     assert runner.invoke(app, ["export", "--out", "x.parquet", "--from-position", "-3"]).exit_code == 2
+
+
+def test_a_generated_token_is_readable_by_its_owner_only_and_kept(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", api_token=None)
+    token, generated = settings.resolve_api_token()
+    assert generated and len(token) >= 32
+    assert (tmp_path / "data" / "api_token").stat().st_mode & 0o777 == 0o600
+    assert settings.resolve_api_token() == (token, False)  # the next start uses the same one

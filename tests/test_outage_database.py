@@ -26,6 +26,7 @@ async def test_database_outage_gives_503_loses_nothing_and_recovers(system: Syst
     try:
         r = await http.get(f"/api/v1/agents/{agent_id}")
         assert r.status_code == 503 and "event store unavailable" in r.json()["detail"]
+        assert "outcome" not in r.json()["detail"]  # a read: no write whose outcome could be unknown
         assert r.headers["retry-after"] == "1"
         r = await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "during", "chat_id": "db"})
         assert r.status_code == 503 and "outcome is unknown" in r.json()["detail"]

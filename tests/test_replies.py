@@ -11,6 +11,7 @@ import pytest
 from events import ANY, NewEvent
 from events.hub import AgentStarted, ReplySent
 from serve.replies import ReplyWaiter
+from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
 
@@ -63,5 +64,32 @@ async def test_after_an_idle_spell_the_follower_moves_to_the_head_instead_of_cat
         await eventlog.append("chat-a/c", [reply], ANY)
         assert (await asyncio.wait_for(fut, 5)).id == reply.id
         assert reads <= 3  # the reply's batch and a look for more; not the 3,000 events before it
+    finally:
+        await waiter.close()
+
+
+async def test_a_start_while_the_database_is_down_fails_at_once_and_a_later_one_works(
+    eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica opens its connections on a request; if the head cannot be read, that request gets its 503 at
+    once and the next one opens again (the start used to wait, holding every request, while the follower retried)."""
+    head_cursor = eventlog.head_cursor
+
+    async def down() -> Any:
+        raise StoreUnavailable("event store unavailable: connection refused")
+
+    monkeypatch.setattr(eventlog, "head_cursor", down)
+    waiter = ReplyWaiter(eventlog, poll_interval=0.5)
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(waiter.start(), 2)
+    monkeypatch.setattr(eventlog, "head_cursor", head_cursor)
+    await asyncio.wait_for(waiter.start(), 5)
+    try:
+        cid = str(uuid.uuid4())
+        fut = await waiter.expect(cid)
+        reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
+        reply.meta.correlation_id = uuid.UUID(cid)
+        await eventlog.append("chat-a/c", [reply], ANY)
+        assert (await asyncio.wait_for(fut, 5)).id == reply.id
     finally:
         await waiter.close()
