@@ -52,7 +52,7 @@ def validate_stream(stream: str) -> str:
 class Meta(BaseModel):
     """Tracing and bookkeeping: who caused what, and when."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")  # NaN reaches the log's check, not null
 
     correlation_id: UUID | None = None
     causation_id: UUID | None = None

@@ -13,9 +13,11 @@ M = TypeVar("M", bound=type[BaseModel])
 
 
 class EventData(BaseModel):
-    """Base of all payloads: strict about unknown fields so typos fail at the edge."""
+    """Base of all payloads: strict about unknown fields so typos fail at the edge. JSON holds no NaN or
+    infinity: a float field refuses them, and one inside an untyped value is kept (not turned into ``null``, the
+    default) so that the log refuses it too (storage/eventlog.py ``_encoded``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
 
 
 class UnknownEventType(KeyError):

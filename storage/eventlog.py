@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -88,27 +89,39 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
+def _any_leaf(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether ``test`` holds for any key or scalar inside ``value`` (dicts, lists and tuples walked)."""
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return any(_any_leaf(k, test) or _any_leaf(v, test) for k, v in value.items())
     if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
+        return any(_any_leaf(v, test) for v in value)
+    return test(value)
+
+
+def _nul(v: Any) -> bool:
+    return isinstance(v, str) and "\x00" in v
+
+
+def _non_finite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
 
 
 def _encoded(value: dict[str, Any], what: str) -> bytes:
     """``value`` as the JSON text the log stores, or ``InvalidEvent`` if Postgres could not store it: found here,
     before the append joins a group commit, it fails only its own caller. The text goes to Postgres as it is
     (``text[]`` cast to ``jsonb[]`` there): asyncpg's ``jsonb[]`` encoding called the codec and three ABC
-    ``isinstance`` checks per element, and encoded each value a second time (docs/architecture.md, "Speed")."""
+    ``isinstance`` checks per element, and encoded each value a second time (docs/architecture.md, "Speed").
+
+    The searches of the text are cheap and the walks rare: jsonb rejects U+0000 (22P05), and orjson writes NaN
+    and infinities as ``null``, which a float field of the event's model would refuse on every later read."""
     try:
         raw = orjson.dumps(value)
     except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, say
         raise InvalidEvent(f"event {what} cannot be stored: {e}") from None
-    if b"\\u0000" in raw and _has_nul(value):  # jsonb rejects U+0000 (22P05); the search is cheap, the walk rare
+    if b"\\u0000" in raw and _any_leaf(value, _nul):
         raise InvalidEvent(f"event {what} contains a NUL character (U+0000), which the log cannot store")
+    if b"null" in raw and _any_leaf(value, _non_finite):
+        raise InvalidEvent(f"event {what} contains NaN or an infinity, which JSON cannot hold")
     return raw
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,11 @@ async def test_input_the_database_cannot_store_is_a_typed_error_and_fails_only_i
     def named(**data: Any) -> NewEvent:
         return NewEvent.of(_RenamedV2(full_name="x", **data))
 
+    def completed(**data: Any) -> NewEvent:  # as a client sends it (JSON parsed by ``json.loads`` may hold NaN)
+        counts = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        fields = {"agent_id": "a", "provider": "p", "model": "m", "text": "t", "request_hash": "h", **counts}
+        return NewEvent(type="llm.completed", data={**fields, "latency_ms": 1.0, **data})
+
     bad: list[tuple[str, Any]] = [
         ("NUL in data", eventlog.append("user-2", [NewEvent.of(_RenamedV2(full_name="a\x00b"))])),
         ("NUL in a nested key", eventlog.append("user-2", [named(extra={"k\x00": 1})])),
@@ -342,6 +348,9 @@ async def test_input_the_database_cannot_store_is_a_typed_error_and_fails_only_i
         ("expected version beyond bigint", eventlog.append("user-2", [started()], 2**63)),
         ("negative expected version", eventlog.append("user-2", [started()], -1)),
         ("stream with a trailing newline", eventlog.append("user-2\n", [started()])),
+        # orjson writes these as null, which the model's float field would refuse on every later read
+        ("infinity in a nested value", eventlog.append("user-2", [named(extra={"score": [-math.inf]})])),
+        ("NaN in meta", eventlog.append("user-2", [NewEvent(type="agent.started", data={}, meta=Meta(x=math.nan))])),
     ]
     good = [eventlog.append(f"user-ok{i}", [named()]) for i in range(3)]
     results = await asyncio.gather(*(c for _, c in bad), *good, return_exceptions=True)
@@ -350,9 +359,13 @@ async def test_input_the_database_cannot_store_is_a_typed_error_and_fails_only_i
     assert all(not isinstance(r, BaseException) for r in results[len(bad) :]), results[len(bad) :]
     assert await eventlog.stream_version("user-2") == 0
     assert not [e for e in await eventlog.read_all() if e.stream == "user-2\n"]
+    with pytest.raises(ValidationError, match="finite number"):  # a typed field refuses it as invalid input
+        await eventlog.append("user-2", [completed(latency_ms=math.nan)])
+    # a real null is kept: only a float that JSON cannot hold is refused
+    await eventlog.append("user-2", [named(extra={"score": None})])
     # \\u0000 as text (a backslash, then "u0000") is no NUL and is stored as it is
     await eventlog.append("user-2", [NewEvent.of(_RenamedV2(full_name="\\u0000"))])
-    assert (await eventlog.read_stream("user-2"))[0].data["full_name"] == "\\u0000"
+    assert (await eventlog.read_stream("user-2"))[1].data["full_name"] == "\\u0000"
 
 
 async def test_meta_counts_against_the_event_size_limit(eventlog: EventLog) -> None:

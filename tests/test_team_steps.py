@@ -19,7 +19,7 @@ from actors.agents.team.history import RUN_EVENTS, fork_run, run_events
 from actors.agents.team.queue import TaskQueue
 from actors.agents.team.run import MAX_FAILED_TICKS, Run, RunState, evolve_run
 from actors.agents.team.services import Completed, RunConfig, TeamServices
-from actors.agents.team.task import Task, TaskState, _commit, evolve_task
+from actors.agents.team.task import Task, TaskState, _commit, evolve_task, finite
 from actors.entity import Context, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
 from events import NewEvent, RecordedEvent
@@ -345,3 +345,8 @@ async def test_a_fork_shifts_pending_timers_by_the_time_since_the_fork_point(eve
     left = datetime.fromisoformat(copied.data["fire_at"]) - datetime.now(UTC)
     assert timedelta(seconds=290) < left <= timedelta(seconds=300)
     assert copied.data["timer_id"] == f"timeout:{new_run}.t1:1"
+
+
+def test_a_validators_score_that_is_no_finite_number_is_recorded_as_0() -> None:
+    """JSON from a model may say NaN; the log refuses NaN, and the attempt must still be recorded."""
+    assert [finite(v) for v in (0.8, 1, "0.5", float("nan"), "Infinity", -float("inf"))] == [0.8, 1.0, 0.5, 0, 0, 0]

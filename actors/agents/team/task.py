@@ -7,6 +7,7 @@ used, so a restarted actor resumes a task where the log says it is, without aski
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,7 @@ class Task(Entity[TaskState]):
                     approach=approach,
                     output=work.text,
                     valid=bool(v.get("valid", False)),
-                    score=float(v.get("score", 0)),
+                    score=finite(v.get("score", 0)),
                     issues=[str(i) for i in v.get("issues", [])],
                 )
             )
@@ -403,6 +404,12 @@ class Task(Entity[TaskState]):
                 )
             ),
         ]
+
+
+def finite(score: Any) -> float:
+    """A validator's score as recorded: one that is not a finite number (JSON from a model may say NaN) is 0."""
+    value = float(score)
+    return value if math.isfinite(value) else 0.0
 
 
 def _files(answer: Completed) -> dict[str, str]:
