@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import ray
 import structlog
 from prometheus_client import Counter
+from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors import metrics
@@ -34,10 +35,10 @@ from actors.deliveries import Delivery, InFlight
 from actors.llm.actor import LLMActor
 from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
-from events import NewEvent, RecordedEvent, Subscription
+from events import NewEvent, RecordedEvent, Subscription, UnknownEventType
 from events.hub import AgentFailed, AgentRestarted
 from events.system import SubscriberRegistered, TimerFailed, TimerFired
-from storage.errors import StoreUnavailable
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable
 from storage.eventlog import HELD_BACK_RETRY_S, START, Cursor, EventLog, Listener
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,8 @@ TIMERS_SNAPSHOT = "orchestrator-timers"
 TIMERS_SNAPSHOT_IDLE_S = 30.0  # with no timer event meanwhile, the snapshot's cursor still moves this often
 RETRY_S = 0.2  # a failed delivery is sent again after this, doubled for each failure in a row ...
 RETRY_MAX_S = 5.0  # ... up to this
+# a timer that fails with one of these will never fire: it is recorded as failed; any other failure is retried
+UNFIREABLE = (InvalidEvent, EventTooLarge, UnknownEventType, ValidationError)
 FAULTS_BEFORE_RESTART = 5  # failures in a row (deliveries, or pings) other than a store outage: restart the actor
 RELOAD_WAIT_S = 5.0  # the reader waits this long for a runner's reload_config before it moves on
 RELOAD_ATTEMPTS = 8
@@ -150,6 +153,7 @@ class OrchestratorImpl:
         self.throttled = False
         self.held_back = False
         self.timer_wake = asyncio.Event()
+        self.timer_failures = 0  # firings failed in a row for a reason that may pass (the retry delay)
         self.routed = 0
         self.started_at = time.time()
         self.ready = asyncio.Event()
@@ -717,10 +721,7 @@ class OrchestratorImpl:
         t = self.timers[0]
         try:
             await self._fire(t)
-        except StoreUnavailable:
-            await asyncio.sleep(0.5)
-            return
-        except Exception as e:
+        except UNFIREABLE as e:
             # It will never fire (a target stream the log refuses, a payload over the size limit): skip it, and
             # record that, so the orchestrator does not try again after every restart.
             self.pending.pop(t.timer_id, None)
@@ -728,6 +729,13 @@ class OrchestratorImpl:
             log.exception("timer cannot fire; recorded as failed", timer=t.timer_id)
             await self._record_timer_failure(t, e)
             return
+        except Exception as e:  # the store is down or refused for now (a deadlock, a failover): fire it later
+            self.timer_failures += 1
+            delay = _backoff(self.timer_failures)
+            log.warning("timer could not fire, will retry", timer=t.timer_id, error=repr(e), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            return
+        self.timer_failures = 0
         # Forgotten by id, not popped: while the append was awaited the reader may have pushed an earlier timer,
         # and the heap's top may be that one now. A fired timer leaves the heap when it comes to the top.
         self.pending.pop(t.timer_id, None)

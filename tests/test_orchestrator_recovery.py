@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 import ray
 from structlog.testing import capture_logs
@@ -455,6 +456,31 @@ async def test_a_timer_that_cannot_fire_is_recorded_and_the_others_fire(start: S
 
     await eventually(next_fired, timeout=5, what="a timer after the restart fired")
     assert await fired_in(eventlog, "timer-bad") == ["timer.scheduled", "timer.failed"]
+
+
+async def test_a_timer_that_meets_a_passing_database_error_fires_later_and_is_not_failed(
+    start: Start, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock or a failover refuses a firing for a moment: that timer is not lost as ``timer.failed`` (its
+    idempotency key would keep it from ever firing), it fires on a later try."""
+    await eventlog.append("timer-dl", [timer("dl", datetime.now(UTC) + timedelta(seconds=0.5))])
+    o = await start()
+    append, refused = o.store.append, []
+
+    async def deadlocked_once(stream: str, *args: Any, **kwargs: Any) -> Any:
+        if stream == "reminder-dl" and not refused:
+            refused.append(stream)
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await append(stream, *args, **kwargs)
+
+    monkeypatch.setattr(o.store, "append", deadlocked_once)
+
+    async def fired() -> bool:
+        return await fired_in(eventlog, "reminder-dl") == ["timer.fired"]
+
+    await eventually(fired, timeout=5, what="the timer fired after the deadlock")
+    assert refused == ["reminder-dl"]
+    assert await fired_in(eventlog, "timer-dl") == ["timer.scheduled"]  # no timer.failed
 
 
 # ---- 4. supervision -----------------------------------------------------------------------------------
