@@ -18,7 +18,7 @@ import structlog
 
 from actors import metrics
 from events import NewEvent, RecordedEvent
-from storage.errors import WrongExpectedVersion
+from storage.errors import EventTooLarge, InvalidEvent, StoreError, WrongExpectedVersion
 from storage.eventlog import EventLog, gc_paused
 
 log = structlog.get_logger(__name__)
@@ -86,6 +86,12 @@ class Entity(Generic[S]):
     async def decide(self, state: S, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
         raise NotImplementedError
 
+    def refused(self, state: S, message: RecordedEvent, error: StoreError) -> list[NewEvent]:
+        """Events recording that the log refused the decision for ``message`` for its content (``InvalidEvent``,
+        ``EventTooLarge``: trying again cannot help). None by default: the handler fails and the message is
+        logged and skipped. A chat answers it with a failure, so that its sender is not left waiting."""
+        return []
+
     def key_of(self, message: RecordedEvent) -> str:
         """Which entity a routed message is for; by default the one whose stream it was appended to."""
         return message.stream_id
@@ -95,6 +101,15 @@ class Entity(Generic[S]):
 
     def from_snapshot(self, data: dict[str, Any]) -> S:
         raise NotImplementedError
+
+
+def _caused_by(message: RecordedEvent, correlation: Any, actor: str, *batches: list[NewEvent]) -> None:
+    """Stamp the events a message led to with their cause and correlation (and an actor, if none was set)."""
+    for batch in batches:
+        for e in batch:
+            e.meta.causation_id = message.id
+            e.meta.correlation_id = correlation
+            e.meta.actor = e.meta.actor or actor
 
 
 @dataclass
@@ -187,10 +202,9 @@ class EntityHost(Generic[S]):
             if not decided:
                 break
             new = [e for e in decided if isinstance(e, NewEvent)]
-            for e in new + [e for sp in decided if isinstance(sp, Spawn) for e in sp.events]:
-                e.meta.causation_id = message.id
-                e.meta.correlation_id = correlation
-                e.meta.actor = e.meta.actor or self.entity.category
+            _caused_by(
+                message, correlation, self.entity.category, new, *(sp.events for sp in decided if isinstance(sp, Spawn))
+            )
             for sp in (d for d in decided if isinstance(d, Spawn)):
                 await self.store.append(sp.stream, sp.events, idempotency_key=f"spawn:{message.id}:{sp.stream}")
             if not new:
@@ -203,10 +217,16 @@ class EntityHost(Generic[S]):
                     raise
                 await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
                 continue
-            for e, pos, ver in zip(new, res.positions, res.versions, strict=True):
-                rec = e.recorded(a.ctx.stream, ver, pos)
-                self._apply(a, rec)
-                appended.append(rec)
+            except (InvalidEvent, EventTooLarge) as e:
+                failed = self.entity.refused(a.state, message, e)
+                if not failed:
+                    raise
+                log.warning("decision refused by the log; recorded as failed", entity=a.ctx.stream, error=str(e))
+                _caused_by(message, correlation, self.entity.category, failed)
+                res = await self.store.append(a.ctx.stream, failed, a.ctx.version)
+                appended += self._applied(a, failed, res.positions, res.versions)
+                break
+            appended += self._applied(a, new, res.positions, res.versions)
         else:
             log.error("decide did not settle", entity=a.ctx.stream, message=str(message.id))
         self.handled += 1
@@ -214,6 +234,15 @@ class EntityHost(Generic[S]):
             await self.snapshot(a)
         metrics.HANDLER_LATENCY.labels(self.entity.category).observe(time.perf_counter() - started)
         return appended
+
+    def _applied(
+        self, a: Active[S], new: list[NewEvent], positions: list[int], versions: list[int]
+    ) -> list[RecordedEvent]:
+        """Fold events just appended into the entity, without reading them back."""
+        recorded = [e.recorded(a.ctx.stream, v, p) for e, p, v in zip(new, positions, versions, strict=True)]
+        for rec in recorded:
+            self._apply(a, rec)
+        return recorded
 
     async def snapshot(self, a: Active[S]) -> None:
         data = self.entity.to_snapshot(a.state)

@@ -7,6 +7,7 @@ from typing import Any
 
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
 from actors.agents.replay import ReplayReport, replay_agent, replay_chat
+from actors.entity import EntityHost
 from actors.llm.providers import Completion, CompletionRequest, completed_event
 from events import Meta, NewEvent, RecordedEvent
 from events.hub import AgentCreated, AgentSettings, AgentUpdated, MessageReceived, ReplySent
@@ -171,3 +172,33 @@ async def test_replay_uses_the_settings_as_of_each_message(eventlog: EventLog) -
     await exchange("after the change", v2)
     report = await replay_agent(eventlog, "a1")
     assert report.mismatches == [] and report.verified_replies == 2 and report.completions_from_log == 2
+
+
+async def test_a_reply_the_log_refuses_is_answered_as_failed_and_replays(eventlog: EventLog) -> None:
+    """A model's text with a NUL character, or one over the event size limit (4,096 bytes here), cannot be
+    recorded: the message gets a ``chat.reply_failed`` with the reason instead of no answer at all."""
+    texts = iter(["ok\x00 then", "x" * 5000, "fine"])
+
+    async def model(request: CompletionRequest) -> Completion:
+        text = next(texts)
+        return Completion(text=text, provider="scripted", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1)
+
+    host = EntityHost(Conversation(AgentSettings, model), eventlog)
+    for i in range(3):
+        await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text=f"q{i}", chat_id="c1"))])
+        await host.handle((await eventlog.read_stream("chat-a1/c1"))[-1])
+    events = await eventlog.read_stream("chat-a1/c1")
+    messages = [e for e in events if e.type == "chat.message_received"]
+    answers = [(e.type, e.meta.causation_id) for e in events if e.type != "chat.message_received"]
+    assert answers == [
+        ("chat.reply_failed", messages[0].id),
+        ("chat.reply_failed", messages[1].id),
+        ("llm.completed", messages[2].id),
+        ("chat.reply_sent", messages[2].id),
+    ]
+    errors = [e.data["error"] for e in events if e.type == "chat.reply_failed"]
+    assert errors[0].startswith("the reply could not be recorded: ") and "NUL" in errors[0]
+    assert "4096" in errors[1]
+    report = ReplayReport()
+    await replay_chat(Conversation(AgentSettings, never_called), events, report)
+    assert report.mismatches == [] and report.verified_replies == 1

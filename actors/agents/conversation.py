@@ -12,6 +12,7 @@ from actors.llm.budget import BudgetExceededError
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError, completed_event
 from events import NewEvent, RecordedEvent
 from events.hub import AgentSettings, ReplyFailed, ReplySent
+from storage.errors import StoreError
 
 HISTORY_TURNS = 40
 Complete = Callable[[CompletionRequest], Awaitable[Completion]]
@@ -106,6 +107,13 @@ class Conversation(Entity[ChatState]):
             NewEvent.of(completed_event(c, request, agent_id)),
             NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=c.text, channel=d["channel"])),
         ]
+
+    def refused(self, state: ChatState, message: RecordedEvent, error: StoreError) -> list[NewEvent]:
+        """A reply the log cannot hold (a NUL character from the model, a reply over the size limit) is answered
+        as failed: the sender gets a 502 with the reason instead of waiting for a reply that never comes."""
+        d = message.data
+        why = f"the reply could not be recorded: {error}"[:1000]
+        return [NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))]
 
     def to_snapshot(self, state: ChatState) -> dict[str, Any]:
         return state.model_dump()
