@@ -39,7 +39,7 @@ from events import NewEvent, RecordedEvent, Subscription, UnknownEventType
 from events.hub import AgentFailed, AgentRestarted
 from events.system import SubscriberRegistered, TimerFailed, TimerFired
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable
-from storage.eventlog import HELD_BACK_RETRY_S, START, Cursor, EventLog, Listener
+from storage.eventlog import START, Cursor, EventLog, Listener, held_back_wait
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -365,6 +365,7 @@ class OrchestratorImpl:
 
     async def _route_forever(self) -> None:
         last_flush = time.monotonic()
+        held = 0  # reads in a row that found commits held back and nothing to route
         while True:
             self.wake.clear()
             try:
@@ -383,8 +384,10 @@ class OrchestratorImpl:
                 continue
             # A short batch was everything visible: wait for the next commit's NOTIFY (one that came meanwhile
             # has set ``wake`` already) instead of asking again at once. A backlog waits for a delivery to end.
+            held = held + 1 if self.held_back and not batch else 0
             if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
-                wait = HELD_BACK_RETRY_S if self.held_back else self.config.poll_interval_s
+                poll = self.config.poll_interval_s
+                wait = held_back_wait(held, poll) if self.held_back else poll
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
 

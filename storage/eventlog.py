@@ -74,7 +74,14 @@ class Committed(NamedTuple):
     held_back: bool  # committed events wait behind an older, still running transaction: look again soon
 
 
-HELD_BACK_RETRY_S = 0.005
+HELD_BACK_RETRY_S = 0.005  # the first look again behind an open transaction, doubled while it stays open ...
+HELD_BACK_MAX_S = 0.1  # ... up to this: a long transaction costs each follower 10 reads a second, not 200
+
+
+def held_back_wait(tries: int, poll_interval: float) -> float:
+    """How long to wait before reading again after ``tries`` reads in a row found commits held back (a commit
+    that unblocks them sends no NOTIFY if it appended nothing, so this is how they are seen)."""
+    return min(poll_interval, HELD_BACK_MAX_S, HELD_BACK_RETRY_S * 2 ** min(max(tries, 1) - 1, 16))
 
 
 @dataclass(frozen=True)
@@ -527,6 +534,7 @@ class EventLog:
         wake = asyncio.Event()
         await self._listen(wake)
         cursor, seen = (after.cursor, after.seen) if isinstance(after, Head) else (after, frozenset[int]())
+        held = 0  # reads in a row that found commits held back
         try:
             while True:
                 wake.clear()
@@ -539,7 +547,7 @@ class EventLog:
                         await asyncio.sleep(min(poll_interval, 0.5))
                         continue
                     if after_batch != cursor:
-                        cursor = after_batch
+                        cursor, held = after_batch, 0
                         if seen:
                             batch = [e for e in batch if e.tx_id not in seen]
                             # kept until the cursor is past the last of them: a batch may end inside one
@@ -548,7 +556,8 @@ class EventLog:
                         yield matching, cursor
                         continue
                     if held_back:
-                        wait = HELD_BACK_RETRY_S
+                        held += 1
+                        wait = held_back_wait(held, poll_interval)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
         finally:

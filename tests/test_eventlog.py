@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from events import ANY, NO_STREAM, NewEvent, UnknownEventType
+from events import ANY, NO_STREAM, NewEvent, RecordedEvent, UnknownEventType
 from events.envelope import Meta, new_id, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
@@ -146,6 +146,47 @@ async def test_subscriber_never_skips_an_event_committed_out_of_order(eventlog: 
         if len(again) >= 6:
             break
     assert again == seen
+
+
+async def test_a_long_transaction_costs_a_follower_a_few_reads_a_second_and_its_commit_is_seen(
+    eventlog: EventLog, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits held back behind an open transaction are looked for again soon, then less and less often (it
+    used to be every 5 ms for as long as it stayed open); one that wrote no event sends no NOTIFY, and its
+    commit is still seen within the longest wait."""
+    reads = 0
+    read_committed = eventlog.read_committed
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read_committed(*args, **kwargs)
+
+    monkeypatch.setattr(eventlog, "read_committed", counted)
+    slow = await asyncpg.connect(db_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        await slow.fetchval("SELECT pg_current_xact_id()")  # a transaction id, and no event: no NOTIFY at commit
+        await eventlog.append("agent-after", [started()])
+        got: list[RecordedEvent] = []
+
+        async def follow() -> None:
+            async for batch, _ in eventlog.subscribe(START, poll_interval=60):
+                got.extend(batch)
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(1.0)
+        assert got == [] and 5 <= reads <= 30  # 5, 10, 20, 40, 80, then every 100 ms: ~14 (was ~200)
+        await tx.commit()
+        for _ in range(50):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert [e.stream for e in got] == ["agent-after"]
+        follower.cancel()
+    finally:
+        await slow.close()
 
 
 async def test_a_subscriber_from_the_head_gets_exactly_what_commits_after_it(eventlog: EventLog, db_url: str) -> None:
