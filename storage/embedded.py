@@ -90,7 +90,8 @@ class EmbeddedPostgres:
             self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         if not self.running():
             opts = (
-                f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.pgdata} "
+                # TCP only: a Unix socket under the data dir breaks on a path with a space or over 107 bytes
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
                 "-c max_connections=300 -c shared_buffers=256MB -c fsync=on"
             )
             res = self._run(
