@@ -325,13 +325,18 @@ class EventLog:
                 async with self.connection() as c:
                     rows = await c.fetch(APPEND_SQL, *args)
         except asyncpg.PostgresError as e:
+            # In the caller's transaction (``conn``) the error has aborted it: an append that another transaction
+            # already made under the key is no success of this one, whose other writes will roll back.
+            key = idempotency_key if conn is None else None
             if e.sqlstate == "AH409":
-                return await self._conflict(stream, expected, mode, int(e.detail), idempotency_key)
+                return await self._conflict(stream, expected, mode, int(e.detail), key)
             if isinstance(e, asyncpg.DataError):  # class 22: what _prepare did not catch is still the input's fault
                 raise InvalidEvent(f"the log cannot store this event: {e}") from e
-            if isinstance(e, asyncpg.UniqueViolationError) and idempotency_key is not None:
-                original = await self._idempotent_lookup(idempotency_key)
+            if isinstance(e, asyncpg.UniqueViolationError) and key is not None:
+                original = await self._idempotent_lookup(key)
                 if original is not None:
+                    if checkpoint is not None:  # as the append function does for a replay: the work is recorded
+                        await self.save_checkpoint(checkpoint.subscriber, checkpoint.cursor)
                     return original
             raise
         return self._appended([(r[0], r[1]) for r in rows], bool(rows and rows[0][2]))
@@ -429,7 +434,6 @@ class EventLog:
         *,
         types: Sequence[str] | None = None,
         stream: str | None = None,
-        category: str | None = None,
         limit: int = 1000,
     ) -> list[RecordedEvent]:
         """Events after ``from_position`` in position order (for queries; subscriptions use commit order)."""
@@ -440,9 +444,6 @@ class EventLog:
         if stream:
             args.append(stream)
             where.append(f"stream = ${len(args)}")
-        if category:
-            args.append(category + "-%")
-            where.append(f"stream LIKE ${len(args)}")
         args.append(limit)
         sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT ${len(args)}"
         async with self.connection() as c:
@@ -484,14 +485,15 @@ class EventLog:
             after = got.cursor
 
     async def cursor_at(self, position: int) -> Cursor:
-        """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the
-        commit-order cursor of the last event at or before ``position``, ``START`` when there is none. For a
-        position with an event that is the event's own cursor; a position without one (the gap an aborted append
-        leaves, an append not committed yet, a position past the head) resumes after the event before it, so past
-        the head means at the head. Commit order is not position order across transactions, so this is a position's
-        meaning only up to that: an event after ``position`` written by a transaction older than the one at
-        ``position`` comes before it in commit order and is not delivered from here. An event's ``cursor`` is the
-        exact place to resume from."""
+        """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the commit-
+        order cursor of the last event at or before ``position``, ``START`` when there is none. For a position
+        with an event that is the event's own cursor; a position without one (the gap an aborted append leaves,
+        an append not committed yet, a position past the head) resumes after the event before it: past the head,
+        after the event with the highest position (where transactions interleave at the top of the log, an event
+        of an older one below it is delivered again; ``head_cursor`` is exact). Commit order is not position
+        order across transactions, so this is a position's meaning only up to that: an event after ``position``
+        written by a transaction older than the one at ``position`` comes before it in commit order and is not
+        delivered from here. An event's ``cursor`` is the exact place to resume from."""
         if position <= 0:
             return START
         async with self.connection() as c:

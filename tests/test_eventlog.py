@@ -87,6 +87,25 @@ async def test_idempotent_append_returns_original_positions(eventlog: EventLog) 
     assert await eventlog.stream_version("agent-d") == 3
 
 
+async def test_a_key_taken_meanwhile_fails_an_append_in_the_callers_transaction(eventlog: EventLog) -> None:
+    """Inside the caller's transaction, losing the key to another transaction aborts that transaction: the append
+    must fail, not answer the other's positions as if it had succeeded (the caller's other writes are gone)."""
+    async with eventlog.connection() as first, eventlog.connection() as second:
+        t1, t2 = first.transaction(), second.transaction()
+        await t1.start()
+        await t2.start()
+        await eventlog.append("agent-k1", [started()], idempotency_key="fork-1", conn=first)
+        losing = asyncio.create_task(eventlog.append("agent-k2", [started()], idempotency_key="fork-1", conn=second))
+        await asyncio.sleep(0.2)  # waits on the key's index entry
+        await t1.commit()
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await losing
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await second.fetchval("SELECT 1")
+        await t2.rollback()
+    assert [e.stream for e in await eventlog.read_all()] == ["agent-k1"]
+
+
 async def test_unknown_type_invalid_payload_and_oversized_are_rejected(eventlog: EventLog) -> None:
     with pytest.raises(UnknownEventType):
         await eventlog.append("agent-e", [NewEvent(type="no.such_event", data={})])
@@ -105,7 +124,7 @@ async def test_read_all_filters(eventlog: EventLog) -> None:
     await eventlog.append("other-g", [started()])
     await eventlog.append("agent-f", [started()])
     assert [e.type for e in await eventlog.read_all(types=["agent.started"])] == ["agent.started"] * 2
-    assert [e.stream for e in await eventlog.read_all(category="other")] == ["other-g"]
+    assert [e.stream for e in await eventlog.read_all(stream="other-g")] == ["other-g"]
     all_ = await eventlog.read_all()
     assert [e.position for e in await eventlog.read_all(all_[0].position)] == [e.position for e in all_[1:]]
 
