@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 BATCH = 500
-MAX_PENDING = 5 * BATCH  # a subscriber's backlog at which the reader waits for it
+MAX_PENDING = 5 * BATCH  # a subscriber's backlog at which the reader stops reading for it (not for the others)
 RUNNER_IN_FLIGHT = 2
 PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
@@ -393,10 +393,11 @@ class OrchestratorImpl:
 
     async def _route_once(self) -> list[RecordedEvent]:
         live = [s for s in list(self.subs.values()) if s.active]
-        self.throttled = any(len(s.pending) >= MAX_PENDING for s in live)
-        if self.throttled:
-            return []
-        low = min([self.cursor, *(s.queued for s in live)])
+        # A subscriber with a full backlog (a slow one, or one whose deliveries keep failing) is read for again
+        # once it has room; the others, and the orchestrator's own events, are not held up meanwhile.
+        room = [s for s in live if len(s.pending) < MAX_PENDING]
+        self.throttled = len(room) < len(live)  # a delivery that ends wakes the reader, to read for it again
+        low = min([self.cursor, *(s.queued for s in room)])
         batch, _, self.held_back = await self.store.read_committed(low, BATCH)
         if batch:
             await self._own(batch)
@@ -466,10 +467,11 @@ class OrchestratorImpl:
 
     def _enqueue(self, sub: Sub, batch: list[RecordedEvent], read_after: Cursor) -> None:
         """Queue ``batch`` (read after ``read_after``) for ``sub``. A subscriber queued below that point was
-        rewound, restarted or added while the batch was read: the batch lacks what it needs first, so it takes
-        nothing now and the next read starts from its cursor."""
+        rewound, restarted or added while the batch was read, or had no room when the read began: the batch lacks
+        what it needs first, so it takes nothing now and a later read starts from its cursor. One with a full
+        backlog takes nothing either."""
         end = batch[-1].cursor
-        if not sub.active or end <= sub.queued or sub.queued < read_after:
+        if not sub.active or end <= sub.queued or sub.queued < read_after or len(sub.pending) >= MAX_PENDING:
             return
         sub.pending.extend(e for e in batch if e.cursor > sub.queued and sub.subscription.matches(e))
         sub.queued = end

@@ -270,6 +270,43 @@ async def test_a_delivery_that_fails_while_the_reader_reads_past_it_is_sent_agai
     assert o.subs["s"].cursor >= (await eventlog.read_all(later[-1] - 1, limit=1))[0].cursor
 
 
+async def test_a_subscriber_with_a_full_backlog_holds_up_no_other_and_gets_everything_later(
+    start: Start, actors: Actors, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One subscriber stuck on a delivery (a slow projection, one whose deliveries keep failing) used to stop the
+    reader for everyone once its backlog was full: every agent's replies stalled behind it."""
+    monkeypatch.setattr(orchestrator, "MAX_PENDING", 5)
+    unblock = asyncio.Event()
+
+    class Stuck(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            await unblock.wait()
+            await super().deliver(events, cursor)
+
+    actors.make["stuck"] = lambda _: Stuck()
+    o = await start()
+    await route(o, "stuck", "work")
+    await route(o, "s", "work")
+    wanted = await put(eventlog, "work-1", 3)
+
+    async def stuck_in_flight() -> bool:
+        return o.subs["stuck"].in_flight == 1
+
+    await eventually(stuck_in_flight, timeout=5, what="the stuck subscriber's first delivery under way")
+    wanted += await put(eventlog, "work-2", 10)  # its backlog is full now
+
+    async def full() -> bool:
+        return len(o.subs["stuck"].pending) >= 5
+
+    await eventually(full, timeout=5, what="the stuck subscriber's backlog full")
+    for i in range(3):
+        wanted += await put(eventlog, f"work-later{i}")
+    await delivered_to(actors, "s", wanted, timeout=5, what="the other subscriber served meanwhile")
+    assert positions(actors, "stuck") == []
+    unblock.set()
+    await delivered_to(actors, "stuck", wanted, timeout=10, what="the stuck one gets everything, read again for it")
+
+
 # ---- 2, 3. timers -------------------------------------------------------------------------------------
 
 
