@@ -36,7 +36,7 @@ class EntityActor:
         self.hosts: dict[str, EntityHost[Any]] = {}
         self.failures = 0
         self._limit = asyncio.Semaphore(CONCURRENCY)
-        self._entity_tails: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._entity_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._connected = False
         self._started = False
         self._starting: asyncio.Task[None] | None = None
@@ -96,7 +96,8 @@ class EntityActor:
         behind anything unfinished). The orchestrator also writes the checkpoint (batched, about once a second):
         effects are idempotent by causation id (see actors/entity.py), so what a crash redelivers repeats no
         effect, and a checkpoint write per delivery would only add a round trip to every reply. A store outage
-        propagates (the orchestrator redelivers from its cursor); any other handler error is logged and counted,
+        propagates (the orchestrator redelivers from its cursor), and fails the entity's later deliveries with it, so
+        that they cannot overtake the redelivery; any other handler error is logged and counted,
         so one poison message cannot stall the subscriber."""
         await self._ready
         groups: dict[tuple[str, str], list[RecordedEvent]] = {}
@@ -114,14 +115,17 @@ class EntityActor:
         self._entity_tails[key] = done
 
         async def run() -> None:
+            finished = False
             try:
-                if before is not None:
-                    await before
+                if before is not None and not await before:
+                    # handling the entity's later events now would put them before the failed ones' redelivery
+                    raise StoreUnavailable("an earlier delivery of this entity failed; both are delivered again")
                 async with self._limit:
                     for event in group:
                         await self._handle_one(event)
+                finished = True
             finally:
-                done.set_result(None)
+                done.set_result(finished)
                 if self._entity_tails.get(key) is done:
                     del self._entity_tails[key]
 

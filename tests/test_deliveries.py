@@ -88,6 +88,26 @@ async def test_a_store_outage_fails_only_its_delivery(actor: Gated, eventlog: Ev
     assert actor.handled == ["b1"]
 
 
+async def test_an_entitys_later_delivery_fails_with_its_earlier_one_so_the_order_holds(
+    actor: Gated, eventlog: EventLog
+) -> None:
+    """a1 fails (the store went away): a2 of the same entity, in a later delivery, must not be handled before a1
+    is delivered again; it fails too, and both come again in order."""
+    a1, a2 = await events(eventlog, ("agent-a", "a1"), ("agent-a", "a2"))
+    actor.failing.add("a1")
+    first = asyncio.ensure_future(actor.deliver([a1], a1.cursor))
+    second = asyncio.ensure_future(actor.deliver([a2], a2.cursor))
+    actor.gates["a2"].set()
+    actor.gates["a1"].set()
+    for delivery in (first, second):
+        with pytest.raises(StoreUnavailable):
+            await delivery
+    assert actor.handled == []
+    actor.failing.clear()
+    await actor.deliver([a1, a2], a2.cursor)  # the redelivery
+    assert actor.handled == ["a1", "a2"]
+
+
 class StartsLate(Gated):
     """Its start fails the first time (the database was away for a moment when the actor came up)."""
 
