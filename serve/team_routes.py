@@ -34,7 +34,9 @@ class RunIn(BaseModel):
     prompts: dict[str, str] = Field(default_factory=dict)
     max_generated_tasks: int = Field(5, ge=0, le=100)
     ceo_interval_s: float = Field(2.0, gt=0, le=3600)
-    workspace: str | None = None
+    # a name under the data dir's workspaces (by default the run id), never a path: a client must not point git
+    # and the test runner at any directory of the host
+    workspace: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
     @field_validator("prompts")
     @classmethod

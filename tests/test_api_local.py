@@ -268,6 +268,12 @@ async def test_an_anonymous_request_is_401_before_its_body_is_read(api: httpx.As
     assert (await api.post("/api/v1/agents", content=b"{not json")).status_code == 422  # with the token: parsed
 
 
+async def test_a_run_cannot_name_a_directory_of_the_host_as_its_workspace(api: httpx.AsyncClient) -> None:
+    for where in ("/etc", "../../etc", "a/b", ".hidden", ""):
+        r = await api.post("/api/v1/runs", json={"goal": "g", "workspace": where})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "workspace"], (where, r.text)
+
+
 class Orchestrator:
     """Stands in for the orchestrator's Ray handle: ``status.remote()`` gives what ``answer`` makes."""
 

@@ -62,7 +62,7 @@ async def no_llm(request: CompletionRequest) -> Completion:
 
 def services(tmp_path: Path, complete: Any = no_llm, **run: Any) -> TeamServices:
     svc = TeamServices(StoreStub(), complete, tmp_path)  # type: ignore[arg-type]
-    svc._runs["r1"] = RunConfig(run_id="r1", workspace=str(tmp_path / "ws"), **run)
+    svc._runs["r1"] = RunConfig(run_id="r1", workspace="ws", **run)  # tmp_path / "ws"
     return svc
 
 

@@ -118,7 +118,8 @@ class TeamServices:
         return [event], None
 
     def workspace_dir(self, run: RunConfig) -> Path:
-        return Path(run.workspace) if run.workspace else self.workspaces / run.run_id
+        """The run's git workspace, named by the run (by default its id) under the workspaces dir."""
+        return self.workspaces / (run.workspace or run.run_id)
 
     async def in_workspace(self, run: RunConfig, fn: Callable[[Path], T]) -> T:
         """Run blocking git/file/test work in a thread, one actor at a time per workspace (a file lock)."""
