@@ -75,6 +75,16 @@ def _backoff(failures: int) -> float:
     return min(RETRY_MAX_S, RETRY_S * 2 ** max(0, failures - 1))
 
 
+def _same_routing(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two recorded registrations route alike (compared as models: a set's order in JSON is arbitrary)."""
+
+    def routing(data: dict[str, Any]) -> tuple[Subscription, str, list[Any]]:
+        reg = SubscriberRegistered.model_validate(data)
+        return Subscription.model_validate(reg.subscription), reg.actor, reg.args
+
+    return routing(a) == routing(b)
+
+
 def actor_class(path: str) -> Any:
     """The ``ray.remote`` class named by ``module:Class``; raises if it does not import or is not one."""
     module, sep, cls_name = path.partition(":")
@@ -135,6 +145,7 @@ class OrchestratorImpl:
         self.config = config
         self.ns = config.namespace
         self.subs: dict[str, Sub] = {}
+        self.registrations: dict[str, dict[str, Any]] = {}  # what routes each registered subscriber, as recorded
         # Pending timers by id, and a heap of them by time. A timer that fires, fails or is seen fired leaves
         # ``pending`` at once and the heap when it comes to the top. Nothing is kept for a timer once it is done
         # (a set of every fired id grew for as long as the system ran). Each event is acted on once (``_own``
@@ -250,7 +261,7 @@ class OrchestratorImpl:
     async def _restore(self) -> None:
         """Rebuild routing state from the log: running agents, pending timers, subscriber checkpoints. Starts
         from nothing, so a try that failed half-way can simply run again (the actors' names are reused)."""
-        self.subs, self.pending, self.timers, self.armed = {}, {}, [], {}
+        self.subs, self.pending, self.timers, self.armed, self.registrations = {}, {}, [], {}, {}
         self.cursor = (await self.store.head_cursor()).cursor
         running: dict[str, RecordedEvent] = {}
         for e in await self._read_types(LIFECYCLE):
@@ -811,19 +822,28 @@ class OrchestratorImpl:
         ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts; a class that
         does not import is refused (``ValueError``) before anything is recorded."""
         await self.ready.wait()
-        if subscription.name in self.subs:
-            return
+        name = subscription.name
+        reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
+        data = reg.model_dump(mode="json")
+        if name in self.subs:
+            if name not in self.registrations or not _same_routing(self.registrations[name], data):
+                raise ValueError(f"{name!r} is routed already, otherwise: register this under another name")
+            return  # registered already, just so
         try:
             actor_class(actor)
         except Exception as e:
-            raise ValueError(f"cannot route {subscription.name!r} to {actor!r}: {e!r}") from None
-        reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
-        await self.store.append(
-            "system-subscribers",
-            [NewEvent.of(reg, actor="orchestrator")],
-            idempotency_key=f"register:{subscription.name}",
+            raise ValueError(f"cannot route {name!r} to {actor!r}: {e!r}") from None
+        res = await self.store.append(
+            "system-subscribers", [NewEvent.of(reg, actor="orchestrator")], idempotency_key=f"register:{name}"
         )
-        await self._add_registered(reg.model_dump(mode="json"))
+        if res.replayed:  # the name was recorded before (its class may not import any more): that one holds
+            (recorded,) = await self.store.read_where("position = $1", res.positions[0])
+            if not _same_routing(recorded.data, data):
+                raise ValueError(
+                    f"{name!r} was registered before as {recorded.data.get('actor')!r} with other settings, and a "
+                    "restart would route that one: register this under another name"
+                )
+        await self._add_registered(data)
 
     async def _add_registered(self, data: dict[str, Any]) -> None:
         """Route a recorded registration. One that cannot be routed (its class no longer imports) is logged,
@@ -838,6 +858,7 @@ class OrchestratorImpl:
             return
         if subscription.name in self.subs:
             return
+        self.registrations[subscription.name] = data
 
         def factory() -> Any:
             return self._named(cls, subscription.name).remote(self.config, *reg.args)

@@ -683,6 +683,30 @@ async def test_register_refuses_a_class_that_does_not_import(start: Start, event
     assert await eventlog.read_stream("system-subscribers") == [] and "gone" not in o.subs
 
 
+async def test_a_name_registered_otherwise_is_refused_live_and_after_a_restart(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """The registration recorded under a name is the one every restart routes: registering the name again
+    otherwise (say, with a class that imports, after the recorded one stopped importing) is refused, not
+    accepted live and lost at the next restart. The same registration again is a no-op."""
+    broken = SubscriberRegistered(subscription={"name": "gone"}, actor="no_such_module:Gone")
+    await eventlog.append("system-subscribers", [NewEvent.of(broken)], idempotency_key="register:gone")
+    o = await start()
+    with pytest.raises(ValueError, match="'gone' was registered before as 'no_such_module:Gone'"):
+        await route(o, "gone", "work")
+    assert "gone" not in o.subs
+
+    many = frozenset({"work", "other", "more", "again"})  # a set: its JSON order may differ between processes
+    await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")
+    await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")  # again: fine
+    with pytest.raises(ValueError, match="'s' is routed already, otherwise"):
+        await route(o, "s", "work")
+    again = await start()  # a restart routes what was recorded, and takes the same registration again
+    assert "gone" not in again.subs and again.subs["s"].subscription.categories == many
+    await again.register(Subscription(name="s", categories=many), f"{HERE}:Fake")
+    assert len(await eventlog.read_stream("system-subscribers")) == 2
+
+
 # ---- 7. a failed projection rebuild does not stop the projector ---------------------------------------------
 
 
