@@ -10,7 +10,7 @@ import ray
 from actors.agents.agent import agent_stream
 from events import NewEvent
 from events.hub import AgentCreated, AgentSettings, AgentStarted, AgentStopped
-from serve.hub import Hub
+from serve.hub import Hub, OrchestratorUnavailable
 from serve.replies import ReplyWaiter
 from storage.eventlog import EventLog
 
@@ -91,7 +91,7 @@ async def test_opening_the_hub_closes_its_pool_when_setup_fails(db_url: str, mon
 
     monkeypatch.setattr(EventLog, "connect", spy)
     monkeypatch.setattr(ray, "get_actor", no_orchestrator)
-    with pytest.raises(ValueError, match="orchestrator"):
+    with pytest.raises(OrchestratorUnavailable, match="no orchestrator actor in Ray namespace 'test'"):
         await Hub.open(db_url, namespace="test", reply_timeout_s=1, max_event_bytes=4096)
     assert len(opened) == 1 and opened[0].pool.is_closing()
 
