@@ -398,8 +398,14 @@ class EventLog:
         """Hold ``streams`` until the end of ``conn``'s transaction, as every append does before its first write:
         for a transaction that writes something else before it appends (see ``append``), or that appends to
         several streams and must take their locks in the one order every batch does. Taking a lock assigns no
-        transaction id."""
+        transaction id. Called after the transaction's first write, for a stream it does not hold yet, it raises
+        ``StreamsNotLocked``."""
         with translate_errors():
+            if not await conn.fetchval(LOCKS_IN_TIME_SQL, list(streams)):
+                raise StreamsNotLocked(
+                    "lock_streams came after this transaction's first write: call it before the transaction writes "
+                    "anything, with every stream it will append to"
+                )
             await conn.execute("SELECT agenthub_lock_streams($1::text[])", list(streams))
 
     async def _idempotent_lookup(self, key: str) -> AppendResult | None:
@@ -658,10 +664,21 @@ HEAD_SQL = (
 CHECKPOINT_SQL = "SELECT agenthub_save_checkpoint($1, $2::xid8, $3)"  # forward only (migration 0008)
 # In a caller's transaction: true when nothing was written yet (no transaction id) or the stream's lock (migration
 # 0008: key pair 16712, hashtext(stream), shown in pg_locks as classid, objid as an unsigned oid, objsubid 2) is held.
-LOCKED_OR_FIRST_WRITE_SQL = (
-    "SELECT pg_current_xact_id_if_assigned() IS NULL OR EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-    "AND pid = pg_backend_pid() AND granted AND classid = 16712 AND objsubid = 2 "
-    "AND objid = (hashtext($1)::bigint & 4294967295)::oid)"
+
+
+def _held(stream: str) -> str:
+    """SQL: this session holds the advisory lock ``agenthub_lock_streams`` takes for ``stream`` (an expression)."""
+    return (
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+        f"AND classid = 16712 AND objsubid = 2 AND objid = (hashtext({stream})::bigint & 4294967295)::oid)"
+    )
+
+
+LOCKED_OR_FIRST_WRITE_SQL = f"SELECT pg_current_xact_id_if_assigned() IS NULL OR {_held('$1')}"
+# Locks taken after the transaction's first write come too late (its id is older than a commit it waits for).
+LOCKS_IN_TIME_SQL = (
+    f"SELECT pg_current_xact_id_if_assigned() IS NULL OR coalesce(bool_and({_held('s')}), true) "
+    "FROM unnest($1::text[]) AS s"
 )
 
 

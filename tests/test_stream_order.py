@@ -184,6 +184,12 @@ async def test_a_caller_transaction_that_wrote_first_must_hold_its_streams(event
                 await eventlog.append("chat-first", [started()], conn=conn)  # the first write: it takes its lock
                 await eventlog.append("chat-second", [started()], conn=conn)  # the id is assigned; no lock held
         assert await eventlog.read_stream("chat-first") == []  # the caller's transaction rolled back
+        with pytest.raises(StreamsNotLocked, match="lock_streams came after"):
+            async with conn.transaction():
+                await eventlog.append("chat-first", [started()], conn=conn)
+                await eventlog.lock_streams(conn, ["chat-first"])  # held already: fine
+                await eventlog.lock_streams(conn, ["chat-second"])  # too late: the id is assigned
+        assert await eventlog.read_stream("chat-first") == []
 
         streams = [f"chat-s{i}" for i in range(20)]  # hashes of both signs: the lock check maps each right
         async with conn.transaction():
