@@ -7,6 +7,7 @@ import itertools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -115,3 +116,16 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[None]:
+    """Wrap the coroutine method ``obj.name`` to note each call; the list's length is the count so far."""
+    calls: list[None] = []
+    method = getattr(obj, name)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return await method(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls

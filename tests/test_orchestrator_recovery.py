@@ -58,6 +58,22 @@ class Recorder:
         return b""
 
 
+class FailsFirst(Recorder):
+    """Its first delivery awaits ``before_failing``, then fails; the later ones are recorded."""
+
+    def __init__(self, before_failing: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__()
+        self.before_failing = before_failing
+        self.calls = 0
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.before_failing()
+            raise RuntimeError("store blip inside the actor")
+        await super().deliver(events, cursor)
+
+
 class _Remote:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -192,24 +208,16 @@ async def test_events_read_again_during_a_failed_deliverys_retry_are_sent(
     """A delivery fails; while its retry waits, an unrelated commit makes the reader read the same range again.
     Those events must still go out, without waiting for yet another append."""
 
-    class FailsOnce(Recorder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
+    later: list[asyncio.Future[None]] = []
 
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
-            self.calls += 1
-            if self.calls == 1:
+    async def unrelated_commit() -> None:
+        await asyncio.sleep(0.05)  # lands while the failed delivery's retry waits
+        await put(eventlog, "other-x")
 
-                async def unrelated_commit() -> None:
-                    await asyncio.sleep(0.05)  # lands while the failed delivery's retry waits
-                    await put(eventlog, "other-x")
+    async def then_commit() -> None:
+        later.append(asyncio.ensure_future(unrelated_commit()))
 
-                self.later = asyncio.ensure_future(unrelated_commit())
-                raise RuntimeError("store blip inside the actor")
-            await super().deliver(events, cursor)
-
-    actors.make["s"] = lambda _: FailsOnce()
+    actors.make["s"] = lambda _: FailsFirst(then_commit)
     o = await start()
     await route(o, "s", "work")
     wanted = await put(eventlog, "work-1", 2)
@@ -226,20 +234,7 @@ async def test_a_delivery_that_fails_while_the_reader_reads_past_it_is_sent_agai
     read must not be queued for it as if it followed on (the failed events would be skipped for good, and its
     cursor would pass them)."""
     fail = asyncio.Event()
-
-    class FailsFirst(Recorder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
-            self.calls += 1
-            if self.calls == 1:
-                await fail.wait()
-                raise RuntimeError("store blip inside the actor")
-            await super().deliver(events, cursor)
-
-    actors.make["s"] = lambda _: FailsFirst()
+    actors.make["s"] = lambda _: FailsFirst(fail.wait)
     o = await start()
     await route(o, "s", "work")
     first = await put(eventlog, "work-1", 3)

@@ -13,6 +13,15 @@ from events.hub import AgentStarted, ReplySent
 from serve.replies import ReplyWaiter
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
+from tests.conftest import count_calls
+
+
+async def reply_to(eventlog: EventLog, cid: str) -> NewEvent:
+    """Append the agent's reply to the request with correlation id ``cid``."""
+    reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
+    reply.meta.correlation_id = uuid.UUID(cid)
+    await eventlog.append("chat-a/c", [reply], ANY)
+    return reply
 
 
 async def test_every_request_waiting_for_one_reply_gets_it(eventlog: EventLog) -> None:
@@ -26,9 +35,7 @@ async def test_every_request_waiting_for_one_reply_gets_it(eventlog: EventLog) -
         waiter.forget(cid, gave_up)
         assert gave_up.cancelled() and not first.done() and not second.done()
 
-        reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
-        reply.meta.correlation_id = uuid.UUID(cid)
-        await eventlog.append("chat-a/c", [reply], ANY)
+        reply = await reply_to(eventlog, cid)
         got = await asyncio.wait_for(asyncio.gather(first, second), 5)
 
         assert [e.id for e in got] == [reply.id, reply.id] and got[0].data["response"] == "done"
@@ -48,22 +55,12 @@ async def test_after_an_idle_spell_the_follower_moves_to_the_head_instead_of_cat
     try:
         for i in range(6):
             await eventlog.append(f"agent-busy{i}", [NewEvent.of(AgentStarted()) for _ in range(500)])
-        reads = 0
-        read_committed = eventlog.read_committed
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            nonlocal reads
-            reads += 1
-            return await read_committed(*args, **kwargs)
-
-        monkeypatch.setattr(eventlog, "read_committed", counted)
+        reads = count_calls(monkeypatch, eventlog, "read_committed")
         cid = str(uuid.uuid4())
         fut = await waiter.expect(cid)
-        reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
-        reply.meta.correlation_id = uuid.UUID(cid)
-        await eventlog.append("chat-a/c", [reply], ANY)
+        reply = await reply_to(eventlog, cid)
         assert (await asyncio.wait_for(fut, 5)).id == reply.id
-        assert reads <= 3  # the reply's batch and a look for more; not the 3,000 events before it
+        assert len(reads) <= 3  # the reply's batch and a look for more; not the 3,000 events before it
     finally:
         await waiter.close()
 
@@ -87,9 +84,7 @@ async def test_a_start_while_the_database_is_down_fails_at_once_and_a_later_one_
     try:
         cid = str(uuid.uuid4())
         fut = await waiter.expect(cid)
-        reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
-        reply.meta.correlation_id = uuid.UUID(cid)
-        await eventlog.append("chat-a/c", [reply], ANY)
+        reply = await reply_to(eventlog, cid)
         assert (await asyncio.wait_for(fut, 5)).id == reply.id
     finally:
         await waiter.close()
