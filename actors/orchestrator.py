@@ -146,6 +146,7 @@ class OrchestratorImpl:
         self.ns = config.namespace
         self.subs: dict[str, Sub] = {}
         self.registrations: dict[str, dict[str, Any]] = {}  # what routes each registered subscriber, as recorded
+        self._registering = asyncio.Lock()
         # Pending timers by id, and a heap of them by time. A timer that fires, fails or is seen fired leaves
         # ``pending`` at once and the heap when it comes to the top. Nothing is kept for a timer once it is done
         # (a set of every fired id grew for as long as the system ran). Each event is acted on once (``_own``
@@ -273,8 +274,11 @@ class OrchestratorImpl:
             await self._add_agent(agent_id, started)
         projector = await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
         projector.linger_s = PROJECTOR_LINGER_S
+        latest: dict[str, dict[str, Any]] = {}  # the last registration of each name is the one routed
         for e in await self._read_types(("subscriber.registered",)):
-            await self._add_registered(e.data)
+            latest[str(e.data.get("subscription", {}).get("name"))] = e.data
+        for data in latest.values():
+            await self._add_registered(data)
         await self._restore_timers()
 
     async def _restore_timers(self) -> None:
@@ -819,35 +823,32 @@ class OrchestratorImpl:
 
     async def register(self, subscription: Subscription, actor: str, args: list[Any] | None = None) -> None:
         """Route ``subscription`` to a Ray actor ``actor`` (``module:Class`` of a ``ray.remote`` class, built as
-        ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts; a class that
-        does not import is refused (``ValueError``) before anything is recorded."""
+        ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts; the last
+        registration of a name is the one routed. The same registration again changes nothing; another one
+        takes over (the name's actor is restarted with it, from the name's checkpoint). A class that does not
+        import is refused (``ValueError``) before anything is recorded, and so is the name of a system
+        subscriber (the projector, an agent's runner)."""
         await self.ready.wait()
         name = subscription.name
         reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
         data = reg.model_dump(mode="json")
-        if name in self.subs:
-            if name not in self.registrations or not _same_routing(self.registrations[name], data):
-                raise ValueError(f"{name!r} is routed already, otherwise: register this under another name")
-            return  # registered already, just so
-        try:
-            actor_class(actor)
-        except Exception as e:
-            raise ValueError(f"cannot route {name!r} to {actor!r}: {e!r}") from None
-        res = await self.store.append(
-            "system-subscribers", [NewEvent.of(reg, actor="orchestrator")], idempotency_key=f"register:{name}"
-        )
-        if res.replayed:  # the name was recorded before (its class may not import any more): that one holds
-            (recorded,) = await self.store.read_where("position = $1", res.positions[0])
-            if not _same_routing(recorded.data, data):
-                raise ValueError(
-                    f"{name!r} was registered before as {recorded.data.get('actor')!r} with other settings, and a "
-                    "restart would route that one: register this under another name"
-                )
-        await self._add_registered(data)
+        async with self._registering:  # two calls for one name must not both record it
+            known = self.registrations.get(name)
+            if known is not None and _same_routing(known, data):
+                return
+            if known is None and name in self.subs:
+                raise ValueError(f"{name!r} is a system subscriber's name: register under another name")
+            try:
+                actor_class(actor)
+            except Exception as e:
+                raise ValueError(f"cannot route {name!r} to {actor!r}: {e!r}") from None
+            await self.store.append("system-subscribers", [NewEvent.of(reg, actor="orchestrator")])
+            await self._add_registered(data)
 
     async def _add_registered(self, data: dict[str, Any]) -> None:
-        """Route a recorded registration. One that cannot be routed (its class no longer imports) is logged,
-        counted and skipped: it must not stop the orchestrator from starting, now or after any restart."""
+        """Route a recorded registration, in place of the name's earlier one if any. One that cannot be routed
+        (its class no longer imports) is logged, counted and skipped: it must not stop the orchestrator from
+        starting, now or after any restart."""
         try:
             reg = SubscriberRegistered.model_validate(data)
             subscription = Subscription.model_validate(reg.subscription)
@@ -856,14 +857,17 @@ class OrchestratorImpl:
             SKIPPED.labels("registration").inc()
             log.exception("registered subscriber skipped: it cannot be routed", registration=data)
             return
-        if subscription.name in self.subs:
-            return
         self.registrations[subscription.name] = data
 
         def factory() -> Any:
             return self._named(cls, subscription.name).remote(self.config, *reg.args)
 
-        await self._add_sub(subscription, factory)
+        sub = self.subs.get(subscription.name)
+        if sub is None:
+            await self._add_sub(subscription, factory)
+            return
+        sub.subscription, sub.factory = subscription, factory  # the restart rewinds: what it reads is matched anew
+        self._schedule_restart(sub, "registration changed")
 
     async def rebuild_projection(self) -> int:
         """Empty the hub's read models and replay the whole log into them; returns events projected."""

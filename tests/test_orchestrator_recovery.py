@@ -678,28 +678,40 @@ async def test_register_refuses_a_class_that_does_not_import(start: Start, event
     assert await eventlog.read_stream("system-subscribers") == [] and "gone" not in o.subs
 
 
-async def test_a_name_registered_otherwise_is_refused_live_and_after_a_restart(
+async def test_the_last_registration_of_a_name_is_routed_live_and_after_a_restart(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
-    """The registration recorded under a name is the one every restart routes: registering the name again
-    otherwise (say, with a class that imports, after the recorded one stopped importing) is refused, not
-    accepted live and lost at the next restart. The same registration again is a no-op."""
+    """A name registered again otherwise (say, with a class that imports, after the recorded one stopped
+    importing; or a system's new version) is routed so at once and after every restart: it was accepted live
+    and lost at the next restart, or ignored. The same registration again records nothing."""
     broken = SubscriberRegistered(subscription={"name": "gone"}, actor="no_such_module:Gone")
     await eventlog.append("system-subscribers", [NewEvent.of(broken)], idempotency_key="register:gone")
     o = await start()
-    with pytest.raises(ValueError, match="'gone' was registered before as 'no_such_module:Gone'"):
-        await route(o, "gone", "work")
     assert "gone" not in o.subs
-
+    await route(o, "gone", "work")
     many = frozenset({"work", "other", "more", "again"})  # a set: its JSON order may differ between processes
     await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")
-    await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")  # again: fine
-    with pytest.raises(ValueError, match="'s' is routed already, otherwise"):
-        await route(o, "s", "work")
-    again = await start()  # a restart routes what was recorded, and takes the same registration again
-    assert "gone" not in again.subs and again.subs["s"].subscription.categories == many
-    await again.register(Subscription(name="s", categories=many), f"{HERE}:Fake")
-    assert len(await eventlog.read_stream("system-subscribers")) == 2
+    await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")  # again: nothing recorded
+    assert len(await eventlog.read_stream("system-subscribers")) == 3
+    await route(o, "s", "work")  # otherwise: takes over, its actor restarted with it
+    assert o.subs["s"].subscription.categories == {"work"}
+    wanted = await put(eventlog, "work-1")
+    await put(eventlog, "other-1")  # no longer routed to "s"
+
+    async def routed() -> bool:
+        return wanted[0] in positions(actors, "s") and positions(actors, "gone") == wanted
+
+    await eventually(routed, timeout=5, what="both names routed by their last registration")
+    assert "other-1" not in {e.stream for e in actors.instances["s"][-1].seen}
+    with pytest.raises(ValueError, match="'projector' is a system subscriber's name"):
+        await route(o, PROJECTOR, "work")
+
+    again = await start()  # a restart routes the last registration of each name
+    assert again.subs["gone"].subscription.categories == {"work"} and again.subs["s"].subscription.categories == {
+        "work"
+    }
+    await route(again, "s", "work")  # the same as recorded: nothing new
+    assert len(await eventlog.read_stream("system-subscribers")) == 4
 
 
 # ---- 7. a failed projection rebuild does not stop the projector ---------------------------------------------
