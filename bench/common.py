@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 import psutil
 import structlog
 
+from cluster.ports import free_port
 from events import NewEvent
 from events.registry import EventData, event_type
 from storage.embedded import EmbeddedPostgres
@@ -86,12 +86,6 @@ def cpu_by_process() -> dict[str, float]:
             group = "this process" if p.info["pid"] == me else next((g for g, k in PROCESS_GROUPS if k in cmd), "other")
             out[group] = out.get(group, 0.0) + t.user + t.system
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quiet_logs() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,13 @@ import httpx
 import pytest
 
 from cluster.bootstrap import System, down, up
+from cluster.ports import free_port
 from cluster.settings import Settings
 from storage.embedded import EmbeddedPostgres
 from storage.eventlog import EventLog
 from storage.migrate import migrate
 
 _counter = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
