@@ -491,8 +491,8 @@ class EventLog:
             after = got.cursor
 
     async def cursor_at(self, position: int) -> Cursor:
-        """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the commit-
-        order cursor of the last event at or before ``position``, ``START`` when there is none. For a position
+        """Where to subscribe from for the events after ``position`` (exclusive, as ``read_all(position)``): the
+        commit-order cursor of the last event at or before ``position``, ``START`` when there is none. For a position
         with an event that is the event's own cursor; a position without one (the gap an aborted append leaves,
         an append not committed yet, a position past the head) resumes after the event before it: past the head,
         after the event with the highest position (where transactions interleave at the top of the log, an event
