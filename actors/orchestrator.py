@@ -114,7 +114,8 @@ class Sub:
     retry_at: float = 0.0  # after a failed delivery, send nothing before this (monotonic clock)
     pump_later: asyncio.TimerHandle | None = None
     epoch: int = 0  # moves on every rewind, so a delivery from before it changes nothing
-    attempts: int = 0  # restarts since the last delivery that succeeded
+    attempts: int = 0  # restarts since every event a death was in flight with was handled
+    died_through: Cursor = START  # the end of the furthest delivery in flight when its actor died
     failures: int = 0  # deliveries failed in a row, for any reason (the retry delay)
     faults: int = 0  # deliveries failed in a row, store outages aside (a restart at FAULTS_BEFORE_RESTART)
     ping_faults: int = 0  # pings failed in a row, store outages aside
@@ -533,6 +534,8 @@ class OrchestratorImpl:
         try:
             saved = await sub.handle.deliver.remote(events, delivery.end)  # the cursor it checkpointed, if any
         except DEAD as e:
+            if self._current(sub):
+                sub.died_through = max(sub.died_through, delivery.end)
             if epoch == sub.epoch and not sub.dead and self._current(sub):
                 log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
                 self._schedule_restart(sub, f"died during delivery: {type(e).__name__}")
@@ -555,10 +558,14 @@ class OrchestratorImpl:
             return
         handled = sub.window.finished(delivery)
         if handled is not None:
+            # Only the handled cursor says the events before it are done: a later delivery may finish first while
+            # an earlier one is still at work on the message that kills the process, and must not count for it.
             sub.cursor = max(sub.cursor, handled)
+            sub.failures = sub.faults = 0
+            if handled >= sub.died_through:
+                sub.attempts = 0
         if saved is not None:
             sub.persisted = max(sub.persisted, saved)
-        sub.attempts = sub.failures = sub.faults = 0
         self.routed += len(events)
         metrics.ROUTING_LAG.labels(sub.subscription.name).set(
             max(0.0, time.time() - events[-1].recorded_at.timestamp())

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import ray
+from ray.exceptions import ActorDiedError
 from structlog.testing import capture_logs
 
 from actors import orchestrator
@@ -20,7 +21,7 @@ from actors.config import RuntimeConfig
 from actors.orchestrator import OrchestratorImpl
 from actors.projections import PROJECTOR
 from events import NewEvent, RecordedEvent, Subscription
-from events.hub import AgentStarted, AgentStopped, AgentUpdated
+from events.hub import AgentStarted, AgentStopped, AgentUpdated, MessageReceived
 from events.system import SubscriberRegistered, TimerScheduled
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
@@ -562,6 +563,50 @@ async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
 
     await delivered_to(actors, "s", wanted, timeout=15, what="delivered by a restarted subscriber")
     assert len(actors.instances["s"]) == 2 and o.subs["s"].attempts == 0
+
+
+class DiesOnPoison(Recorder):
+    """A runner whose process dies on the message ``poison``, but only once a later delivery (the second one in
+    flight) has finished: that one's success must not count as the poison's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.later_done = asyncio.Event()
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        if any(e.data.get("text") == "poison" for e in events):
+            await self.later_done.wait()
+            raise ActorDiedError()
+        await super().deliver(events, cursor)
+        self.later_done.set()
+
+
+async def test_a_message_that_kills_its_runner_ends_in_agent_failed_though_later_deliveries_succeed(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    actors.make["agent:x"] = lambda _: DiesOnPoison()
+    o = await start(max_restart_attempts=2)
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text="poison"))])
+
+    async def chatter() -> None:  # other chats' messages, so a second delivery is always on its way
+        for i in range(1000):
+            await eventlog.append(
+                f"chat-x/{i + 2}", [NewEvent.of(MessageReceived(agent_id="x", chat_id="2", text="hi"))]
+            )
+            await asyncio.sleep(0.02)
+
+    others = asyncio.create_task(chatter())
+    try:
+
+        async def failed() -> bool:
+            return any(e.type == "agent.failed" for e in await eventlog.read_stream("agent-x"))
+
+        await eventually(failed, timeout=20, what="agent.failed after the restarts")
+    finally:
+        others.cancel()
+    restarted = [e for e in await eventlog.read_stream("agent-x") if e.type == "agent.restarted"]
+    assert [e.data["attempt"] for e in restarted] == [1, 2] and "agent:x" not in o.subs
 
 
 async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
