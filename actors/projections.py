@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import asyncpg
 import ray
 import structlog
 
@@ -17,7 +18,8 @@ from actors.config import RuntimeConfig
 from actors.observability import configure_logging, export_metrics
 from actors.statements import Statements
 from actors.team_projection import TEAM_CATEGORIES, TEAM_TABLES, project_team
-from events import RecordedEvent, Subscription
+from events import NewEvent, RecordedEvent, Subscription
+from events.system import ProjectionEventFailed
 from storage.errors import translate_errors
 from storage.eventlog import Cursor, EventLog
 
@@ -100,6 +102,18 @@ async def project(conn: Statements, e: RecordedEvent) -> None:
         )
 
 
+# What an event's own content can cause in a projection: a value beyond a column's range, a constraint, a payload
+# the code did not expect. Not the store's outages (StoreUnavailable) or a deadlock: those are retried.
+UNAPPLIABLE = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
+PARKED_STREAM = f"projection-{PROJECTOR}"
+
+
 class ProjectorImpl:
     def __init__(self, config: RuntimeConfig) -> None:
         configure_logging()
@@ -116,22 +130,62 @@ class ProjectorImpl:
         """Project ``events`` and move the checkpoint to ``cursor``, in one transaction. Events at or below the
         stored checkpoint are skipped: a delivery may come again (its commit's answer was lost, or the orchestrator
         rewound), and a second application would count token usage twice. The checkpoint row is locked first, so
-        two deliveries (an old actor still finishing after a restart) cannot both apply one event."""
+        two deliveries (an old actor still finishing after a restart) cannot both apply one event.
+
+        A batch that fails for an event's own content is projected again one event at a time, and each event that
+        fails alone is parked: recorded as ``projection.event_failed`` in the same transaction, and skipped. It
+        would otherwise fail every delivery from then on, the projector restarted again and again, every read
+        model stuck behind it."""
+        try:
+            return await self._project(events, cursor)
+        except UNAPPLIABLE as e:
+            log.warning("a batch could not be projected: one event at a time", error=str(e))
+            return await self._project(events, cursor, parking=True)
+
+    async def _project(self, events: list[RecordedEvent], cursor: Cursor, parking: bool = False) -> Cursor:
         store = await self._store()
+        parked: list[NewEvent] = []
         async with store.connection() as conn, conn.transaction():
             with translate_errors():
+                if parking:  # before the first write, as an append in a caller's transaction needs
+                    await store.lock_streams(conn, [PARKED_STREAM])
                 stored = await self._lock_checkpoint(conn)
-                batch = Statements()
                 fresh = [e for e in events if e.cursor > stored]
-                for e in fresh:
-                    await project(batch, e)
-                    await project_team(batch, e)
-                await batch.run(conn)
+                if parking:
+                    for e in fresh:
+                        try:
+                            async with conn.transaction():  # a savepoint: a failed event leaves nothing behind
+                                await self._apply(conn, [e])
+                        except UNAPPLIABLE as err:
+                            parked.append(self._parked(e, err))
+                    if parked:
+                        await store.append(PARKED_STREAM, parked, conn=conn)
+                else:
+                    await self._apply(conn, fresh)
             if cursor > stored:
                 await store.save_checkpoint(PROJECTOR, cursor, conn)
-        self.projected += len(fresh)
+        for p in parked:
+            log.error("event parked: the projection cannot apply it", **p.data)
+        metrics.PARKED.labels(PROJECTOR).inc(len(parked))
+        self.projected += len(fresh) - len(parked)
         metrics.ROUTED.labels(PROJECTOR).inc(len(fresh))
         return max(cursor, stored)
+
+    @staticmethod
+    async def _apply(conn: Any, events: list[RecordedEvent]) -> None:
+        batch = Statements()
+        for e in events:
+            await project(batch, e)
+            await project_team(batch, e)
+        await batch.run(conn)
+
+    @staticmethod
+    def _parked(e: RecordedEvent, error: BaseException) -> NewEvent:
+        why = f"{type(error).__name__}: {error}"[:1000]
+        failed = ProjectionEventFailed(
+            subscriber=PROJECTOR, event_id=str(e.id), position=e.position, stream=e.stream, type=e.type, error=why
+        )
+        return NewEvent.of(failed, causation_id=e.id, correlation_id=e.meta.correlation_id, actor=PROJECTOR)
 
     @staticmethod
     async def _lock_checkpoint(conn: Any) -> Cursor:

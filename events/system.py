@@ -60,3 +60,16 @@ class ScriptRegistered(EventData):
 
     name: str
     rules: list[dict[str, Any]]
+
+
+@event_type("projection.event_failed")
+class ProjectionEventFailed(EventData):
+    """An event a projection could not apply for what it holds (a sum beyond a column's range, say), skipped so
+    the projection goes on without it; a rebuild after a fix applies it again."""
+
+    subscriber: str
+    event_id: str
+    position: int
+    stream: str
+    type: str
+    error: str

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from actors.config import RuntimeConfig
-from actors.projections import PROJECTOR, ProjectorImpl
+from actors.projections import PARKED_STREAM, PROJECTOR, ProjectorImpl
 from events import NewEvent, RecordedEvent
 from events.hub import LLMCompleted
+from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
 
@@ -66,3 +67,39 @@ async def test_after_a_rebuild_everything_is_projected_again(projector: Projecto
     await projector.rebuild()
     await projector.deliver(events, events[-1].cursor)
     assert await usage(eventlog) == (2, 30, 1.0)
+
+
+async def test_an_event_the_projection_cannot_apply_is_parked_and_the_rest_projected(
+    projector: ProjectorImpl, eventlog: EventLog
+) -> None:
+    big = 2**62  # each fits the log and the column; their sum overflows bigint
+    await eventlog.append("agent-a", [completion(10), completion(big), completion(big), completion(20)])
+    events = await eventlog.read_all(0)
+
+    assert await projector.deliver(events, events[-1].cursor) == events[-1].cursor
+    assert await usage(eventlog) == (3, 10 + big + 20, 1.5)
+    failed = await eventlog.read_stream(PARKED_STREAM)
+    assert [(f.type, f.data["position"], f.data["event_id"]) for f in failed] == [
+        ("projection.event_failed", events[2].position, str(events[2].id))
+    ]
+    assert "out of range" in failed[0].data["error"] and failed[0].data["subscriber"] == PROJECTOR
+    assert failed[0].meta.causation_id == events[2].id
+    assert await eventlog.load_checkpoint(PROJECTOR) == events[-1].cursor
+
+    # The same delivery again (its commit's answer was lost) neither projects nor parks anything twice.
+    assert await projector.deliver(events, events[-1].cursor) == events[-1].cursor
+    assert await usage(eventlog) == (3, 10 + big + 20, 1.5)
+    assert len(await eventlog.read_stream(PARKED_STREAM)) == 1
+
+
+async def test_a_batch_that_fails_for_the_store_is_not_parked(projector: ProjectorImpl, eventlog: EventLog) -> None:
+    await eventlog.append("agent-a", [completion(10)])
+    events = await eventlog.read_all(0)
+    store = await projector._store()
+    await store.close()  # the store is gone for this projector: an outage, nothing wrong with the event
+
+    with pytest.raises(StoreUnavailable):
+        await projector.deliver(events, events[-1].cursor)
+    projector.store = None
+    assert await eventlog.read_stream(PARKED_STREAM) == []
+    assert await eventlog.load_checkpoint(PROJECTOR) != events[-1].cursor
