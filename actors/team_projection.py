@@ -19,6 +19,8 @@ TASK_STATUS = {
     "task.failed": "failed",
     "task.cancelled": "cancelled",
 }
+# The events whose result or reason is the task's result (a raised priority's reason is not).
+TASK_OUTCOMES = frozenset({"task.completed", "task.failed", "task.cancelled"})
 
 
 def _summary(e: RecordedEvent) -> str:
@@ -70,7 +72,7 @@ async def project_team(conn: Statements, e: RecordedEvent) -> None:
             d["role"] if t == "task.assigned" else None,
             1 if t == "task.attempted" else 0,
             d.get("priority") if t == "task.priority_raised" else None,
-            d.get("result") or d.get("reason"),
+            (d.get("result") or d.get("reason")) if t in TASK_OUTCOMES else None,
         )
     elif t == "memory.noted":
         await conn.execute(

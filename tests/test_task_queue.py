@@ -113,6 +113,27 @@ async def test_requeue_from_the_log_keeps_raised_priorities_and_deadlines(eventl
     assert "task-done" not in folded and "task-low-raised" in folded  # finished as of the read model: not read
 
 
+async def test_a_raised_priority_is_not_the_tasks_result_in_the_task_list(eventlog: EventLog, db_url: str) -> None:
+    """Its reason ("deadline is near") showed as the result of a running task; only an outcome sets the result."""
+    created = TaskCreated(task_id="t", run_id="r", title="t", role="cfo", priority=5)
+    raised = TaskPriorityRaised(task_id="t", run_id="r", priority=1, reason="deadline is near")
+    projector = ProjectorImpl(RuntimeConfig(database_url=db_url))
+
+    async def row() -> tuple[int, str | None]:
+        projected = await eventlog.read_all(0)  # the projector skips what it projected before
+        await projector.deliver(projected, projected[-1].cursor)
+        got = await eventlog.fetch("SELECT priority, result FROM team_tasks WHERE task_id = 't'")
+        return got[0]["priority"], got[0]["result"]
+
+    try:
+        await eventlog.append("task-t", [NewEvent.of(created), NewEvent.of(raised)])
+        assert await row() == (1, None)
+        await eventlog.append("task-t", [NewEvent.of(TaskCompleted(task_id="t", run_id="r", role="cfo", result="ok"))])
+        assert await row() == (1, "ok")
+    finally:
+        await projector.store.close()
+
+
 async def test_triggers_after_creation_keep_the_task_deadline_in_the_queue() -> None:
     """Escalations, review requests and reviews carry the task's deadline (as they carry its priority)."""
     task = Task("ceo:loop", None)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from actors.tools import (
     GitWorkspaceError,
     MergeConflictError,
     NothingToCommitError,
+    OptionLikeRevisionError,
     OutlineError,
     PathEscapeError,
     UndoConflictError,
@@ -361,6 +362,27 @@ def test_undo_last_commit_only_on_task_branches(repo: GitWorkspace) -> None:
         repo.undo_last_commit()
 
 
+def test_revisions_that_git_would_read_as_options_are_refused(repo: GitWorkspace, tmp_path: Path) -> None:
+    """A revision or branch from a caller goes to git before any ``--``: ``--output=<file>`` would write a file."""
+    target = tmp_path / "pwned"
+    calls = {
+        "diff": lambda: repo.diff(base=f"--output={target}"),
+        "log": lambda: repo.log(rev=f"--output={target}"),
+        "checkout": lambda: repo.checkout("-bevil"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(OptionLikeRevisionError, match="starts with '-'"):
+            call()
+        assert not target.exists(), name
+    assert "evil" not in repo.repo.heads and repo.current_branch == "main"
+    repo.branch_for_task("1")
+    repo.workspace.write("main", "a file named like the branch\n")
+    repo.add()
+    repo.commit()
+    repo.checkout("main")  # the branch, not the file
+    assert repo.current_branch == "main" and repo.diff(base="task/1") and len(repo.log(rev="task/1")) == 2
+
+
 def test_clone_of_a_local_repository(repo: GitWorkspace, tmp_path: Path) -> None:
     repo.branch_for_task("1")
     repo.workspace.write("lib.py", "def f():\n    return 1\n")
@@ -442,6 +464,42 @@ async def test_pytest_failing_test_is_described(tmp_path: Path, monkeypatch: pyt
     assert "add is broken" in failure.message and "assert 0 == 4" in failure.message
     assert "assert result == 4" in failure.traceback and "test_calc.py:7" in failure.traceback
     assert "1 failed, 1 passed" in report.output_tail
+
+
+async def test_the_tests_see_none_of_the_services_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests are model-written and their failure messages are recorded in events: the service's keys, tokens
+    and database URL must not be in their environment; what a run needs still is."""
+    secrets = {
+        "AGENTHUB_OPENAI_API_KEY": "sk-openai",
+        "AGENTHUB_ANTHROPIC_API_KEY": "sk-ant",
+        "AGENTHUB_API_TOKEN": "hub-token",
+        "AGENTHUB_DATA_DIR": "/srv/agenthub",
+        "DATABASE_URL": "postgresql://agenthub:pw@db/agenthub",
+        "PGPASSWORD": "pw",
+        "RAY_ADDRESS": "auto",
+        "GITHUB_TOKEN": "ghp",
+        "LC_SECRET": "lc",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    root = project(
+        tmp_path,
+        {
+            "test_env.py": f"""
+                import os
+
+                def test_no_secrets():
+                    assert sorted(k for k in {sorted(secrets)!r} if k in os.environ) == []
+                    assert [v for v in os.environ.values() if v in {sorted(secrets.values())!r}] == []
+
+                def test_what_a_run_needs():
+                    assert os.environ["PATH"] and os.environ["HOME"] and os.environ["LC_ALL"] == "C.UTF-8"
+            """
+        },
+    )
+    report = await run_pytest(root, timeout_s=60)
+    assert report.ok and report.passed == 2, [f.message for f in report.failures]
 
 
 async def test_pytest_collection_error_is_a_report(tmp_path: Path) -> None:

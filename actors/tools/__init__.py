@@ -21,6 +21,7 @@ from actors.tools.git_workspace import (
     GitWorkspaceError,
     MergeConflictError,
     NothingToCommitError,
+    OptionLikeRevisionError,
     init_or_clone,
 )
 from actors.tools.test_runner import TestFailure, TestReport, run_jest, run_pytest, run_tests
@@ -37,6 +38,7 @@ __all__ = [
     "MergeConflictError",
     "NotTextError",
     "NothingToCommitError",
+    "OptionLikeRevisionError",
     "OutlineError",
     "OutlineItem",
     "PathEscapeError",

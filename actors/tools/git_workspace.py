@@ -58,6 +58,11 @@ class DirtyWorkspaceError(GitWorkspaceError):
     """An operation that switches or rewrites branches would lose or carry over uncommitted changes."""
 
 
+class OptionLikeRevisionError(GitWorkspaceError, ValueError):
+    """A revision or branch name starting with ``-``: git would read it as an option (``--output=<file>`` of
+    ``git diff`` writes any file)."""
+
+
 class CommitInfo(BaseModel):
     sha: str
     message: str
@@ -74,6 +79,13 @@ class CommitInfo(BaseModel):
 def _one_line(text: str) -> str:
     """Names go into headers and trailers, where a newline could forge another one."""
     return " ".join(text.split())
+
+
+def _revision(value: str, what: str) -> str:
+    """``value`` when git can only read it as a revision, never as an option."""
+    if value.startswith("-"):
+        raise OptionLikeRevisionError(f"{what} {value!r} starts with '-', which git would read as an option")
+    return value
 
 
 def _email_for(name: str) -> str:
@@ -186,8 +198,9 @@ class GitWorkspace:
         return name
 
     def checkout(self, branch: str) -> None:
+        _revision(branch, "branch")
         self._require_clean(f"switching to {branch}")
-        self.repo.git.checkout(branch)
+        self.repo.git.checkout(branch, "--")  # "--": a branch, never a file of that name
 
     # ---- staging and commits ----
 
@@ -259,6 +272,12 @@ class GitWorkspace:
         self.repo.git.reset("--hard", "HEAD~1")
         return info
 
+    def discard_changes(self) -> None:
+        """Put the working tree back at HEAD: tracked files reset, untracked ones removed (ignored ones kept), so a
+        step that failed half-way leaves nothing behind for the next one to trip over or commit."""
+        self.repo.git.reset("--hard", "HEAD")
+        self.repo.git.clean("-fd")
+
     # ---- merging ----
 
     def merge_to_main(self, branch: str, approved_by: str, author: str = DEFAULT_NAME) -> CommitInfo:
@@ -303,6 +322,8 @@ class GitWorkspace:
 
     def log(self, n: int = 10, rev: str | None = None) -> list[CommitInfo]:
         """The last ``n`` commits of ``rev`` (HEAD by default), newest first."""
+        if rev is not None:
+            _revision(rev, "revision")
         heads = {h.name for h in self.repo.heads}
         branch = self.current_branch if rev is None else rev if rev in heads else None
         return [self._info(c, branch) for c in self.repo.iter_commits(rev or "HEAD", max_count=n)]
@@ -313,7 +334,7 @@ class GitWorkspace:
         if staged:
             args.append("--cached")
         if base:
-            args.append(base)
+            args.append(_revision(base, "base"))
         if paths:
             args += ["--", *(self.workspace.relative(self.workspace.resolve(p)) for p in paths)]
         return self.repo.git.diff(*args)

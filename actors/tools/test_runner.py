@@ -27,8 +27,13 @@ from pydantic import BaseModel
 
 OUTPUT_TAIL_CHARS = 8000
 GRACE_S = 3.0
-# Variables of an outer test run that must not leak into the project's run.
-_DROPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")
+# The tests are model-written code whose failure messages end up in events: they get only what a run needs (finding
+# the interpreter and npx, a home, a locale, a temp dir), never the service's keys, tokens or DATABASE_URL, nor an
+# outer test run's PYTEST_* options.
+_CHILD_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV", "PYTHONPATH"}
+)
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ERROR_LINE = re.compile(r"^\w*(Error|Exception)\b")
 _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
@@ -79,10 +84,12 @@ class _Run(BaseModel):
     duration_s: float
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+def _child_env() -> dict[str, str]:
+    """An allowlist of the service's environment (``LC_*`` too), minus any name that looks like a secret."""
+    env = {
+        k: v for k, v in os.environ.items() if (k in _CHILD_ENV or k.startswith("LC_")) and not _SECRET_NAME.search(k)
+    }
     env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", CI="true", NO_COLOR="1", FORCE_COLOR="0")
-    env.update(extra or {})
     return env
 
 

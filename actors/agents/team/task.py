@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import posixpath
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import git
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCHEMA, role
@@ -19,7 +21,7 @@ from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
-from actors.tools import GitWorkspace, run_pytest
+from actors.tools import GitWorkspace, GitWorkspaceError, WorkspaceError, run_pytest
 from actors.tools.git_workspace import MAIN, AlreadyMergedError
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
@@ -46,6 +48,12 @@ ATTEMPTS_PER_APPROACH = 3
 APPROACHES = 2
 PASS_SCORE = 7.0
 CEO_LOOP = "ceo:loop"
+# What the file and git tools raise for an answer they cannot apply (a path outside the tree or in .git, a file too
+# large, a name that is a directory, no files at all) or a merge they cannot make: recorded as the step's outcome.
+# Dropped, they left the task to its timeout, and the escalated-to role reused the same recorded answer.
+WORKSPACE_ERRORS = (WorkspaceError, GitWorkspaceError, git.GitCommandError, OSError, ValueError)
+# Files that decide how pytest runs QA's tests (conftest.py at any depth too): never the developer's to write.
+PYTEST_CONFIG = frozenset({"pytest.ini", ".pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini"})
 
 
 class Attempt(BaseModel):
@@ -96,7 +104,8 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
         s = TaskState(status="pending", owner=d["role"], **{k: v for k, v in d.items() if k in TaskState.model_fields})
         s.phase = "tests" if s.kind == "implement" else "work"
     elif t == "task.assigned":
-        s.role, s.phase, s.status = d["role"], d["phase"], "pending"
+        # Handed on: the previous role's timeout timer is void (the new role's start arms its own).
+        s.role, s.phase, s.status, s.timer_id = d["role"], d["phase"], "pending", None
     elif t == "task.started":
         s.status, s.timer_id, s.starts = "in_progress", d["timer_id"], s.starts + 1
     elif t == "task.priority_raised":
@@ -324,8 +333,11 @@ class Task(Entity[TaskState]):
         out: list[NewEvent | Spawn] = []
         if s.kind == "implement" and s.merged is None and s.branch:
             branch, approver = s.branch, s.approved_by or ""
-            # A repeated step (the append lost to a conflict, a crash after the merge) finds the branch merged.
-            sha = await self.services.in_workspace(run, lambda root: _merge(root, branch, approver))
+            try:
+                # A repeated step (the append lost to a conflict, a crash after the merge) finds the branch merged.
+                sha = await self.services.in_workspace(run, lambda root: _merge(root, branch, approver))
+            except WORKSPACE_ERRORS as e:  # e.g. main got a conflicting change meanwhile; the branch stays as it is
+                return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"approved but not merged: {e}"))]
             out.append(NewEvent.of(TaskMerged(**s.ids(), branch=branch, commit=sha, approved_by=approver)))
             result = f"merged {branch} into main as {sha[:10]}, approved by {approver}"
         else:
@@ -351,8 +363,11 @@ class Task(Entity[TaskState]):
         if ev:
             return ev
         assert answer is not None
-        files = _files(answer)
-        branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, self.me))
+        try:
+            files = _files(answer)
+            branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, self.me))
+        except WORKSPACE_ERRORS as e:
+            return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"the tests could not be written: {e}"))]
         return [
             NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
             NewEvent.of(
@@ -375,16 +390,33 @@ class Task(Entity[TaskState]):
         if ev:
             return ev
         assert answer is not None
-        files = _files(answer)
 
-        def write_and_test(root: Path) -> tuple[str, str, dict[str, Any]]:
+        def write_and_test(root: Path, files: dict[str, str]) -> tuple[str, str, dict[str, Any]]:
             branch, sha = _commit(root, s.task_id, files, self.me)
             report = asyncio.run(run_pytest(root, timeout_s=float(s.spec.get("test_timeout_s", 60))))
             return branch, sha, report.model_dump(mode="json")
 
-        branch, sha, report = await self.services.in_workspace(run, write_and_test)
+        try:
+            files, refused = _developer_files(_files(answer), s.tests)
+            branch, sha, report = await self.services.in_workspace(run, lambda root: write_and_test(root, files))
+        except WORKSPACE_ERRORS as e:  # nothing of the answer is left in the tree; the next attempt gets the error
+            issue = f"the files could not be written: {e}"
+            return [
+                NewEvent.of(
+                    TaskAttempted(
+                        **s.ids(),
+                        role=self.me,
+                        attempt=n,
+                        approach=approach,
+                        output=f"attempt {n} (approach {approach}): {issue}",
+                        valid=False,
+                        score=0.0,
+                        issues=[issue],
+                    )
+                )
+            ]
         count, passed = report["count"], report["passed"]
-        issues = [f"{f['name']}: {f['message']}" for f in report["failures"]]
+        issues = refused + [f"{f['name']}: {f['message']}" for f in report["failures"]]
         if count == 0:
             issues.append("no tests ran: " + report.get("output_tail", "")[-300:])
         summary = f"attempt {n} (approach {approach}): {passed}/{count} tests passed"
@@ -419,18 +451,46 @@ def _files(answer: Completed) -> dict[str, str]:
     return {str(k): v for k, v in files.items()}
 
 
+def _developer_files(files: dict[str, str], tests: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The answer's files less those that would change how QA's tests judge the code (QA's test files, any
+    ``conftest.py``, pytest's config files at the root), and a refusal for each; an unchanged copy of a QA file
+    is dropped without one."""
+    qa = {posixpath.normpath(path): content for path, content in tests.items()}
+    kept: dict[str, str] = {}
+    refused: list[str] = []
+    for path, content in files.items():
+        norm = posixpath.normpath(path)
+        if norm in qa:
+            if content != qa[norm]:
+                refused.append(f"refused {path}: QA's tests are not the developer's to change")
+        elif norm in PYTEST_CONFIG or posixpath.basename(norm) == "conftest.py":
+            refused.append(f"refused {path}: it would change how pytest runs QA's tests")
+        else:
+            kept[path] = content
+    return kept, refused
+
+
 def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tuple[str, str]:
     """Write ``files`` on the task's branch and commit them; rewriting the same content (a redelivered step)
-    commits nothing and returns the current head."""
+    commits nothing and returns the current head.
+
+    Every path is checked before any file is written, and a failure half-way puts the tree back at the branch's
+    head: a dirty tree blocked every later task of the run, or went into another task's commit."""
     repo = GitWorkspace.init_or_clone(root)
     branch = repo.branch_for_task(task_id)
-    if not repo.workspace.exists(".gitignore"):
-        repo.workspace.write(".gitignore", "__pycache__/\n.pytest_cache/\n")
-    for path, content in files.items():
-        repo.workspace.write(path, content)
-    if not repo.add():
-        return branch, repo.repo.head.commit.hexsha
-    return branch, repo.commit(author=author).sha
+    try:
+        for path in files:
+            repo.workspace.resolve(path)  # PathEscapeError for a path outside the tree or inside .git
+        if not repo.workspace.exists(".gitignore"):
+            repo.workspace.write(".gitignore", "__pycache__/\n.pytest_cache/\n")
+        for path, content in files.items():
+            repo.workspace.write(path, content)
+        if not repo.add():
+            return branch, repo.repo.head.commit.hexsha
+        return branch, repo.commit(author=author).sha
+    except Exception:
+        repo.discard_changes()
+        raise
 
 
 def _merge(root: Path, branch: str, approver: str) -> str:
