@@ -86,10 +86,11 @@ class Entity(Generic[S]):
     async def decide(self, state: S, message: RecordedEvent, ctx: Context) -> list[NewEvent | Spawn]:
         raise NotImplementedError
 
-    def refused(self, state: S, message: RecordedEvent, error: StoreError) -> list[NewEvent]:
-        """Events recording that the log refused the decision for ``message`` for its content (``InvalidEvent``,
-        ``EventTooLarge``: trying again cannot help). None by default: the handler fails and the message is
-        logged and skipped. A chat answers it with a failure, so that its sender is not left waiting."""
+    def refused(self, state: S, message: RecordedEvent, error: StoreError, decided: list[NewEvent]) -> list[NewEvent]:
+        """Events recording that the log refused ``decided``, the decision for ``message``, for its content
+        (``InvalidEvent``, ``EventTooLarge``: trying again cannot help). None by default: the handler fails and the
+        message is logged and skipped. A chat answers it with a failure, so that its sender is not left waiting,
+        and keeps what the refused completion cost."""
         return []
 
     def key_of(self, message: RecordedEvent) -> str:
@@ -218,7 +219,7 @@ class EntityHost(Generic[S]):
                 await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
                 continue
             except (InvalidEvent, EventTooLarge) as e:
-                failed = self.entity.refused(a.state, message, e)
+                failed = self.entity.refused(a.state, message, e, new)
                 if not failed:
                     raise
                 log.warning("decision refused by the log; recorded as failed", entity=a.ctx.stream, error=str(e))

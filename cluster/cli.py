@@ -219,7 +219,7 @@ async def _replay_agent(store: Any, state: Any) -> int:
     console.print(
         f"replayed {report.streams} chats, {report.messages} messages, {report.verified_replies} replies "
         f"verified, {len(report.mismatches)} mismatches, {report.completions_from_log} completions read from the log "
-        "(a replay has no provider to call)"
+        f"(a replay has no provider to call), {report.unanswered} messages unanswered (nothing recorded to compare)"
     )
     for m in report.mismatches:
         console.print(f"[red]mismatch[/] {m}")

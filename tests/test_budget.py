@@ -36,6 +36,14 @@ async def test_spending_sums_the_recorded_costs(eventlog: EventLog) -> None:
     assert await spent_usd(eventlog, "agent_id", "nobody") == 0.0
 
 
+async def test_an_agent_named_like_a_role_is_not_charged_for_the_team(eventlog: EventLog) -> None:
+    """A team's completions record the role as ``agent_id``: a hub agent called ``developer`` pays only its own."""
+    await eventlog.append("chat-developer/x", [completion("developer", None, 0.5)])
+    await eventlog.append("task-r1.t", [completion("developer", "r1", 2.0)])
+    assert await spent_usd(eventlog, "agent_id", "developer") == pytest.approx(0.5)
+    assert await spent_usd(eventlog, "run_id", "r1") == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize(("by", "index"), [("agent_id", "events_llm_agent"), ("run_id", "events_llm_run")])
 async def test_the_spending_query_can_use_its_index(eventlog: EventLog, by: str, index: str) -> None:
     async with eventlog.connection() as conn, conn.transaction():

@@ -83,6 +83,7 @@ def test_replay_rebuilds_an_agent_with_no_provider_calls(cli_env: None, client: 
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert "2 messages, 2 replies verified, 0 mismatches, 2 completions read from the log" in out
+    assert "0 messages unanswered" in out
     assert runner.invoke(app, ["replay", "agent-nosuch"]).exit_code == 1
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
 from actors.agents.replay import ReplayReport, replay_agent, replay_chat
 from actors.entity import EntityHost
-from actors.llm.providers import Completion, CompletionRequest, completed_event
+from actors.llm.budget import spent_usd
+from actors.llm.providers import Completion, CompletionRequest, ScriptedProvider, ScriptRule, completed_event
+from actors.llm.router import LLMRouter, RetryPolicy
 from events import Meta, NewEvent, RecordedEvent
-from events.hub import AgentCreated, AgentSettings, AgentUpdated, MessageReceived, ReplySent
+from events.hub import AgentCreated, AgentSettings, AgentUpdated, MessageReceived, ReplyFailed, ReplySent
 from storage.eventlog import EventLog
 
 
@@ -191,14 +195,92 @@ async def test_a_reply_the_log_refuses_is_answered_as_failed_and_replays(eventlo
     messages = [e for e in events if e.type == "chat.message_received"]
     answers = [(e.type, e.meta.causation_id) for e in events if e.type != "chat.message_received"]
     assert answers == [
+        ("llm.completed", messages[0].id),
         ("chat.reply_failed", messages[0].id),
+        ("llm.completed", messages[1].id),
         ("chat.reply_failed", messages[1].id),
         ("llm.completed", messages[2].id),
         ("chat.reply_sent", messages[2].id),
     ]
+    assert [e.data["text"] for e in events if e.type == "llm.completed"] == ["", "", "fine"]
     errors = [e.data["error"] for e in events if e.type == "chat.reply_failed"]
     assert errors[0].startswith("the reply could not be recorded: ") and "NUL" in errors[0]
     assert "4096" in errors[1]
     report = ReplayReport()
     await replay_chat(Conversation(AgentSettings, never_called), events, report)
+    assert report.mismatches == [] and report.verified_replies == 1 and report.completions_from_log == 3
+
+
+async def test_a_refused_reply_keeps_its_cost(eventlog: EventLog) -> None:
+    """The provider was paid for a reply the log refused: its completion is recorded without the text, so the
+    agent's budget (summed from the log when its runner starts) counts it, and replay reads it back."""
+    rules = [ScriptRule(pattern="essay", text="word " * 1000)]  # over the log's 4,096 bytes
+    router = LLMRouter({"scripted": ScriptedProvider(rules)}, RetryPolicy(max_attempts=1))
+    paid: list[Completion] = []
+
+    async def complete(request: CompletionRequest) -> Completion:
+        paid.append(await router.complete(request))
+        return paid[-1]
+
+    settings = AgentSettings(model_id="gpt-4o-mini")
+    await eventlog.append("agent-a1", [NewEvent.of(AgentCreated(agent_id="a1", name="a", settings=settings))])
+    host = EntityHost(Conversation(lambda: settings, complete), eventlog)
+    await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="an essay", chat_id="c1"))])
+    await host.handle((await eventlog.read_stream("chat-a1/c1"))[-1])
+    events = await eventlog.read_stream("chat-a1/c1")
+    assert [e.type for e in events] == ["chat.message_received", "llm.completed", "chat.reply_failed"]
+    (c,) = paid
+    assert c.cost_usd > 0 and await spent_usd(eventlog, "agent_id", "a1") == pytest.approx(c.cost_usd)
+    assert events[1].data["completion_tokens"] == c.completion_tokens == 1000
+    report = await replay_agent(eventlog, "a1")
+    assert report.mismatches == [] and report.messages == 1 and report.completions_from_log == 1
+
+
+async def test_replay_counts_a_message_with_nothing_recorded_as_unanswered() -> None:
+    """A message still being answered, or left when the agent stopped, diverged from nothing: no mismatch."""
+    log = ChatLog()
+    m = log.message("hello")
+    log.answer(m, log.state(), AgentSettings(), "hi there")
+    log.message("are you there?")
+    report = ReplayReport()
+    await replay_chat(Conversation(AgentSettings, never_called), log.events, report)
+    assert report.mismatches == [] and report.messages == 2 and report.unanswered == 1
+    assert report.verified_replies == 1
+
+
+def test_a_message_trimmed_out_of_the_history_is_still_the_one_asked() -> None:
+    """More than the history's bound of turns folded in while a message's reply was decided (a burst of messages
+    after a conflict): the request still ends with that message, not with the newest one."""
+    conv, state, _ = chat(0)
+    first = recorded("chat.message_received", 1, text="the first", channel="api")
+    state = conv.evolve(state, first)
+    for i in range(2 * HISTORY_TURNS):
+        state = conv.evolve(state, recorded("chat.message_received", i + 2, text=f"q{i}", channel="api"))
+    asked = conv.request_for(state, first, AgentSettings()).messages
+    assert (asked[-1].role, asked[-1].content) == ("user", "the first")
+    assert [m.content for m in asked[1:-1]] == [f"q{i}" for i in range(2 * HISTORY_TURNS)]
+
+
+async def test_replay_of_a_message_answered_after_it_was_trimmed_out() -> None:
+    log = ChatLog()
+    settings = AgentSettings()
+    first = log.message("the first")
+    for i in range(2 * HISTORY_TURNS):
+        log.message(f"q{i}")
+    log.answer(first, log.state(), settings, "to the first")  # decided with every later message folded in
+    report = ReplayReport()
+    await replay_chat(Conversation(lambda: settings, never_called), log.events, report)
     assert report.mismatches == [] and report.verified_replies == 1
+    assert report.unanswered == 2 * HISTORY_TURNS
+
+
+async def test_replay_of_an_agent_reads_its_own_chats_only(eventlog: EventLog) -> None:
+    """``_`` is a character of agent ids and LIKE's any-character: ``a_1``'s chats are not ``ab1``'s."""
+    for agent in ("a_1", "ab1"):
+        stream = f"chat-{agent}/c"
+        await eventlog.append(stream, [NewEvent.of(MessageReceived(agent_id=agent, text="hi", chat_id="c"))])
+        (message,) = await eventlog.read_stream(stream)
+        failed = NewEvent.of(ReplyFailed(agent_id=agent, chat_id="c", error="down"), causation_id=message.id)
+        await eventlog.append(stream, [failed])
+    report = await replay_agent(eventlog, "a_1")
+    assert report.mismatches == [] and report.streams == 1 and report.messages == 1

@@ -19,6 +19,7 @@ from actors.config import RuntimeConfig
 from actors.llm.actor import build_router
 from actors.llm.budget import BudgetExceededError
 from actors.llm.cache import CompletionCache
+from actors.llm.openai_provider import strict_compatible
 from actors.llm.pricing import cost_usd, price_of
 from actors.llm.providers import (
     AnthropicProvider,
@@ -48,6 +49,18 @@ SCHEMA: dict[str, Any] = {
     "properties": {"valid": {"type": "boolean"}, "score": {"type": "number"}},
     "required": ["valid", "score"],
     "additionalProperties": False,
+}
+# Schemas OpenAI's strict mode refuses (HTTP 400), as the team's were: a map, and an object left open.
+MAP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"files": {"type": "object", "additionalProperties": {"type": "string"}}},
+    "required": ["files"],
+    "additionalProperties": False,
+}
+OPEN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"tasks": {"type": "array", "items": {"type": "object", "properties": {"n": {"type": "integer"}}}}},
+    "required": ["tasks"],
 }
 
 
@@ -124,6 +137,56 @@ async def test_openai_structured_output() -> None:
         "type": "json_schema",
         "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True},
     }
+
+
+@pytest.mark.parametrize(
+    ("schema", "answer"),
+    [(MAP_SCHEMA, {"files": {"a.py": "x = 1"}}), (OPEN_SCHEMA, {"tasks": [{"n": 1, "more": True}]})],
+    ids=["map", "open-object"],
+)
+async def test_openai_sends_a_schema_strict_mode_cannot_take_as_non_strict(
+    schema: dict[str, Any], answer: dict[str, Any]
+) -> None:
+    """Strict mode answers HTTP 400 to a map (``additionalProperties`` a schema) or an object left open: the team's
+    schemas never worked on OpenAI while every schema was sent strict."""
+    with FakeOpenAI(free_port(), structured=answer) as fake:
+        c = await router_for(openai=fake).complete(ask("openai", "gpt-4.1", response_schema=schema))
+    assert c.structured == answer
+    assert fake.requests[0]["response_format"]["json_schema"] == {"name": "answer", "schema": schema, "strict": False}
+
+
+def test_strict_compatible_schemas() -> None:
+    closed = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    closed["additionalProperties"] = False
+    assert strict_compatible(SCHEMA) and strict_compatible(closed)
+    assert not strict_compatible(MAP_SCHEMA) and not strict_compatible(OPEN_SCHEMA)
+    assert not strict_compatible({**closed, "required": []})  # every property must be required
+    assert not strict_compatible({k: v for k, v in closed.items() if k != "additionalProperties"})
+    assert not strict_compatible({"type": "array", "items": closed})  # the root must be an object
+    nested = {**closed, "properties": {"n": {"type": "array", "items": {"type": "object", "properties": {}}}}}
+    assert not strict_compatible(nested)  # an open object inside an array
+    assert strict_compatible({**closed, "properties": {"n": {"type": "array", "items": {**closed}}}})
+    union = {**closed, "properties": {"n": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/open"}]}}}
+    assert strict_compatible({**union, "$defs": {"open": closed}})
+    assert not strict_compatible({**union, "$defs": {"open": {"type": "object"}}})
+    assert not strict_compatible({**closed, "properties": {"n": {"allOf": [closed]}}})  # strict mode has no allOf
+
+
+async def test_anthropic_gets_a_history_that_starts_with_a_user_turn() -> None:
+    """A chat trimmed to its bound starts with the assistant's reply to a message trimmed away; the messages API
+    answers a first assistant turn with 400."""
+    roles = ["assistant", "user", "assistant", "user"]
+    history = [ChatMessage(role=r, content=f"{r} {i}") for i, r in enumerate(roles)]
+    request = ask("anthropic", "claude-3-5-haiku").model_copy(
+        update={"messages": [ChatMessage(role="system", content="be brief"), *history]}
+    )
+    with FakeAnthropic(free_port()) as fake:
+        await router_for(anthropic=fake).complete(request)
+    assert fake.requests[0]["messages"] == [
+        {"role": "user", "content": "user 1"},
+        {"role": "assistant", "content": "assistant 2"},
+        {"role": "user", "content": "user 3"},
+    ]
 
 
 async def test_anthropic_structured_output_is_a_forced_tool_call() -> None:
@@ -381,6 +444,29 @@ def test_pricing_table() -> None:
     assert cost_usd("openai", "o4-mini", 1000, 500) == pytest.approx((1000 * 1.10 + 500 * 4.40) / 1e6)
     assert cost_usd("openai_compatible", "gpt-4o", 1000, 1000) == 0.0
     assert cost_usd("scripted", "scripted", 1000, 1000) == 0.0
+
+
+def test_current_models_are_priced_by_their_own_entry_or_family() -> None:
+    """Unpriced, a model cost 0 and no budget set on it ever ran out."""
+    assert price_of("gpt-5.1") == price_of("gpt-5.1-2025-11-13") == price_of("gpt-5") is not None
+    assert price_of("o1") == price_of("o1-2024-12-17") != price_of("o1-mini-2024-09-12") is not None
+    assert price_of("o1-pro") is not None and price_of("o3-pro") != price_of("o3")
+    assert price_of("gpt-4-turbo-2024-04-09") == price_of("gpt-4-turbo") is not None
+    assert price_of("chatgpt-4o-latest") is not None
+    assert price_of("claude-3-opus-20240229") == price_of("claude-opus-4-1-20250805")
+    assert price_of("claude-sonnet-4-5@20250929") == price_of("claude-sonnet-4-5")  # Vertex AI's spelling
+    assert price_of("gpt-5.2") is None and price_of("o1x") is None  # another point version, not a suffix
+
+
+def test_a_paid_model_with_no_price_is_reported_once() -> None:
+    with capture_logs() as logs:
+        assert cost_usd("openai", "gpt-unlisted-7", 1000, 1000) == 0.0
+        cost_usd("openai", "gpt-unlisted-7", 1000, 1000)
+        cost_usd("openai_compatible", "llama-3-8b", 1000, 1000)  # self-hosted: free, nothing to report
+        cost_usd("scripted", "scripted", 1000, 1000)
+    assert [(e["event"], e["log_level"], e["model"]) for e in logs] == [
+        ("llm.model_unpriced", "warning", "gpt-unlisted-7")
+    ]
 
 
 async def test_usage_is_kept_per_agent() -> None:

@@ -11,7 +11,7 @@ from actors.entity import Context, Entity
 from actors.llm.budget import BudgetExceededError
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError, completed_event
 from events import NewEvent, RecordedEvent
-from events.hub import AgentSettings, ReplyFailed, ReplySent
+from events.hub import AgentSettings, LLMCompleted, ReplyFailed, ReplySent
 from storage.errors import StoreError
 
 HISTORY_TURNS = 40
@@ -47,13 +47,15 @@ class ChatState(BaseModel):
         if excess > 0:
             del self.turns[:excess], self._history[:excess]
 
-    def history_until(self, turn_id: str) -> list[ChatMessage]:
-        """The history up to and including ``turn_id``: a redelivered message is asked with the history it first
-        had, not with the turns folded in after it."""
+    def history_until(self, turn_id: str, text: str) -> list[ChatMessage]:
+        """The history up to and including the user turn ``turn_id`` (saying ``text``): a redelivered message is
+        asked with the history it first had, not with the turns folded in after it. A turn trimmed out by more than
+        the bound's turns folded in after it (a burst of messages during its completion) is asked last, after the
+        history kept: else the model would answer the newest message, recorded as this one's reply."""
         for i in range(len(self.turns) - 1, -1, -1):
             if self.turns[i].id == turn_id:
                 return self._history[: i + 1]
-        return list(self._history)
+        return [*self._history, ChatMessage(role="user", content=text)]
 
 
 class Conversation(Entity[ChatState]):
@@ -83,7 +85,7 @@ class Conversation(Entity[ChatState]):
         return CompletionRequest(
             provider=settings.provider,
             model=settings.model_id,
-            messages=[system, *state.history_until(str(message.id))],
+            messages=[system, *state.history_until(str(message.id), message.data["text"])],
             temperature=settings.temperature,
             max_tokens=settings.max_tokens,
             base_url=settings.base_url,
@@ -108,15 +110,29 @@ class Conversation(Entity[ChatState]):
             NewEvent.of(ReplySent(agent_id=agent_id, chat_id=chat_id, response=c.text, channel=d["channel"])),
         ]
 
-    def refused(self, state: ChatState, message: RecordedEvent, error: StoreError) -> list[NewEvent]:
+    def refused(
+        self, state: ChatState, message: RecordedEvent, error: StoreError, decided: list[NewEvent]
+    ) -> list[NewEvent]:
         """A reply the log cannot hold (a NUL character from the model, a reply over the size limit) is answered
-        as failed: the sender gets a 502 with the reason instead of waiting for a reply that never comes."""
-        d = message.data
-        why = f"the reply could not be recorded: {error}"[:1000]
-        return [NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))]
+        as failed: the sender gets a 502 with the reason instead of waiting for a reply that never comes. Its
+        completion is kept, without the text: it was paid for."""
+        return refusal(message, decided, f"the reply could not be recorded: {error}"[:1000])
 
     def to_snapshot(self, state: ChatState) -> dict[str, Any]:
         return state.model_dump()
 
     def from_snapshot(self, data: dict[str, Any]) -> ChatState:
         return ChatState.model_validate(data)
+
+
+def refusal(message: RecordedEvent, decided: list[NewEvent], why: str) -> list[NewEvent]:
+    """What a refused reply records: its completion without the text the log refused (the provider was paid, and
+    budgets sum the cost of the ``llm.completed`` events; replay finds it by its request hash), then the failure.
+    Replay builds a recorded refusal's events here too, from the completion it reads and the recorded reason."""
+    d = message.data
+    paid = [
+        NewEvent.of(LLMCompleted.model_validate({**e.data, "text": "", "structured": None}))
+        for e in decided
+        if e.type == "llm.completed"
+    ]
+    return [*paid, NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))]

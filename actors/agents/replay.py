@@ -12,7 +12,11 @@ A replayed decision is made as the live one was:
 * where the live decision saw turns folded in after the message (a message that arrived before the previous
   reply was recorded, in a chat long enough to be trimmed), its history was trimmed further: the events between
   the message and its reply are folded in one by one until the recorded request matches.
-* a recorded ``chat.reply_failed`` (the provider failed, the budget was spent) is replayed as that failure."""
+* a recorded ``chat.reply_failed`` (the provider failed, the budget was spent) is replayed as that failure; one
+  recorded with the completion whose reply the log refused (``Conversation.refused``) is replayed from that
+  completion and refused the same way.
+* a message with nothing recorded for it (its reply was still being decided, or the agent stopped first) is
+  counted as unanswered: there is nothing to compare, so it is no mismatch."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from actors.agents.agent import AgentState, agent_stream, evolve_agent
-from actors.agents.conversation import ChatState, Conversation
+from actors.agents.conversation import ChatState, Conversation, chat_stream, refusal
 from actors.entity import Context
 from actors.llm.budget import BudgetExceededError
 from actors.llm.providers import Completion, CompletionRequest, ProviderError
@@ -44,6 +48,7 @@ class ReplayReport:
     events: int = 0
     messages: int = 0
     verified_replies: int = 0
+    unanswered: int = 0
     mismatches: list[str] = field(default_factory=list)
     completions_from_log: int = 0
 
@@ -129,15 +134,21 @@ async def replay_chat(
             continue
         report.messages += 1
         recorded = by_cause.get(str(e.id), [])
+        if not recorded:
+            report.unanswered += 1
+            continue
         failure.clear()
         failed = next((r for r in recorded if r.type == "chat.reply_failed"), None)
-        if failed is not None:
+        refused: str | None = None  # why the log refused the reply, when it was recorded with its completion
+        if failed is not None and any(r.type == "llm.completed" for r in recorded):
+            refused = str(failed.data["error"])
+        elif failed is not None:
             error = str(failed.data.get("error", ""))
             over = bool(failed.data.get("budget_exceeded"))
             failure.append(BudgetExceededError("agent", 0, 0, error) if over else ProviderError(error))
         # Turns the live decision may have had folded in after the message: those before its first effect.
-        first_effect = min((r.version for r in recorded), default=None)
-        later = [x for x in events[i + 1 :] if x.type in TURNS and (first_effect is None or x.version < first_effect)]
+        first_effect = min(r.version for r in recorded)
+        later = [x for x in events[i + 1 :] if x.type in TURNS and x.version < first_effect]
         candidates = settings_at(e.position) if settings_at is not None else [own_settings()]
         produced: list[NewEvent] | None = None
         err: NotRecorded | None = None
@@ -158,6 +169,8 @@ async def replay_chat(
         if produced is None:
             report.mismatches.append(f"{e.stream}@{e.version}: {err}")
             continue
+        if refused is not None:
+            produced = refusal(e, produced, refused)
         want, got = _outcome(recorded), _outcome(produced)
         if want == got:
             report.verified_replies += sum(1 for t, _ in got if t == "chat.reply_sent")
@@ -192,7 +205,10 @@ async def replay_agent(store: EventLog, agent_id: str) -> ReplayReport:
     """Replay every chat of an agent from the log."""
     settings_at = settings_history(await store.read_stream(agent_stream(agent_id)))
     report = ReplayReport()
-    rows = await store.fetch("SELECT stream FROM streams WHERE stream LIKE $1 ORDER BY stream", f"chat-{agent_id}/%")
+    # starts_with, not LIKE: the ``_`` an agent id may hold is LIKE's any-character, so ``a_1`` took ``ab1``'s chats
+    rows = await store.fetch(
+        "SELECT stream FROM streams WHERE starts_with(stream, $1) ORDER BY stream", chat_stream(agent_id, "")
+    )
     streams = [r[0] for r in rows]
     for stream in streams:
         conv = Conversation(lambda: settings_at(0)[0], _no_provider)

@@ -66,7 +66,7 @@ class AnthropicProvider:
         params: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"],
+            "messages": _turns(request),
             "timeout": request.timeout_s or self.timeout,
             # Not a named argument of every SDK release, but part of the messages API.
             "extra_body": {"temperature": request.temperature},
@@ -122,3 +122,12 @@ class AnthropicProvider:
                 f"not a JSON object{hint}"
             )
         return value
+
+
+def _turns(request: CompletionRequest) -> list[dict[str, str]]:
+    """The conversation without system messages (they go to ``system=``), starting at a user turn: the messages
+    API refuses a first assistant turn (400), and a chat's history trimmed to its bound starts with one every other
+    reply."""
+    turns = [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"]
+    first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), 0)
+    return turns[first_user:]

@@ -22,10 +22,12 @@ class BudgetExceededError(ProviderError):
 
 
 def spending_sql(by: Literal["run_id", "agent_id"]) -> str:
-    """The sum behind a budget; migration 0005 indexes both forms."""
+    """The sum behind a budget; migration 0005 indexes both forms. An agent's is its chats' completions only: a
+    team's record the role as ``agent_id`` (with their ``run_id``), which a hub agent may be named too."""
+    team = " AND data->>'run_id' IS NULL" if by == "agent_id" else ""
     return (
         "SELECT coalesce(sum((data->>'cost_usd')::float), 0) FROM events "
-        f"WHERE type = 'llm.completed' AND data->>'{by}' = $1"
+        f"WHERE type = 'llm.completed' AND data->>'{by}' = $1{team}"
     )
 
 

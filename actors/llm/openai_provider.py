@@ -25,6 +25,40 @@ if TYPE_CHECKING:
 
 # Reasoning models take max_completion_tokens and only the default temperature.
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+# Keywords strict structured outputs do not take (OpenAI's "supported schemas"); ``anyOf`` is the one combinator.
+_NOT_STRICT = frozenset(
+    {"allOf", "oneOf", "not", "if", "then", "else", "patternProperties", "dependentSchemas", "dependentRequired"}
+)
+
+
+def strict_compatible(schema: dict[str, Any]) -> bool:
+    """Whether OpenAI's strict mode accepts ``schema``: an object at the root, every object closed
+    (``additionalProperties: false``) with all its properties required, no keyword strict mode lacks. Strict mode
+    answers any other schema with HTTP 400, so such a schema is sent non-strict (the router still checks the
+    answer against it)."""
+    return _is_object(schema) and _strict_node(schema)
+
+
+def _is_object(node: dict[str, Any]) -> bool:
+    kind = node.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in node
+
+
+def _strict_node(node: Any) -> bool:
+    if isinstance(node, list):
+        return all(_strict_node(n) for n in node)
+    if not isinstance(node, dict):
+        return True
+    if not _NOT_STRICT.isdisjoint(node):
+        return False
+    properties = node.get("properties", {})
+    if _is_object(node):
+        closed = node.get("additionalProperties") is False
+        if not closed or set(node.get("required", [])) != set(properties):
+            return False
+    nested = [*properties.values(), node.get("items"), node.get("anyOf")]
+    nested += [*node.get("$defs", {}).values(), *node.get("definitions", {}).values()]
+    return all(_strict_node(n) for n in nested)
 
 
 class OpenAICompatibleProvider:
@@ -75,7 +109,11 @@ class OpenAICompatibleProvider:
         if request.response_schema is not None:
             params["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": request.schema_name, "schema": request.response_schema, "strict": True},
+                "json_schema": {
+                    "name": request.schema_name,
+                    "schema": request.response_schema,
+                    "strict": strict_compatible(request.response_schema),
+                },
             }
         return params
 
