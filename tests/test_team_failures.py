@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from git import Repo
 
-from actors.agents.team.services import Completed
-from actors.agents.team.task import CEO_LOOP, Task, TaskState, _commit, evolve_task
+from actors.agents.team.services import Completed, fold_run
+from actors.agents.team.task import CEO_LOOP, Attempt, Task, TaskState, _commit, evolve_task
 from actors.entity import Context, Spawn
 from actors.llm.base import Completion, CompletionRequest
 from actors.tools import PathEscapeError
 from events import NewEvent
-from events.team import FilesWritten, TaskAssigned, TaskCreated
+from events.team import FilesWritten, RunForked, RunStarted, TaskAssigned, TaskCreated
 from tests.test_team_steps import ADD_CODE, ADD_TESTS, fold, implement_task, message, recorded, services
 
 CTX = Context("task-r1.t1")
@@ -51,6 +51,15 @@ def test_a_commit_that_fails_leaves_the_tree_clean(tmp_path: Path) -> None:
             _commit(root, "r1.t1", files, "developer")
         assert status(root) == "" and (root / "a.py").read_text() == "1\n" and not (root / "new.py").exists()
     assert _commit(root, "r1.t2", {"b.py": "2\n"}, "developer")[0] == "task/r1.t2"  # the next task is not blocked
+
+
+def test_files_a_test_run_left_in_the_tree_go_into_no_commit(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    _commit(root, "r1.t1", {"a.py": "1\n"}, "developer")
+    (root / "output.log").write_text("written by a test of r1.t1")
+    _, sha = _commit(root, "r1.t2", {"b.py": "2\n"}, "developer")
+    assert sorted(Repo(root).git.show("--name-only", "--format=", sha).split()) == [".gitignore", "b.py"]
+    assert status(root) == ""
 
 
 async def test_an_answer_the_workspace_refuses_is_an_attempt_and_the_next_one_is_told_why(tmp_path: Path) -> None:
@@ -156,3 +165,39 @@ async def test_a_timer_of_the_role_a_task_was_handed_on_from_does_nothing(tmp_pa
     assert await ceo.decide(s, fired, CTX) == []
     s = fold(evolve_task, s, Task("developer", services(tmp_path)).start(s))
     assert s.timer_id != qa_timer and await ceo.decide(s, fired, CTX) == []
+
+
+async def test_a_repository_without_the_branch_is_rebuilt_from_what_the_log_recorded(tmp_path: Path) -> None:
+    """A fork's run has its own repository, empty: its developer still runs QA's tests (from the task's events),
+    and an approval merges what the events say the branch holds, instead of failing on a branch that is not there."""
+    svc = services(tmp_path)  # tmp_path / "ws" does not exist yet, as a fork's workspace
+    tests = {"tests/test_add.py": ADD_TESTS}
+    fix = Completed(text="", structured={"files": {"add_util.py": ADD_CODE}})
+    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:2": fix})
+    s.files = {"add_util.py": BROKEN_ADD, "helper.py": "X = 1\n"}  # the first attempt's files, as recorded
+    s.attempts = [Attempt(attempt=1, approach=1, output="1/1 failed", valid=False, score=0.0, issues=["add"])]
+    _, attempted = await Task("developer", svc).decide(s, message("task.assigned"), CTX)
+    assert isinstance(attempted, NewEvent) and attempted.data["valid"]
+    assert attempted.data["tests"]["passed"] == 1  # QA's tests were written although the repository lacked them
+    assert Repo(tmp_path / "ws").git.show("task/r1.t1:helper.py") == "X = 1"
+
+    fresh = services(tmp_path / "fork")  # approved, and merged in a repository that never saw the branch
+    approved = implement_task(
+        role="developer",
+        phase="code",
+        tests=tests,
+        files={"add_util.py": ADD_CODE},
+        branch="task/r1.t1",
+        approved_by="tech_lead",
+    )
+    out = await Task("developer", fresh).decide(approved, message("task.reviewed"), CTX)
+    assert types(out) == ["task.merged", "task.completed"]
+    main = Repo(tmp_path / "fork" / "ws").heads["main"].commit
+    assert {b.path for b in main.tree.traverse()} >= {"add_util.py", "tests/test_add.py"}
+
+
+def test_a_forked_run_has_its_own_workspace() -> None:
+    started = RunStarted(run_id="r1", goal="g", workspace="shared")
+    forked = RunForked(run_id="r1_f1", from_run="r1", at_position=5)
+    cfg = fold_run([recorded(NewEvent.of(started), "run-r1"), recorded(NewEvent.of(forked), "run-r1_f1", 2)])
+    assert cfg is not None and cfg.run_id == "r1_f1" and cfg.workspace is None

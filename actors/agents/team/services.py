@@ -43,6 +43,7 @@ def fold_run(events: list[RecordedEvent]) -> RunConfig | None:
             cfg = RunConfig.model_validate({k: v for k, v in e.data.items() if k in RunConfig.model_fields})
         elif e.type == "run.forked" and cfg is not None:
             cfg.run_id, cfg.forked_from = e.data["run_id"], e.data["from_run"]
+            cfg.workspace = None  # its own repository, rebuilt from its events: the original's stays untouched
             cfg.model = e.data.get("model") or cfg.model
             cfg.prompts = {**cfg.prompts, **e.data.get("prompts", {})}
     return cfg

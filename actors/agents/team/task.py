@@ -333,9 +333,16 @@ class Task(Entity[TaskState]):
         out: list[NewEvent | Spawn] = []
         if s.kind == "implement" and s.merged is None and s.branch:
             branch, approver = s.branch, s.approved_by or ""
-            try:
+            files = {**s.files, **s.tests}
+
+            def merge(root: Path) -> str:
+                if s.branch not in GitWorkspace.init_or_clone(root).repo.heads:  # a fork's repository: rebuild it
+                    _commit(root, s.task_id, files, s.role)
                 # A repeated step (the append lost to a conflict, a crash after the merge) finds the branch merged.
-                sha = await self.services.in_workspace(run, lambda root: _merge(root, branch, approver))
+                return _merge(root, branch, approver)
+
+            try:
+                sha = await self.services.in_workspace(run, merge)
             except WORKSPACE_ERRORS as e:  # e.g. main got a conflicting change meanwhile; the branch stays as it is
                 return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"approved but not merged: {e}"))]
             out.append(NewEvent.of(TaskMerged(**s.ids(), branch=branch, commit=sha, approved_by=approver)))
@@ -392,7 +399,9 @@ class Task(Entity[TaskState]):
         assert answer is not None
 
         def write_and_test(root: Path, files: dict[str, str]) -> tuple[str, str, dict[str, Any]]:
-            branch, sha = _commit(root, s.task_id, files, self.me)
+            # On top of what the log says the branch holds (QA's tests last, so they decide): the same content
+            # changes nothing, and a repository that lacks them (a fork's, rebuilt from its events) gets them.
+            branch, sha = _commit(root, s.task_id, {**s.files, **files, **s.tests}, self.me)
             report = asyncio.run(run_pytest(root, timeout_s=float(s.spec.get("test_timeout_s", 60))))
             return branch, sha, report.model_dump(mode="json")
 
@@ -477,6 +486,7 @@ def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tup
     Every path is checked before any file is written, and a failure half-way puts the tree back at the branch's
     head: a dirty tree blocked every later task of the run, or went into another task's commit."""
     repo = GitWorkspace.init_or_clone(root)
+    repo.discard_changes()  # what an earlier test run left (files its tests wrote) is no part of this task's commit
     branch = repo.branch_for_task(task_id)
     try:
         for path in files:
