@@ -17,7 +17,7 @@ from actors.agents.team.actors import RoleActorImpl
 from actors.agents.team.decision import Decision, DecisionState, evolve_decision
 from actors.agents.team.history import RUN_EVENTS, fork_run, run_events
 from actors.agents.team.queue import TaskQueue
-from actors.agents.team.run import MAX_FAILED_TICKS, Run, RunState, evolve_run
+from actors.agents.team.run import MAX_FAILED_TICKS, STATUS_OF, TASK_STATUS_SQL, Run, RunState, evolve_run
 from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.agents.team.task import Task, TaskState, _commit, evolve_task, finite
 from actors.entity import Context, Spawn
@@ -25,7 +25,15 @@ from actors.llm.base import Completion, CompletionRequest, ProviderError
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted
 from events.system import TimerScheduled
-from events.team import DecisionRequested, DecisionVerdict, MemoryNoted, RunStarted, TaskCreated, TaskStarted
+from events.team import (
+    DecisionRequested,
+    DecisionVerdict,
+    MemoryNoted,
+    RunStarted,
+    TaskCompleted,
+    TaskCreated,
+    TaskStarted,
+)
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
@@ -169,6 +177,62 @@ async def test_a_failed_llm_call_does_not_stop_the_ceo_loop(tmp_path: Path) -> N
         s = fold(evolve_run, s, out)
         assert await run.decide(s, fired, Context("run-r1")) == []  # the tick is handled
     assert s.status == "completed"
+
+
+async def test_the_ceo_loop_counts_tasks_from_the_log_not_the_read_model(tmp_path: Path, eventlog: EventLog) -> None:
+    """The projector has projected none of these (it is not running here): a tick counts them all the same, so
+    it neither makes more work while the last tick's tasks are pending nor completes the run under them."""
+    asked: list[str] = []
+
+    async def complete(request: CompletionRequest) -> Completion:
+        asked.append(request.last_user_message())
+        return Completion(
+            text="",
+            structured={"tasks": []},
+            provider="s",
+            model="m",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1,
+        )
+
+    await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g", strategy=["grow"]))])
+    svc = TeamServices(eventlog, complete, tmp_path)
+    run = Run(svc)
+    s = RunState(run_id="r1", status="running")
+
+    async def tick() -> list[str]:
+        nonlocal s
+        s = fold(evolve_run, s, [run.tick_timer(s, 1.0)])
+        fired = message(
+            "timer.fired", timer_id=f"ceo:r1:{s.scheduled}", scheduled_position=1, payload={"tick": s.scheduled}
+        )
+        decided: list[NewEvent | Spawn] = []
+        while not any(isinstance(e, NewEvent) and e.type == "ceo.checked" for e in decided):
+            out = await run.decide(s, fired, Context("run-r1"))  # a completion is recorded first, then decided on
+            s = fold(evolve_run, s, out)
+            decided += out
+        checked = next(e for e in decided if isinstance(e, NewEvent) and e.type == "ceo.checked")
+        return [checked.data["active"], checked.data["pending"], [e.type for e in decided if isinstance(e, NewEvent)]]
+
+    ids = {"task_id": "r1.g1.1", "run_id": "r1"}
+    await eventlog.append("task-r1.g1.1", [NewEvent.of(TaskCreated(**ids, title="first", role="cfo"))])
+    assert await tick() == [0, 1, ["ceo.checked", "timer.scheduled"]]
+    await eventlog.append("task-r1.g1.1", [NewEvent.of(TaskStarted(**ids, role="cfo", timer_id="t"))])
+    assert await tick() == [1, 0, ["ceo.checked", "timer.scheduled"]] and asked == []
+    await eventlog.append("task-r1.g1.1", [NewEvent.of(TaskCompleted(**ids, role="cfo", result="done"))])
+    assert await tick() == [0, 0, ["llm.completed", "ceo.checked", "run.completed"]]
+    assert len(asked) == 1 and "first" in asked[0]  # the done task's title, from its first event
+
+    def scans(node: dict[str, Any]) -> list[str]:
+        return [node["Node Type"], *(n for child in node.get("Plans", []) for n in scans(child))]
+
+    for i in range(20):  # a log that has more in it than this run
+        await eventlog.append(f"agent-a{i}", [NewEvent.of(AgentStarted()) for _ in range(100)])
+    async with eventlog.connection() as c:  # a tick every few seconds must not read the whole log
+        await c.execute("ANALYZE events")
+        [plan] = json.loads(await c.fetchval(f"EXPLAIN (FORMAT JSON) {TASK_STATUS_SQL}", "r1", list(STATUS_OF)))
+        assert "Seq Scan" not in scans(plan["Plan"])
 
 
 async def test_a_failed_voter_keeps_the_others_verdicts(tmp_path: Path) -> None:

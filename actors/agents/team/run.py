@@ -16,11 +16,20 @@ from actors.agents.team.services import Completed, TeamServices, fold_run
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
+from actors.team_projection import TASK_STATUS
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import BudgetExceeded, CeoChecked, RunCompleted, TaskCreated
 
 MAX_FAILED_TICKS = 3
+STATUS_OF = {"task.created": "pending", **TASK_STATUS}  # a task's status after each event that sets it
+# Each task of the run: its newest event that sets a status, and its title (from its first); through the index of
+# events by run (migration 0009).
+TASK_STATUS_SQL = (
+    "SELECT DISTINCT ON (stream) type, title FROM (SELECT stream, version, type, first_value(data->>'title') "
+    "OVER (PARTITION BY stream ORDER BY version) AS title FROM events WHERE data->>'run_id' = $1 "
+    "AND type = ANY($2::text[])) e ORDER BY stream, version DESC"
+)
 
 
 class RunState(BaseModel):
@@ -151,10 +160,14 @@ class Run(Entity[RunState]):
         return [checked, self.tick_timer(s, run.ceo_interval_s), *spawns]
 
     async def task_counts(self, run_id: str) -> tuple[int, int, list[str]]:
-        rows = await self.services.store.fetch("SELECT status, title FROM team_tasks WHERE run_id = $1", run_id)
-        active = sum(1 for r in rows if r["status"] in ("in_progress", "review"))
-        pending = sum(1 for r in rows if r["status"] == "pending")
-        return active, pending, [r["title"] for r in rows if r["status"] == "completed"]
+        """Active and pending tasks, and the titles of those completed, from the log: the read model trails it
+        (the projector's batches), and a tick counted from it saw none of the tasks the tick before had just
+        made, so it made more, or completed the run with tasks still pending."""
+        rows = await self.services.store.fetch(TASK_STATUS_SQL, run_id, list(STATUS_OF))
+        status = [(STATUS_OF[r["type"]], r["title"]) for r in rows]
+        active = sum(1 for st, _ in status if st in ("in_progress", "review"))
+        pending = sum(1 for st, _ in status if st == "pending")
+        return active, pending, [title for st, title in status if st == "completed"]
 
 
 def _priority(v: object) -> int:
