@@ -49,7 +49,7 @@ from serve.schemas import (
 )
 from serve.team_routes import build_router
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
-from storage.eventlog import Cursor, Head
+from storage.eventlog import AfterPosition, Cursor, Head
 
 STREAM_NAME_MAX = 200  # events/envelope.py STREAM_RE: a stream's id (after the category's dash) has 1-200 characters
 XID8_MAX = 2**64 - 1
@@ -432,13 +432,13 @@ async def stream_events(
     id is its commit-order cursor; a reconnect's ``Last-Event-ID`` resumes right after it (and wins over
     ``from``)."""
     resume = parse_sse_id(last_event_id) if last_event_id else from_
-    start: Cursor | Head
+    start: Cursor | Head | AfterPosition
     if resume is None:
         start = await h.store.head_cursor()
     elif isinstance(resume, tuple):
         start = resume
     else:
-        start = await h.store.cursor_at(resume)
+        start = AfterPosition(resume)  # every event above it, also one an older transaction commits later
 
     async def gen() -> AsyncIterator[dict[str, str]]:
         async for batch, _ in h.store.subscribe(start, poll_interval=0.5):
@@ -491,11 +491,10 @@ async def read_stream(
     stream: str, h: HubDep, from_version: Annotated[int, Query(ge=1, le=INT64_MAX)] = 1
 ) -> dict[str, Any]:
     events = await h.store.read_stream(stream, from_version)
-    return {
-        "stream": stream,
-        "version": await h.store.stream_version(stream),
-        "events": [e.model_dump(mode="json") for e in events],
-    }
+    # The version of the events returned: read apart, an append committed in between made it newer than what the
+    # client saw, and an append with it as ``expected_version`` went over an event the client never read.
+    version = events[-1].version if events else await h.store.stream_version(stream)
+    return {"stream": stream, "version": version, "events": [e.model_dump(mode="json") for e in events]}
 
 
 # ---- system -------------------------------------------------------------------------------------------

@@ -68,6 +68,16 @@ class Head:
     seen: frozenset[int]
 
 
+@dataclass(frozen=True)
+class AfterPosition:
+    """Subscribe to the events with a position above ``position``: a reader's "after what I listed". A position is
+    not a place in commit order (a transaction older than the one at ``position`` may write above it later), so
+    the subscription starts below every transaction that holds or may still write such an event, and drops what
+    it reads again at or below ``position``."""
+
+    position: int
+
+
 class Committed(NamedTuple):
     events: list[RecordedEvent]
     cursor: Cursor
@@ -499,7 +509,8 @@ class EventLog:
         of an older one below it is delivered again; ``head_cursor`` is exact). Commit order is not position
         order across transactions, so this is a position's meaning only up to that: an event after ``position``
         written by a transaction older than the one at ``position`` comes before it in commit order and is not
-        delivered from here. An event's ``cursor`` is the exact place to resume from."""
+        delivered from here (``subscribe(AfterPosition(position))`` delivers it). An event's ``cursor`` is the
+        exact place to resume from."""
         if position <= 0:
             return START
         async with self.connection() as c:
@@ -508,6 +519,21 @@ class EventLog:
                 min(position, INT64_MAX),
             )
         return (int(r[0]), int(r[1])) if r else START
+
+    async def _after_position(self, position: int) -> tuple[int | None, Cursor | Head]:
+        """Where ``AfterPosition(position)`` starts, and the position to drop events at or below (None: drop
+        none). At or past the newest event: the head, as what comes next. Else a cursor below every transaction
+        that wrote, or may yet write, an event above ``position``: the oldest of those that did and the oldest
+        still running (one snapshot)."""
+        async with self.connection() as c:
+            newest, oldest = await c.fetchrow(
+                "SELECT (SELECT max(position) FROM events), "
+                f"least((SELECT min(tx_id) FROM events WHERE position > $1), {_HORIZON})::text::bigint",
+                min(max(position, 0), INT64_MAX),
+            )
+        if newest is None or position >= newest:
+            return None, await self.head_cursor()
+        return position, (int(oldest) - 1, INT64_MAX)
 
     async def head(self) -> int:
         async with self.connection() as c:
@@ -526,7 +552,7 @@ class EventLog:
 
     async def subscribe(
         self,
-        after: Cursor | Head = START,
+        after: Cursor | Head | AfterPosition = START,
         *,
         batch_size: int = 500,
         poll_interval: float = 1.0,
@@ -538,7 +564,11 @@ class EventLog:
         the cursor advances even when no event of a batch matches, so callers can checkpoint it. ``types`` filters
         in the database (only those events are decoded). While ``active()`` is false nothing is read and the
         cursor stays put; the first wake-up after it turns true catches up from there. From a ``Head``
-        (``head_cursor``): exactly the events committed after it was taken."""
+        (``head_cursor``): exactly the events committed after it was taken. From an ``AfterPosition``: every event
+        above that position, whenever its transaction commits."""
+        above: int | None = None
+        if isinstance(after, AfterPosition):
+            above, after = await self._after_position(after.position)
         wake = asyncio.Event()
         await self._listen(wake)
         cursor, seen = (after.cursor, after.seen) if isinstance(after, Head) else (after, frozenset[int]())
@@ -560,6 +590,8 @@ class EventLog:
                             batch = [e for e in batch if e.tx_id not in seen]
                             # kept until the cursor is past the last of them: a batch may end inside one
                             seen = seen if cursor[0] <= max(seen) else frozenset()
+                        if above is not None:  # new events always land above it: a cheap test from then on
+                            batch = [e for e in batch if e.position > above]
                         matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                         yield matching, cursor
                         continue

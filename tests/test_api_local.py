@@ -337,6 +337,28 @@ async def test_chat_streams_are_reachable_by_name(api: httpx.AsyncClient) -> Non
 # ---- server-sent events ---------------------------------------------------------------------------------
 
 
+async def test_a_streams_version_is_that_of_the_events_read_with_it(
+    api: httpx.AsyncClient, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer commits between the route's reads: the version returned is still the last one the client
+    saw, so its append with that expected version is a 409, not a write over an event it never read."""
+    read = eventlog.read_stream
+
+    async def read_then_another_writes(stream: str, *args: Any, **kw: Any) -> Any:
+        events = await read(stream, *args, **kw)
+        await eventlog.append(stream, [NewEvent.of(AgentStarted())])  # a concurrent writer
+        return events
+
+    await eventlog.append("agent-race", [NewEvent.of(AgentStarted())])
+    monkeypatch.setattr(eventlog, "read_stream", read_then_another_writes)
+    body = (await api.get("/api/v1/streams/agent-race")).json()
+    assert body["version"] == body["events"][-1]["version"] == 1
+    monkeypatch.undo()
+    event = {"type": "agent.stopped", "data": {}}
+    r = await api.post("/api/v1/streams/agent-race/events", json={"events": [event], "expected_version": 1})
+    assert r.status_code == 409 and (await api.get("/api/v1/streams/agent-race")).json()["version"] == 2
+
+
 async def test_sse_from_a_gap_or_past_the_head_and_nonsense(api: httpx.AsyncClient, eventlog: EventLog) -> None:
     (before,) = await append_started(eventlog, "agent-sse", 1)
     gap = int(await eventlog.fetchval("SELECT nextval(pg_get_serial_sequence('events', 'position'))"))

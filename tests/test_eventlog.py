@@ -19,7 +19,7 @@ from events.envelope import Meta, new_id, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
-from storage.eventlog import CHANNEL, HEAD_SQL, READ_COMMITTED_SQL, START, Checkpoint, EventLog
+from storage.eventlog import CHANNEL, HEAD_SQL, READ_COMMITTED_SQL, START, AfterPosition, Checkpoint, EventLog
 from storage.export import export_parquet
 from tests.conftest import count_calls, eventually
 
@@ -475,6 +475,35 @@ async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(ev
     head = (await eventlog.head_cursor()).cursor
     assert await eventlog.cursor_at(after.positions[0] + 1000) == head  # past the head: only new events
     assert await eventlog.cursor_at(2**70) == head
+
+
+async def test_a_subscription_after_a_position_gets_an_event_above_it_from_an_older_transaction(
+    eventlog: EventLog,
+) -> None:
+    """A reader lists up to position p and follows from there; an older transaction then commits p + 1. From the
+    cursor of the event at p (commit order), p + 1 comes before it and was never delivered."""
+    await eventlog.append("agent-before", [started()])
+    async with eventlog.connection() as older:
+        tx = older.transaction()
+        await tx.start()
+        await eventlog.lock_streams(older, ["agent-older"])
+        await older.fetchval("SELECT pg_current_xact_id()")  # its transaction id: older than the next append's
+        listed = (await eventlog.append("agent-younger", [started()])).positions[0]
+        late = (await eventlog.append("agent-older", [started()], conn=older)).positions[0]
+        await tx.commit()
+    assert late > listed
+    got: list[int] = []
+
+    async def follow(after: Any) -> list[int]:
+        async for batch, _ in eventlog.subscribe(after, poll_interval=0.2):
+            got.extend(e.position for e in batch)
+            if late in got:
+                break
+        return got
+
+    assert await asyncio.wait_for(follow(AfterPosition(listed)), 5) == [late]  # nothing at or below it again
+    old = eventlog.read_committed(await eventlog.cursor_at(listed))
+    assert late not in [e.position for e in (await old).events]  # what the cursor at the position misses
 
 
 async def test_checkpoints_only_move_forward(eventlog: EventLog) -> None:
