@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +45,24 @@ async def export_parquet(
     written twice. Passing any other position that export wrote misses nothing either, but may write again events
     that followed it in commit order. A file is therefore ordered by commit, not by position (sort by the
     ``position`` column for position order). An event held back by a transaction still running when the export
-    ran is left for the next run."""
+    ran is left for the next run.
+
+    The file is written beside ``out`` and renamed onto it once whole: ``ParquetWriter`` truncates its file at once
+    and closes it with a valid footer even on an error, so a failed run would have replaced the previous export
+    with a well-formed part of this one."""
+    part = out.with_name(out.name + ".part")
+    try:
+        written = await _write(store, part, from_position, page, progress)
+        os.replace(part, out)
+    except BaseException:  # KeyboardInterrupt and cancellation too: the previous file stays, the part goes
+        part.unlink(missing_ok=True)
+        raise
+    return written
+
+
+async def _write(
+    store: EventLog, out: Path, from_position: int, page: int, progress: Callable[[int], None] | None
+) -> int:
     written = 0
     cursor = await store.cursor_at(from_position)
     with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
