@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import asyncpg
 import ray
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from ray.serve.schema import LoggingConfig
 
 from actors.config import ActorSettings, RuntimeConfig
@@ -27,7 +28,7 @@ APP_NAME = "agenthub"  # the Serve application
 class System:
     settings: Settings
     database_url: str
-    embedded: EmbeddedPostgres | None
+    embedded: EmbeddedPostgres | None  # the server ``up`` started: ``down`` stops it (on a local Ray)
     api_token: str
     token_generated: bool
     orchestrator: object
@@ -44,22 +45,30 @@ class System:
 
 
 def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
-    """``DATABASE_URL`` if set, else the embedded server under the data dir; migrations applied."""
-    embedded = None
-    url = settings.database_url
-    if not url:
-        embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
-        url = embedded.start()
+    """``DATABASE_URL`` if set, else the embedded server under the data dir; migrations applied. Returns the URL and
+    the embedded server if this call started it, for the caller to stop when done (``pg_ctl`` detaches it: it would
+    outlive the process); ``None`` for ``DATABASE_URL`` or a server that was running already (someone else's)."""
+    started: EmbeddedPostgres | None = None
 
-    async def _migrate() -> None:
+    async def _migrate(url: str) -> None:
         conn = await asyncpg.connect(url, timeout=10)
         try:
             await migrate(conn)
         finally:
             await conn.close()
 
-    asyncio.run(_migrate())
-    return url, embedded
+    try:
+        url = settings.database_url
+        if not url:
+            embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
+            started = None if embedded.running() else embedded
+            url = embedded.start()
+        asyncio.run(_migrate(url))
+    except BaseException:  # a failed start or migration, or a Ctrl-C: leave no server behind
+        if started is not None:
+            started.stop()
+        raise
+    return url, started
 
 
 def runtime_config(settings: Settings, database_url: str) -> RuntimeConfig:
@@ -127,34 +136,62 @@ def start_ray(settings: Settings) -> None:
 
 
 def up(settings: Settings) -> System:
-    """Bring everything up (idempotent: reuses a running orchestrator and Serve app)."""
+    """Bring everything up (idempotent: reuses a running orchestrator and Serve app). A failure or a Ctrl-C part-way
+    stops the Ray and the embedded Postgres this call started, which would otherwise run on."""
     check_reachable(settings.ray_address)  # before a database is started for a cluster that is not there
     # Postgres before Ray: its port (54329 by default) is in the ephemeral range, where Ray's processes bind theirs
     url, embedded = start_database(settings)
-    start_ray(settings)
-    token, generated = settings.resolve_api_token()
+    ray_was_up = ray.is_initialized()
+    try:
+        start_ray(settings)
+        token, generated = settings.resolve_api_token()
+        orchestrator = _routing_orchestrator(settings, url)
+        # Per-request access logs cost the proxy and the replica CPU on every message; metrics cover the traffic.
+        serve.start(
+            http_options={"host": settings.http_host, "port": settings.http_port},
+            logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+        )
+        ingress = IngressConfig(
+            database_url=url,
+            api_token=token,
+            namespace=settings.ray_namespace,
+            reply_timeout_s=settings.reply_timeout_s,
+            max_body_bytes=settings.max_event_bytes + 16 * 1024,
+            max_event_bytes=settings.max_event_bytes,
+        )
+        serve.run(ApiIngress.bind(ingress), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        if not ray_was_up:
+            ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    return System(settings, url, embedded, token, generated, orchestrator)
+
+
+def _routing_orchestrator(settings: Settings, database_url: str) -> object:
+    """The orchestrator, started or found by name, once it routes. One found with its router stopped (drained by a
+    stop that did not end it, or its router failed) would accept every message and route none: Ray restarts it in
+    place (the handles others hold, the ingress's, stay good) and it resumes from the checkpoints in the log."""
     orchestrator = Orchestrator.options(
         name="orchestrator",
         namespace=settings.ray_namespace,
         get_if_exists=True,
         lifetime="detached" if settings.ray_address else None,
-    ).remote(runtime_config(settings, url))
-    ray.get(orchestrator.status.remote(), timeout=120)
-    # Per-request access logs cost the proxy and the replica CPU on every message; metrics cover the traffic.
-    serve.start(
-        http_options={"host": settings.http_host, "port": settings.http_port},
-        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
-    )
-    ingress = IngressConfig(
-        database_url=url,
-        api_token=token,
-        namespace=settings.ray_namespace,
-        reply_timeout_s=settings.reply_timeout_s,
-        max_body_bytes=settings.max_event_bytes + 16 * 1024,
-        max_event_bytes=settings.max_event_bytes,
-    )
-    serve.run(ApiIngress.bind(ingress), name=APP_NAME, route_prefix="/")
-    return System(settings, url, embedded, token, generated, orchestrator)
+    ).remote(runtime_config(settings, database_url))
+    router = ray.get(orchestrator.status.remote(), timeout=120)["router"]
+    if router == "running":
+        return orchestrator
+    ray.kill(orchestrator, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:  # until the call reaches the restarted actor, not the one being killed
+            if ray.get(orchestrator.status.remote(), timeout=120)["router"] == "running":
+                return orchestrator
+        except RayActorError:  # the call was in the old one as it was killed
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the orchestrator (router {router}) did not route again after a restart")
 
 
 def drain(orchestrator: object, timeout: float) -> str:
@@ -171,8 +208,13 @@ def drain(orchestrator: object, timeout: float) -> str:
 
 
 def down(system: System) -> str:
-    """Stop what ``up`` started in this process (Serve, the drained orchestrator, Ray, the embedded Postgres);
-    returns how the drain went."""
+    """Stop what ``up`` started in this process (Serve, the drained orchestrator, Ray, the embedded Postgres it
+    started); returns how that went. A deployment in a cluster is not this process's to stop (it runs on, and on
+    the embedded Postgres it uses, until ``agenthub down``): only disconnect from it."""
+    address = system.settings.ray_address
+    if address:
+        ray.shutdown()
+        return f"agenthub runs on in the Ray cluster at {address}; stop it with: agenthub down --address {address}"
     serve.shutdown()
     drained = drain(system.orchestrator, system.settings.drain_timeout_s)
     ray.shutdown()

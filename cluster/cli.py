@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from actors.observability import configure_logging
 from cluster.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from storage.eventlog import EventLog
 
 app = typer.Typer(
     help="Event-sourced actor system on Ray: agents, browsers and integrations over one log.",
@@ -48,48 +52,62 @@ def _cluster_required(address: str | None) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-async def _open_store(s: Settings):
+async def _open_store(s: Settings) -> EventLog:
+    """The event log, on the embedded Postgres if need be. One this starts is stopped as the process exits
+    (``pg_ctl`` detaches it: it would run on), registered by the starting thread itself: after a Ctrl-C during the
+    start, ``asyncio.run`` lets that thread finish before the process exits, so that server is stopped too."""
     from cluster.bootstrap import start_database
     from storage.eventlog import EventLog
 
-    url, _ = await asyncio.to_thread(start_database, s)
-    return await EventLog.connect(url, run_migrations=False)
+    def start() -> str:
+        url, started = start_database(s)
+        if started is not None:
+            atexit.register(started.stop)
+        return url
+
+    return await EventLog.connect(await asyncio.to_thread(start), run_migrations=False)
 
 
 @app.command()
 def up(
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default AGENTHUB_RAY_ADDRESS, else start a local Ray)")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
 ) -> None:
     """Start Postgres (embedded unless DATABASE_URL), Ray, the orchestrator and the HTTP API. On a local Ray: run
-    until Ctrl-C. On a cluster (--address): deploy and return; it runs there until `agenthub down`."""
+    until Ctrl-C. On a cluster (--address or AGENTHUB_RAY_ADDRESS): deploy and return; it runs there until
+    `agenthub down`."""
     from cluster.bootstrap import down
     from cluster.bootstrap import up as bring_up
 
     configure_logging()
-    with _cluster_required(address):
-        system = bring_up(_settings(address, port))
-    console.print(f"[bold green]agenthub is up[/]  API {system.api_url}  dashboard {system.dashboard_url}")
-    if system.token_generated:
-        console.print(f"API token (generated, kept in {system.settings.data_dir / 'api_token'}): {system.api_token}")
-    if address:
-        console.print(f"running in the Ray cluster at {address}; stop it with: agenthub down --address {address}")
-        return
+    settings = _settings(address, port)
+    with _cluster_required(settings.ray_address):
+        system = bring_up(settings)
+    try:
+        console.print(f"[bold green]agenthub is up[/]  API {system.api_url}  dashboard {system.dashboard_url}")
+        if system.token_generated:
+            console.print(f"API token (generated, kept in {settings.data_dir / 'api_token'}): {system.api_token}")
+        if not settings.ray_address:  # a local Ray: the system lives as long as this process
+            asyncio.run(_until_stopped())
+    finally:
+        console.print(down(system))  # on a cluster: only disconnects, saying how to stop it there
+
+
+async def _until_stopped() -> None:
     stop = asyncio.Event()
-
-    async def wait() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-
-    asyncio.run(wait())
-    console.print(down(system))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 @app.command()
 def down(
-    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default AGENTHUB_RAY_ADDRESS, else auto)")
+    ] = None,
     wait: Annotated[
         float | None,
         typer.Option(help="seconds to let deliveries under way finish first (default AGENTHUB_DRAIN_TIMEOUT_S, 10)"),
@@ -101,8 +119,11 @@ def down(
     from cluster.bootstrap import stop_deployment
 
     configure_logging()
-    with _cluster_required(address):
-        stopped = stop_deployment(_settings(address, drain_timeout_s=wait))
+    settings = _settings(address, drain_timeout_s=wait)
+    if not settings.ray_address:
+        settings = settings.model_copy(update={"ray_address": "auto"})
+    with _cluster_required(settings.ray_address):
+        stopped = stop_deployment(settings)
     for what in stopped:
         console.print(what)
     console.print("[bold]agenthub is down[/]" if stopped else "nothing of agenthub was running")
@@ -129,7 +150,7 @@ def team_demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 
 
 @app.command()
 def fork(
-    at: Annotated[int, typer.Option("--at", help="copy the run up to this log position")],
+    at: Annotated[int, typer.Option("--at", min=1, max=POSITION_MAX, help="copy the run up to this log position")],
     run: Annotated[str | None, typer.Option(help="the run to fork (default: the run of the event at --at)")] = None,
     model: Annotated[str | None, typer.Option(help="model for the new run")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="ROLE=PROMPT: a role's system prompt in the new run")] = None,
@@ -148,9 +169,11 @@ def fork(
         store = await _open_store(get_settings())
         run_id = run
         if run_id is None:
+            # the event at exactly --at: positions have gaps (a rolled-back append), and the first event after one
+            # may be another run's
             (event,) = await store.read_all(at - 1, limit=1) or [None]
-            if event is None or "run_id" not in event.data:
-                raise typer.BadParameter(f"no run event at position {at}; pass --run")
+            if event is None or event.position != at or "run_id" not in event.data:
+                raise typer.BadParameter(f"no run event at position {at}; pass --run", param_hint="'--at'")
             run_id = event.data["run_id"]
         return await fork_run(store, run_id, at, model=model, prompts=prompts)
 

@@ -82,7 +82,7 @@ def run_demo(settings: Settings, console: Console) -> int:
     try:
         return _converse(system, console)
     finally:
-        down(system)
+        console.print(down(system))
 
 
 def _converse(system, console: Console) -> int:

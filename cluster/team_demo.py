@@ -31,15 +31,16 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 
 
 def run_team_demo(settings: Settings, console: Console) -> int:
-    with console.status("starting Postgres, Ray, the orchestrator, Ray Serve and the team…"):
+    with console.status("starting Postgres, Ray, the orchestrator and Ray Serve…"):
         system = up(settings)
-        asyncio.run(ensure_team(system.orchestrator))
-        llm = ray.get_actor("llm", namespace=settings.ray_namespace)
-        ray.get(llm.set_script.remote("team", TEAM_SCRIPT))
     try:
+        with console.status("starting the team…"):
+            asyncio.run(ensure_team(system.orchestrator))
+            llm = ray.get_actor("llm", namespace=settings.ray_namespace)
+            ray.get(llm.set_script.remote("team", TEAM_SCRIPT))
         return _demo(system, console)
     finally:
-        down(system)
+        console.print(down(system))
 
 
 def _demo(system: System, console: Console) -> int:

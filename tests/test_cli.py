@@ -25,7 +25,10 @@ from cluster.cli import app
 from cluster.settings import Settings, get_settings
 from events import NewEvent
 from events.hub import AgentStarted
+from events.team import RunCompleted, RunStarted
+from storage.embedded import EmbeddedPostgres
 from storage.eventlog import EventLog
+from tests.conftest import free_port
 
 runner = CliRunner()
 
@@ -199,6 +202,64 @@ def test_events_tail_follows_from_a_position_with_no_event(cli_db: str) -> None:
     finally:
         tail.kill()
         tail.wait()
+
+
+def test_fork_at_a_gap_is_an_error_not_the_next_events_run(cli_db: str) -> None:
+    """Run B's start, run A's start, a gap, run B's end: the event after the gap is run B's, not one at --at."""
+
+    async def append() -> tuple[int, int]:
+        store = await EventLog.connect(cli_db, run_migrations=False)
+        try:
+            await store.append("run-B", [NewEvent.of(RunStarted(run_id="B", goal="b"))])
+            a = (await store.append("run-A", [NewEvent.of(RunStarted(run_id="A", goal="a"))])).positions[0]
+            gap = int(await store.fetchval("SELECT nextval(pg_get_serial_sequence('events', 'position'))"))
+            await store.append("run-B", [NewEvent.of(RunCompleted(run_id="B", summary="done"))])
+            return a, gap
+        finally:
+            await store.close()
+
+    a, gap = asyncio.run(append())
+    result = runner.invoke(app, ["fork", "--at", str(gap)])
+    assert result.exit_code == 2, result.output
+    assert f"no run event at position {gap}" in " ".join(result.output.split())
+    assert runner.invoke(app, ["fork", "--at", "0"]).exit_code == 2
+    result = runner.invoke(app, ["fork", "--at", str(a)])
+    assert result.exit_code == 0 and "forked into run A_f" in result.output, result.output
+    assert asyncio.run(forked_runs(cli_db)) == ["run-A"]  # run B was never forked
+
+
+async def forked_runs(db_url: str) -> list[str]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch("SELECT DISTINCT stream FROM events WHERE stream LIKE 'run-%\\_f%'")
+        return [r["stream"].split("_f")[0] for r in rows]
+    finally:
+        await conn.close()
+
+
+def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> None:
+    """``pg_ctl`` detaches the server: `agenthub export` on a stopped system left one running after it exited."""
+    pg = EmbeddedPostgres(tmp_path / "data" / "postgres", free_port())
+    pg.start()
+    pg.stop()  # a data dir as `agenthub down` leaves it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTHUB_") and k != "DATABASE_URL"}
+    env |= {"AGENTHUB_DATA_DIR": str(tmp_path / "data"), "AGENTHUB_PG_PORT": str(pg.port)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "cluster.cli", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        done = cli("export", "--out", str(tmp_path / "log.parquet"))
+        assert done.returncode == 0 and "wrote 0 events" in done.stdout, done.stdout + done.stderr
+        assert not pg.running()
+
+        pg.start()  # one that was running already (a system is up) is left running
+        done = cli("replay", "agent-nosuch")
+        assert done.returncode == 1 and "has no events" in done.stdout, done.stdout + done.stderr
+        assert pg.running()
+    finally:
+        pg.stop("immediate")
 
 
 def test_bad_command_line_values_are_usage_errors() -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
+from storage.embedded import EmbeddedPostgres
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
@@ -134,6 +137,58 @@ def test_up_on_a_cluster_returns_and_down_stops_it_keeping_the_log(cluster: tupl
     assert cli(env, "down", "--address", address).endswith("nothing of agenthub was running")
 
 
+DRAIN = (
+    "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+    "o = ray.get_actor('orchestrator', namespace='agenthub'); ray.get(o.drain.remote(1)); "
+    "print(ray.get(o.status.remote())['router'])"
+)
+UP_THEN_DOWN = (
+    "from cluster.bootstrap import down, up; from cluster.settings import get_settings; print(down(up(get_settings())))"
+)
+
+
+def test_the_address_in_the_environment_deploys_and_a_drained_orchestrator_routes_again(
+    cluster: tuple[str, dict[str, str]],
+) -> None:
+    """AGENTHUB_RAY_ADDRESS is ``--address``: `up` deployed, then ran in local mode and, stopped, tore the cluster's
+    deployment down, leaving its orchestrator drained but alive; found by the next `up`, it took every message and
+    routed none. Now `up` has a drained orchestrator restarted, and bringing it up and down in a cluster leaves the
+    deployment running."""
+    address, env = cluster
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    env = env | {"AGENTHUB_RAY_ADDRESS": address, "AGENTHUB_HTTP_PORT": str(port)}
+
+    assert f"stop it with: agenthub down --address {address}" in cli(env, "up")  # it returned: cluster mode
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    agent_id = httpx.post(f"{api}/api/v1/agents", json={"name": "d"}, headers=headers, timeout=60).json()["id"]
+    assert httpx.post(f"{api}/api/v1/agents/{agent_id}/start", headers=headers, timeout=60).status_code == 200
+    assert "turn 1" in message(api, agent_id, "one").json()["response"]
+
+    drained = subprocess.run(
+        [sys.executable, "-c", DRAIN, address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert drained.returncode == 0 and drained.stdout.split()[-1] == "cancelled", drained.stderr[-3000:]
+    unrouted = httpx.post(
+        f"{api}/api/v1/agents/{agent_id}/messages",
+        params={"timeout": 1},
+        json={"text": "two", "chat_id": "deploy"},
+        headers=headers,
+        timeout=60,
+    )
+    assert unrouted.status_code == 202
+
+    done = subprocess.run([sys.executable, "-c", UP_THEN_DOWN], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"agenthub runs on in the Ray cluster at {address}" in " ".join(done.stdout.split())
+    third = message(api, agent_id, "three")  # after "two", routed at last
+    assert third.status_code == 200 and "turn 3" in third.json()["response"], third.text
+
+    out = cli(env, "down")  # the address from the environment, not `auto`
+    assert "stopped actor agenthub/orchestrator" in out and "stopped embedded postgres" in out
+    assert our_actors(env, address) == set()
+
+
 LOCAL_GCS = (
     "import ray; from cluster.bootstrap import start_ray; from cluster.settings import Settings; "
     "start_ray(Settings(num_cpus=1)); print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()"
@@ -165,3 +220,55 @@ def test_an_address_nothing_answers_at_is_a_clear_error_at_once(command: str, tm
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 30
     assert not (tmp_path / "postgres").exists()
+
+
+@pytest.mark.parametrize("phase", ["database", "ray"])
+def test_a_ctrl_c_during_bring_up_stops_what_it_started(phase: str, tmp_path: Path) -> None:
+    """``pg_ctl`` detaches the embedded server: `up` interrupted after starting it (while migrating, or starting Ray)
+    left it running. Interrupted while starting Ray, it leaves no Ray process behind either."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    pg = EmbeddedPostgres(tmp_path / "data" / "postgres", free_port())
+    pg.start()
+    pg.stop()  # initialised beforehand: the interrupt is to come after the server started, not during initdb
+    env |= {
+        "AGENTHUB_DATA_DIR": str(tmp_path / "data"),
+        "AGENTHUB_PG_PORT": str(pg.port),
+        "AGENTHUB_HTTP_PORT": str(free_port()),
+        "AGENTHUB_DASHBOARD_PORT": str(free_port()),
+        "AGENTHUB_API_TOKEN": TOKEN,
+    }
+    up = subprocess.Popen([str(BIN / "agenthub"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ray_processes: list[psutil.Process] = []
+
+    def under_way() -> bool:
+        if phase == "database":
+            return accepts_connections(pg.port)
+        try:
+            children = psutil.Process(up.pid).children(recursive=True)
+            ray_processes[:] = [p for p in children if "gcs_server" in p.name()]
+        except psutil.NoSuchProcess:  # one ended meanwhile: look again
+            return False
+        return bool(ray_processes)
+
+    try:
+        deadline = time.monotonic() + 120
+        while not under_way():
+            assert up.poll() is None and time.monotonic() < deadline, f"up ended before the {phase} started"
+            time.sleep(0.05)
+        up.send_signal(signal.SIGINT)
+        out = up.communicate(timeout=120)[0].decode()
+        assert up.returncode != 0 and "agenthub is up" not in out, out[-3000:]  # it was interrupted part-way
+        assert not pg.running(), out[-3000:]
+        _, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert not alive, out[-3000:]
+    finally:
+        up.kill()
+        pg.stop("immediate")
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
