@@ -192,6 +192,8 @@ def events_tail(
     """Print events as JSON: the history after --from, then (with --follow) live."""
 
     async def run() -> None:
+        from storage.eventlog import AfterPosition
+
         store = await _open_store(get_settings())
         if not follow:
             pos = from_position or 0
@@ -200,7 +202,7 @@ def events_tail(
                     console.print_json(e.model_dump_json())
                 pos = batch[-1].position
             return
-        start = await (store.head_cursor() if from_position is None else store.cursor_at(from_position))
+        start = await store.head_cursor() if from_position is None else AfterPosition(from_position)
         async for batch, _ in store.subscribe(start):
             for e in batch:
                 if stream is None or e.stream == stream:
