@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from actors.tools.test_runner import with_default_sigint
 from storage.embedded import EmbeddedPostgres
 from tests.conftest import free_port
 
@@ -237,7 +238,10 @@ def test_a_ctrl_c_during_bring_up_stops_what_it_started(phase: str, tmp_path: Pa
         "AGENTHUB_DASHBOARD_PORT": str(free_port()),
         "AGENTHUB_API_TOKEN": TOKEN,
     }
-    up = subprocess.Popen([str(BIN / "agenthub"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT at its default, as a terminal's Ctrl-C finds it: a test run a shell started in the background (a CI job)
+    # ignores SIGINT, and its children inherit that, so the interrupt would be lost.
+    cmd = with_default_sigint([str(BIN / "agenthub"), "up"])
+    up = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ray_processes: list[psutil.Process] = []
 
     def under_way() -> bool:

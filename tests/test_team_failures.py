@@ -114,6 +114,16 @@ async def test_an_approved_branch_that_conflicts_with_main_fails_the_task_naming
     assert status(tmp_path / "ws") == "" and Repo(tmp_path / "ws").heads["main"].commit.hexsha == main
 
 
+async def developer_answers(tmp_path: Path, files: dict[str, str]) -> list[NewEvent | Spawn]:
+    """The developer's coding step on QA's test of ``add``, its answer ``files``."""
+    svc = services(tmp_path)
+    tests = {"tests/test_add.py": ADD_TESTS}
+    await svc.in_workspace(await svc.run("r1"), lambda root: _commit(root, "r1.t1", tests, "qa"))
+    code = Completed(text="", structured={"files": files})
+    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:1": code})
+    return await Task("developer", svc).decide(s, message("task.assigned"), CTX)
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -127,12 +137,7 @@ async def test_an_approved_branch_that_conflicts_with_main_fails_the_task_naming
 )
 async def test_qas_tests_judge_the_developers_code(tmp_path: Path, answer: dict[str, str]) -> None:
     """Each of these answers passes its tests when written as given; QA's test still fails the broken add."""
-    svc = services(tmp_path)
-    tests = {"tests/test_add.py": ADD_TESTS}
-    await svc.in_workspace(await svc.run("r1"), lambda root: _commit(root, "r1.t1", tests, "qa"))
-    code = Completed(text="", structured={"files": {"add_util.py": BROKEN_ADD, **answer}})
-    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:1": code})
-    written, attempted = await Task("developer", svc).decide(s, message("task.assigned"), CTX)
+    written, attempted = await developer_answers(tmp_path, {"add_util.py": BROKEN_ADD, **answer})
     assert isinstance(written, NewEvent) and isinstance(attempted, NewEvent)
     assert not attempted.data["valid"] and attempted.data["tests"]["failed"] == 1
     assert any(i.startswith("refused ") for i in attempted.data["issues"])
@@ -141,12 +146,7 @@ async def test_qas_tests_judge_the_developers_code(tmp_path: Path, answer: dict[
 
 
 async def test_an_unchanged_copy_of_qas_tests_is_no_refusal(tmp_path: Path) -> None:
-    svc = services(tmp_path)
-    tests = {"tests/test_add.py": ADD_TESTS}
-    await svc.in_workspace(await svc.run("r1"), lambda root: _commit(root, "r1.t1", tests, "qa"))
-    code = Completed(text="", structured={"files": {"add_util.py": ADD_CODE, **tests}})
-    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:1": code})
-    _, attempted = await Task("developer", svc).decide(s, message("task.assigned"), CTX)
+    _, attempted = await developer_answers(tmp_path, {"add_util.py": ADD_CODE, "tests/test_add.py": ADD_TESTS})
     assert isinstance(attempted, NewEvent) and attempted.data["valid"] and attempted.data["issues"] == []
 
 

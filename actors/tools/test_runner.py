@@ -43,6 +43,13 @@ _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
 _SIGINT_DEFAULT = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
 )
+
+
+def with_default_sigint(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` started with SIGINT at its default, as a terminal's Ctrl-C finds it (see ``_SIGINT_DEFAULT``)."""
+    return [sys.executable, "-c", _SIGINT_DEFAULT, *cmd]
+
+
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
 
 
@@ -103,10 +110,7 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
     period. Whatever is left in the group when the run ends is killed."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _SIGINT_DEFAULT,
-        *cmd,
+        *with_default_sigint(cmd),
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,

@@ -225,6 +225,32 @@ class Task(Entity[TaskState]):
             NewEvent.of(TaskAssigned(**s.ids(), role=target, phase=s.phase, priority=s.priority, deadline=s.deadline)),
         ]
 
+    def attempted(
+        self,
+        s: TaskState,
+        n: int,
+        approach: int,
+        output: str,
+        valid: bool,
+        score: float,
+        issues: list[str],
+        **more: Any,
+    ) -> NewEvent:
+        """This role's attempt ``n`` as recorded: its output and its own verdict on it."""
+        return NewEvent.of(
+            TaskAttempted(
+                **s.ids(),
+                role=self.me,
+                attempt=n,
+                approach=approach,
+                output=output,
+                valid=valid,
+                score=score,
+                issues=issues,
+                **more,
+            )
+        )
+
     def next_attempt(self, s: TaskState) -> tuple[int, int] | None:
         n = len(s.attempts) + 1
         if n > ATTEMPTS_PER_APPROACH * APPROACHES:
@@ -281,19 +307,9 @@ class Task(Entity[TaskState]):
             return ev
         assert check is not None
         v = check.structured or {}
+        issues = [str(i) for i in v.get("issues", [])]
         return [
-            NewEvent.of(
-                TaskAttempted(
-                    **s.ids(),
-                    role=self.me,
-                    attempt=n,
-                    approach=approach,
-                    output=work.text,
-                    valid=bool(v.get("valid", False)),
-                    score=finite(v.get("score", 0)),
-                    issues=[str(i) for i in v.get("issues", [])],
-                )
-            )
+            self.attempted(s, n, approach, work.text, bool(v.get("valid", False)), finite(v.get("score", 0)), issues)
         ]
 
     async def review(self, s: TaskState, run: RunConfig) -> list[NewEvent | Spawn]:
@@ -410,40 +426,18 @@ class Task(Entity[TaskState]):
             branch, sha, report = await self.services.in_workspace(run, lambda root: write_and_test(root, files))
         except WORKSPACE_ERRORS as e:  # nothing of the answer is left in the tree; the next attempt gets the error
             issue = f"the files could not be written: {e}"
-            return [
-                NewEvent.of(
-                    TaskAttempted(
-                        **s.ids(),
-                        role=self.me,
-                        attempt=n,
-                        approach=approach,
-                        output=f"attempt {n} (approach {approach}): {issue}",
-                        valid=False,
-                        score=0.0,
-                        issues=[issue],
-                    )
-                )
-            ]
+            return [self.attempted(s, n, approach, f"attempt {n} (approach {approach}): {issue}", False, 0.0, [issue])]
         count, passed = report["count"], report["passed"]
         issues = refused + [f"{f['name']}: {f['message']}" for f in report["failures"]]
         if count == 0:
             issues.append("no tests ran: " + report.get("output_tail", "")[-300:])
         summary = f"attempt {n} (approach {approach}): {passed}/{count} tests passed"
+        valid = bool(count and passed == count and not report["timed_out"])
+        score = round(10.0 * passed / count, 2) if count else 0.0
+        tests = {k: report[k] for k in ("passed", "failed", "errors", "count", "timed_out")}
         return [
             NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
-            NewEvent.of(
-                TaskAttempted(
-                    **s.ids(),
-                    role=self.me,
-                    attempt=n,
-                    approach=approach,
-                    output=summary,
-                    valid=bool(count and passed == count and not report["timed_out"]),
-                    score=round(10.0 * passed / count, 2) if count else 0.0,
-                    issues=issues,
-                    tests={k: report[k] for k in ("passed", "failed", "errors", "count", "timed_out")},
-                )
-            ),
+            self.attempted(s, n, approach, summary, valid, score, issues, tests=tests),
         ]
 
 
