@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -219,19 +220,20 @@ def eventsourcing_single(recorder: Any, total: int, seconds: float) -> tuple[int
     return done, elapsed
 
 
-def bench_single_eventsourcing(port: int, sizes: Sizes) -> list[Row]:
+def bench_single_eventsourcing(url: str, sizes: Sizes) -> list[Row]:
     from eventsourcing.postgres import (
         PostgresAggregateRecorder,
         PostgresApplicationRecorder,
         PostgresDatastore,
     )
 
+    server = urlsplit(url)  # the embedded server's, password included
     datastore = PostgresDatastore(
-        dbname="es_bench",
-        host="127.0.0.1",
-        port=port,
-        user="postgres",
-        password="",
+        dbname=server.path.lstrip("/"),
+        host=server.hostname,
+        port=server.port,
+        user=server.username,
+        password=unquote(server.password or ""),
         pool_size=WRITERS,
         connect_timeout=30,
     )
@@ -384,7 +386,7 @@ async def run(sizes: Sizes) -> list[Row]:
             await (await EventLog.connect(url)).close()  # applies the migrations
         rows = await bench_batched(urls["bench_a"], sizes)
         rows += await bench_single_agenthub(urls["bench_b"], sizes)
-        rows += await asyncio.to_thread(bench_single_eventsourcing, pg.port, sizes)
+        rows += await asyncio.to_thread(bench_single_eventsourcing, db_url(pg.url, "es_bench"), sizes)
         rows += await bench_fold(urls["bench_c"], sizes)
         return rows
 
