@@ -524,15 +524,16 @@ class EventLog:
         """Where ``AfterPosition(position)`` starts, and the position to drop events at or below (None: drop
         none). At or past the newest event: the head, as what comes next. Else a cursor below every transaction
         that wrote, or may yet write, an event above ``position``: the oldest of those that did and the oldest
-        still running (one snapshot)."""
-        async with self.connection() as c:
+        still running. One snapshot for both (repeatable read): the head taken in a second one would count as
+        seen an event committed in between, which the first did not see above ``position``."""
+        async with self.connection() as c, c.transaction(isolation="repeatable_read", readonly=True):
             newest, oldest = await c.fetchrow(
                 "SELECT (SELECT max(position) FROM events), "
                 f"least((SELECT min(tx_id) FROM events WHERE position > $1), {_HORIZON})::text::bigint",
                 min(max(position, 0), INT64_MAX),
             )
-        if newest is None or position >= newest:
-            return None, await self.head_cursor()
+            if newest is None or position >= newest:
+                return None, await _head(c)
         return position, (int(oldest) - 1, INT64_MAX)
 
     async def head(self) -> int:
@@ -546,9 +547,7 @@ class EventLog:
         already committed, all in one statement (one snapshot); ``subscribe`` from it skips those, and delivers
         every event committed later exactly once. Used as a plain cursor (``.cursor``) it may deliver those again."""
         async with self.connection() as c:
-            r = await c.fetchrow(HEAD_SQL)
-        cursor = (int(r[0]), int(r[1])) if r[0] is not None else START
-        return Head(cursor, frozenset(int(tx) for tx in r[2]))
+            return await _head(c)
 
     async def subscribe(
         self,
@@ -712,6 +711,13 @@ LOCKS_IN_TIME_SQL = (
     f"SELECT pg_current_xact_id_if_assigned() IS NULL OR coalesce(bool_and({_held('s')}), true) "
     "FROM unnest($1::text[]) AS s"
 )
+
+
+async def _head(c: asyncpg.Connection) -> Head:
+    """``EventLog.head_cursor`` on ``c``: in a repeatable-read transaction, as of its snapshot."""
+    r = await c.fetchrow(HEAD_SQL)
+    cursor = (int(r[0]), int(r[1])) if r[0] is not None else START
+    return Head(cursor, frozenset(int(tx) for tx in r[2]))
 
 
 class Listener:
