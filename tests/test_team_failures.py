@@ -31,6 +31,15 @@ def pytest_runtest_makereport(item, call):
 """
 
 
+# Stands in for pytest under ``python -m pytest``: a JUnit report of one passing test, wherever it is asked for.
+FAKE_PYTEST = """import sys
+out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--junitxml="))
+open(out, "w").write('<testsuites><testsuite tests="1" failures="0" errors="0" skipped="0">'
+                     '<testcase classname="t" name="test_ok"/></testsuite></testsuites>')
+print("1 passed")
+"""
+
+
 def types(decided: list[NewEvent | Spawn]) -> list[str]:
     return [e.type for e in decided if isinstance(e, NewEvent)]
 
@@ -132,8 +141,20 @@ async def developer_answers(tmp_path: Path, files: dict[str, str]) -> list[NewEv
         {"conftest.py": ALWAYS_PASS},
         {"tests/conftest.py": ALWAYS_PASS},
         {"pytest.ini": "[pytest]\ntestpaths = mine\n", "mine/test_mine.py": TRIVIAL_TEST},
+        {"pytest.toml": '[pytest]\naddopts = ["-k", "test_mine"]\n', "test_mine.py": TRIVIAL_TEST},
+        {"pytest.py": FAKE_PYTEST},
+        {"pytest/__main__.py": FAKE_PYTEST},
     ],
-    ids=["replaced", "replaced-by-another-name", "conftest", "nested-conftest", "config"],
+    ids=[
+        "replaced",
+        "replaced-by-another-name",
+        "conftest",
+        "nested-conftest",
+        "config",
+        "toml-config",
+        "pytest-module",
+        "pytest-package",
+    ],
 )
 async def test_qas_tests_judge_the_developers_code(tmp_path: Path, answer: dict[str, str]) -> None:
     """Each of these answers passes its tests when written as given; QA's test still fails the broken add."""

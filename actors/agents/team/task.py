@@ -53,7 +53,12 @@ CEO_LOOP = "ceo:loop"
 # Dropped, they left the task to its timeout, and the escalated-to role reused the same recorded answer.
 WORKSPACE_ERRORS = (WorkspaceError, GitWorkspaceError, git.GitCommandError, OSError, ValueError)
 # Files that decide how pytest runs QA's tests (conftest.py at any depth too): never the developer's to write.
-PYTEST_CONFIG = frozenset({"pytest.ini", ".pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini"})
+PYTEST_CONFIG = frozenset(
+    {"pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini"}
+)
+# Top-level names that ``python -m pytest``, run in the tree (the tree first on sys.path), would import instead of
+# pytest and its own packages: a ``pytest.py`` there runs in pytest's place and writes whatever report it likes.
+PYTEST_SHADOWS = frozenset({"pytest", "_pytest", "py", "pluggy", "iniconfig", "packaging", "pygments"})
 
 
 class Attempt(BaseModel):
@@ -454,10 +459,15 @@ def _files(answer: Completed) -> dict[str, str]:
     return {str(k): v for k, v in files.items()}
 
 
+def _shadows_pytest(path: str) -> bool:
+    top = path.split("/", 1)[0]
+    return top.removesuffix(".py") in PYTEST_SHADOWS and (top.endswith(".py") or "/" in path)
+
+
 def _developer_files(files: dict[str, str], tests: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """The answer's files less those that would change how QA's tests judge the code (QA's test files, any
-    ``conftest.py``, pytest's config files at the root), and a refusal for each; an unchanged copy of a QA file
-    is dropped without one."""
+    ``conftest.py``, pytest's config files at the root, a module or package at the root named like pytest or one
+    of its own), and a refusal for each; an unchanged copy of a QA file is dropped without one."""
     qa = {posixpath.normpath(path): content for path, content in tests.items()}
     kept: dict[str, str] = {}
     refused: list[str] = []
@@ -466,7 +476,7 @@ def _developer_files(files: dict[str, str], tests: dict[str, str]) -> tuple[dict
         if norm in qa:
             if content != qa[norm]:
                 refused.append(f"refused {path}: QA's tests are not the developer's to change")
-        elif norm in PYTEST_CONFIG or posixpath.basename(norm) == "conftest.py":
+        elif norm in PYTEST_CONFIG or posixpath.basename(norm) == "conftest.py" or _shadows_pytest(norm):
             refused.append(f"refused {path}: it would change how pytest runs QA's tests")
         else:
             kept[path] = content
