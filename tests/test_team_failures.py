@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from git import Repo
+from git import GitCommandError, Repo
 
 from actors.agents.team.services import Completed, fold_run
 from actors.agents.team.task import CEO_LOOP, Attempt, Task, TaskState, _commit, evolve_task
@@ -99,6 +99,19 @@ async def test_an_answer_the_workspace_refuses_is_an_attempt_and_the_next_one_is
     again = await developer.decide(s, message("task.assigned"), CTX)
     assert types(again) == ["llm.completed"] and again[0].data["purpose"] == "code:2"  # type: ignore[union-attr]
     assert "Failing: the files could not be written: path escapes the workspace: ../x.py" in asked[0]
+
+
+async def test_a_failure_of_the_machine_is_no_outcome_of_the_task(tmp_path: Path) -> None:
+    """A lock git left behind (a killed process), like a full disk, says nothing of the answer: the step fails and
+    is tried again, not recorded as the model's failed attempt (one of six) or the task's failure."""
+    svc = services(tmp_path)
+    tests = {"tests/test_add.py": ADD_TESTS}
+    await svc.in_workspace(await svc.run("r1"), lambda root: _commit(root, "r1.t1", tests, "qa"))
+    (tmp_path / "ws" / ".git" / "index.lock").touch()
+    code = Completed(text="", structured={"files": {"add_util.py": ADD_CODE}})
+    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:1": code})
+    with pytest.raises(GitCommandError, match=r"index\.lock"):
+        await Task("developer", svc).decide(s, message("task.assigned"), CTX)
 
 
 async def test_an_approved_branch_that_conflicts_with_main_fails_the_task_naming_the_files(tmp_path: Path) -> None:

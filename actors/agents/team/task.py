@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import git
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCHEMA, role
@@ -21,8 +20,8 @@ from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
-from actors.tools import GitWorkspace, GitWorkspaceError, WorkspaceError, run_pytest
-from actors.tools.git_workspace import MAIN, AlreadyMergedError
+from actors.tools import GitWorkspace, WorkspaceError, run_pytest
+from actors.tools.git_workspace import MAIN, AlreadyMergedError, ApprovalRequiredError, MergeConflictError
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
 from events.team import (
@@ -48,10 +47,20 @@ ATTEMPTS_PER_APPROACH = 3
 APPROACHES = 2
 PASS_SCORE = 7.0
 CEO_LOOP = "ceo:loop"
-# What the file and git tools raise for an answer they cannot apply (a path outside the tree or in .git, a file too
-# large, a name that is a directory, no files at all) or a merge they cannot make: recorded as the step's outcome.
-# Dropped, they left the task to its timeout, and the escalated-to role reused the same recorded answer.
-WORKSPACE_ERRORS = (WorkspaceError, GitWorkspaceError, git.GitCommandError, OSError, ValueError)
+# What an answer itself causes in the file and git tools (a path outside the tree or in .git, a file too large or
+# not text, a file where its directory should be, no files mapping at all) or a merge the branch cannot make (a
+# conflict with main): recorded as the step's outcome. Dropped, they left the task to its timeout, and the
+# escalated-to role reused the same recorded answer. A failure of the machine (a full disk, a lock git left, too
+# many open files) is no outcome of the task: it propagates, and the step is tried again.
+WORKSPACE_ERRORS = (
+    WorkspaceError,
+    MergeConflictError,
+    ApprovalRequiredError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+    ValueError,
+)
 # Files that decide how pytest runs QA's tests (conftest.py at any depth too): never the developer's to write.
 PYTEST_CONFIG = frozenset(
     {"pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini"}
