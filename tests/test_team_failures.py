@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 from git import GitCommandError, Repo
 
-from actors.agents.team.services import Completed, fold_run
+from actors.agents.team.services import Completed, TeamServices, fold_run
 from actors.agents.team.task import CEO_LOOP, Attempt, Task, TaskState, _commit, evolve_task
 from actors.entity import Context, Spawn
 from actors.llm.base import Completion, CompletionRequest
 from actors.tools import PathEscapeError
 from events import NewEvent
-from events.team import FilesWritten, RunForked, RunStarted, TaskAssigned, TaskCreated
-from tests.test_team_steps import ADD_CODE, ADD_TESTS, fold, implement_task, message, recorded, services
+from events.team import FilesWritten, RunForked, RunStarted, TaskAssigned, TaskCreated, TaskMerged
+from storage.eventlog import EventLog
+from tests.test_team_steps import ADD_CODE, ADD_TESTS, fold, implement_task, message, no_llm, recorded, services
 
 CTX = Context("task-r1.t1")
 BROKEN_ADD = "def add(a, b):\n    return 0\n"
@@ -228,6 +229,31 @@ async def test_a_repository_without_the_branch_is_rebuilt_from_what_the_log_reco
     assert types(out) == ["task.merged", "task.completed"]
     main = Repo(tmp_path / "fork" / "ws").heads["main"].commit
     assert {b.path for b in main.tree.traverse()} >= {"add_util.py", "tests/test_add.py"}
+
+
+async def test_a_forks_repository_has_the_tasks_merged_before_the_fork_point(
+    tmp_path: Path, eventlog: EventLog
+) -> None:
+    """Its repository starts new: what the tasks merged before the fork point recorded goes onto its main first,
+    so a later task that builds on their code finds it (and the original's repository is not used)."""
+    run = "r1_fab"
+    await eventlog.append(f"run-{run}", [NewEvent.of(RunStarted(run_id=run, goal="g", workspace="shared"))])
+    await eventlog.append(f"run-{run}", [NewEvent.of(RunForked(run_id=run, from_run="r1", at_position=9))])
+    ids = {"task_id": f"{run}.t1", "run_id": run}
+    written = [
+        FilesWritten(**ids, role="qa", branch="b", files={"tests/test_add.py": ADD_TESTS}, commit="c1"),
+        FilesWritten(**ids, role="developer", branch="b", files={"add_util.py": BROKEN_ADD}, commit="c2"),
+        FilesWritten(**ids, role="developer", branch="b", files={"add_util.py": ADD_CODE}, commit="c3"),
+    ]
+    merged = TaskMerged(**ids, branch="b", commit="c4", approved_by="tech_lead")
+    await eventlog.append(f"task-{run}.t1", [NewEvent.of(e) for e in [*written, merged]])
+    unmerged = FilesWritten(task_id=f"{run}.t2", run_id=run, role="qa", branch="b2", files={"x.py": "X"}, commit="c")
+    await eventlog.append(f"task-{run}.t2", [NewEvent.of(unmerged)])
+    svc = TeamServices(eventlog, no_llm, tmp_path)
+    cfg = await svc.run(run)
+    tree = await svc.in_workspace(cfg, lambda root: {b.path for b in Repo(root).heads["main"].commit.tree.traverse()})
+    assert {"add_util.py", "tests/test_add.py"} <= tree and "x.py" not in tree
+    assert (tmp_path / run / "add_util.py").read_text() == ADD_CODE and not (tmp_path / "shared").exists()
 
 
 def test_a_forked_run_has_its_own_workspace() -> None:

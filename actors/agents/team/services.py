@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from actors.agents.team.roles import role as role_of
 from actors.llm.budget import BudgetExceededError, spent_usd
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, completed_event
+from actors.tools import GitWorkspace
 from events import NewEvent, RecordedEvent
 from storage.eventlog import EventLog
 
@@ -123,15 +124,46 @@ class TeamServices:
         return self.workspaces / (run.workspace or run.run_id)
 
     async def in_workspace(self, run: RunConfig, fn: Callable[[Path], T]) -> T:
-        """Run blocking git/file/test work in a thread, one actor at a time per workspace (a file lock)."""
+        """Run blocking git/file/test work in a thread, one actor at a time per workspace (a file lock). A fork's
+        repository, new, first gets on ``main`` what the tasks merged before the fork point recorded."""
         root = self.workspace_dir(run)
+        merged = await self._merged(run.run_id) if run.forked_from and not (root / ".git").exists() else []
 
         def locked() -> T:
             root.mkdir(parents=True, exist_ok=True)
             with _flock(root.parent / f".{root.name}.lock"):
+                if merged and not (root / ".git").exists():
+                    _replay_merged(root, merged)
                 return fn(root)
 
         return await asyncio.to_thread(locked)
+
+    async def _merged(self, run_id: str) -> list[tuple[str, dict[str, str]]]:
+        """The run's merged tasks, in the order they were merged, each with every file its events recorded."""
+        rows = await self.store.fetch(
+            "SELECT type, data FROM events WHERE data->>'run_id' = $1 "
+            "AND type IN ('task.files_written', 'task.merged') ORDER BY position",
+            run_id,
+        )
+        files: dict[str, dict[str, str]] = {}
+        merged: list[tuple[str, dict[str, str]]] = []
+        for r in rows:
+            task = r["data"]["task_id"]
+            if r["type"] == "task.files_written":
+                files.setdefault(task, {}).update(r["data"]["files"])
+            else:
+                merged.append((task, files.get(task, {})))
+        return merged
+
+
+def _replay_merged(root: Path, merged: list[tuple[str, dict[str, str]]]) -> None:
+    """A commit on ``main`` per merged task, with the files the log recorded for it."""
+    repo = GitWorkspace.init_or_clone(root)
+    for task_id, files in merged:
+        for path, content in files.items():
+            repo.workspace.write(path, content)
+        if repo.add():
+            repo.commit(f"{task_id}: merged before the fork point, rebuilt from the log", author="fork")
 
 
 @contextlib.contextmanager
