@@ -6,11 +6,13 @@ import asyncio
 import atexit
 import contextlib
 import json
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import asyncpg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,6 +21,7 @@ from actors.observability import configure_logging
 from cluster.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from storage.embedded import EmbeddedPostgres
     from storage.eventlog import EventLog
 
 app = typer.Typer(
@@ -52,6 +55,10 @@ def _cluster_required(address: str | None) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+# The name this process's connections give Postgres, so that at exit it can tell them from anyone else's.
+CLIENT_NAME = f"agenthub-cli-{os.getpid()}"
+
+
 async def _open_store(s: Settings) -> EventLog:
     """The event log, on the embedded Postgres if need be. One this starts is stopped as the process exits
     (``pg_ctl`` detaches it: it would run on), registered by the starting thread itself: after a Ctrl-C during the
@@ -62,10 +69,40 @@ async def _open_store(s: Settings) -> EventLog:
     def start() -> str:
         url, started = start_database(s)
         if started is not None:
-            atexit.register(started.stop)
+            atexit.register(_stop_unless_in_use, started)
         return url
 
-    return await EventLog.connect(await asyncio.to_thread(start), run_migrations=False)
+    url = await asyncio.to_thread(start)
+    # asyncpg passes a DSN's unknown parameters on as settings: every connection of this process, the LISTEN one too
+    named = f"{url}{'&' if '?' in url else '?'}application_name={CLIENT_NAME}"
+    return await EventLog.connect(named, run_migrations=False)
+
+
+def _stop_unless_in_use(pg: EmbeddedPostgres) -> None:
+    """Stop the server this command started, unless another process connected to it meanwhile (an `agenthub up`
+    started while this one tailed the log finds it running and uses it: stopped under it, nothing is routed)."""
+
+    async def others() -> int:
+        conn = await asyncpg.connect(pg.url, timeout=10)
+        try:
+            n: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() AND application_name <> $1",
+                CLIENT_NAME,
+            )
+            return n
+        finally:
+            await conn.close()
+
+    try:
+        in_use = asyncio.run(others())
+    except Exception as e:  # cannot tell: leave it running rather than stop it under someone
+        console.print(f"the embedded Postgres this command started is left running: no way to tell who uses it ({e})")
+        return
+    if in_use:
+        console.print(f"the embedded Postgres this command started is left running: {in_use} other connection(s)")
+        return
+    pg.stop()
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from actors.tools.test_runner import with_default_sigint
 from cluster.bootstrap import System
 from cluster.cli import app
 from cluster.settings import Settings, get_settings
@@ -258,6 +260,33 @@ def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> Non
         done = cli("replay", "agent-nosuch")
         assert done.returncode == 1 and "has no events" in done.stdout, done.stdout + done.stderr
         assert pg.running()
+        pg.stop()
+
+        # one this started, but that another process connected to meanwhile (an `up` while this tails): left running
+        tail = subprocess.Popen(
+            with_default_sigint([sys.executable, "-m", "cluster.cli", "events", "tail"]),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not pg.running():
+            assert tail.poll() is None and time.monotonic() < deadline, "tail did not start the database"
+            time.sleep(0.1)
+
+        async def connected_while_tailing() -> None:
+            other = await asyncpg.connect(pg.url)
+            try:
+                await asyncio.sleep(3)  # the tail's store is open by then
+                tail.send_signal(signal.SIGINT)
+                out = await asyncio.to_thread(tail.communicate, timeout=60)
+                assert "left running: 1 other connection" in " ".join(out[0].split()), out[0]  # rich wraps lines
+                assert pg.running()
+            finally:
+                await other.close()
+
+        asyncio.run(connected_while_tailing())
     finally:
         pg.stop("immediate")
 
