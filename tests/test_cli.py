@@ -5,6 +5,7 @@ Synchronous tests: the CLI runs its own event loop, as it does from a shell."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -276,9 +277,17 @@ def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> Non
             time.sleep(0.1)
 
         async def connected_while_tailing() -> None:
-            other = await asyncpg.connect(pg.url)
+            other = None
+            while other is None:  # the server's pid file comes before it takes connections
+                assert time.monotonic() < deadline, "the database the tail started takes no connection"
+                with contextlib.suppress(OSError, asyncpg.CannotConnectNowError):  # refused; still starting up
+                    other = await asyncpg.connect(pg.url)
+                await asyncio.sleep(0.1)
             try:
-                await asyncio.sleep(3)  # the tail's store is open by then
+                tailing = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agenthub-cli-%'"
+                while not await other.fetchval(tailing):  # the tail's store is open: it follows the log
+                    assert time.monotonic() < deadline, "the tail did not connect"
+                    await asyncio.sleep(0.1)
                 tail.send_signal(signal.SIGINT)
                 out = await asyncio.to_thread(tail.communicate, timeout=60)
                 assert "left running: 1 other connection" in " ".join(out[0].split()), out[0]  # rich wraps lines
