@@ -9,6 +9,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import asyncpg
+import structlog
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ from events.hub import (
     settings_block,
 )
 from events.registry import registry
-from serve.deps import BearerAuth, HubDep, state
+from serve.deps import BearerAuth, HubDep, document_bearer, state
 from serve.hub import Hub, OrchestratorUnavailable
 from serve.metrics import merge_expositions
 from serve.request_metrics import RequestMetrics
@@ -52,6 +53,7 @@ from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongE
 from storage.eventlog import AfterPosition, Cursor, Head
 
 STREAM_NAME_MAX = 200  # events/envelope.py STREAM_RE: a stream's id (after the category's dash) has 1-200 characters
+log = structlog.get_logger(__name__)
 XID8_MAX = 2**64 - 1
 STATUS_TIMEOUT_S = 10.0
 
@@ -63,7 +65,8 @@ app = FastAPI(title="agenthub", version="0.1.0")
 
 @app.exception_handler(StoreUnavailable)
 async def _unavailable(request: Request, e: StoreUnavailable) -> JSONResponse:
-    detail = str(e)
+    log.warning("request failed: event store unavailable", path=request.url.path, error=str(e))
+    detail = e.public
     if request.method not in ("GET", "HEAD"):
         # The connection may have dropped while a commit was in flight: whether a write went through is unknown.
         detail += (
@@ -173,7 +176,7 @@ async def healthz(h: HubDep) -> JSONResponse:
         await h.store.fetchval("SELECT 1")
         checks["database"] = "ok"
     except StoreUnavailable as e:
-        checks["database"] = str(e)
+        checks["database"] = e.public
     try:
         await asyncio.wait_for(h.orchestrator.ping.remote(), 2)
         checks["orchestrator"] = "ok"
@@ -512,3 +515,4 @@ async def rebuild_projections(h: HubDep) -> dict[str, int]:
 
 
 app.include_router(build_router())
+document_bearer(app)

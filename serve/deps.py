@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -13,6 +13,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve.hub import Hub
 
 GUARDED = "/api/"
+REFUSED = {
+    "description": "missing or wrong bearer token",
+    "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}},
+}
 
 
 class IngressState:
@@ -52,6 +56,24 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = scope["type"] == "http" and scope["path"].startswith(GUARDED)
         if guarded and not authorized(Headers(scope=scope).get("authorization")):
-            refused = {"detail": "missing or wrong bearer token"}
+            refused = {"detail": REFUSED["description"]}
             return await JSONResponse(refused, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def document_bearer(app: FastAPI) -> None:
+    """``BearerAuth`` guards ``/api/`` as middleware, which FastAPI's schema cannot see: add the scheme to
+    ``/openapi.json`` and mark each guarded operation with it and its 401, so generated clients send the token."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # FastAPI builds it once and caches it; the marks below are idempotent
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            if path.startswith(GUARDED):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+                    operation["responses"].setdefault("401", REFUSED)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -41,7 +41,17 @@ class StreamsNotLocked(StoreError):
 class StoreUnavailable(StoreError):
     """Postgres cannot be reached, or the connection broke during the call. The outcome of a write is unknown: a
     connection lost during its COMMIT may have committed it. Retry a write with the same idempotency key, which
-    returns the original positions if it did commit."""
+    returns the original positions if it did commit.
+
+    ``public`` is what a client may be told: the cause's kind without the server's address, which ``str`` (for
+    logs) carries."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
+
+    def __reduce__(self) -> tuple[type[StoreUnavailable], tuple[str, str]]:  # Ray pickles it across actors
+        return StoreUnavailable, (str(self), self.public)
 
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -64,4 +74,5 @@ def translate_errors() -> Iterator[None]:
     except StoreError:
         raise
     except CONNECTION_ERRORS as e:
-        raise StoreUnavailable(f"event store unavailable: {type(e).__name__}: {e}") from e
+        kind = type(e).__name__
+        raise StoreUnavailable(f"event store unavailable: {kind}: {e}", f"event store unavailable ({kind})") from e

@@ -132,6 +132,21 @@ async def test_the_message_route_documents_both_answers(api: httpx.AsyncClient) 
     assert schemas["202"] == {"$ref": "#/components/schemas/Accepted"}
 
 
+async def test_the_schema_says_which_routes_need_the_bearer_token(api: httpx.AsyncClient) -> None:
+    """The token is checked by middleware, outside FastAPI's dependencies; the schema still declares it."""
+    schema = (await api.get("/openapi.json")).json()
+    assert schema["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    operations = {(path, method): op for path, ops in schema["paths"].items() for method, op in ops.items()}
+    guarded = {key for key in operations if key[0].startswith("/api/")}
+    assert ("/api/v1/agents/{agent_id}/messages", "post") in guarded and ("/api/v1/runs", "post") in guarded
+    for key, op in operations.items():
+        if key in guarded:
+            assert op["security"] == [{"bearer": []}] and "401" in op["responses"], key
+        else:  # /healthz and /metrics answer without it
+            assert "security" not in op, key
+    assert {path for path, _ in operations if not path.startswith("/api/")} >= {"/healthz", "/metrics"}
+
+
 async def test_integers_beyond_64_bits_and_nul_characters_are_422(api: httpx.AsyncClient, eventlog: EventLog) -> None:
     agent_id = await running_agent(eventlog, "badinput")
     url = f"/api/v1/agents/{agent_id}/messages"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import pickle
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from events import ANY, NO_STREAM, NewEvent, RecordedEvent, UnknownEventType
 from events.envelope import Meta, new_id, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
-from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion, translate_errors
 from storage.eventlog import CHANNEL, HEAD_SQL, READ_COMMITTED_SQL, START, AfterPosition, Checkpoint, EventLog
 from storage.export import export_parquet
 from tests.conftest import count_calls, eventually
@@ -454,6 +455,16 @@ async def test_an_outage_expires_the_pooled_connections(eventlog: EventLog) -> N
             raise ConnectionResetError("connection lost")  # as a dropped connection surfaces
     async with eventlog.connection() as c:  # a fresh connection, not the pooled one of before the outage
         assert await c.fetchval("SELECT pg_backend_pid()") != before
+
+
+def test_an_unreachable_database_is_told_to_clients_without_its_address() -> None:
+    with pytest.raises(StoreUnavailable) as caught, translate_errors():
+        raise ConnectionRefusedError(111, "Connect call failed ('10.1.2.3', 5433)")
+    e = caught.value
+    assert "10.1.2.3" in str(e) and "5433" in str(e)  # for the logs
+    assert e.public == "event store unavailable (ConnectionRefusedError)"  # for an HTTP client
+    again = pickle.loads(pickle.dumps(e))  # as Ray carries it from one actor to another
+    assert (str(again), again.public) == (str(e), e.public)
 
 
 async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(eventlog: EventLog) -> None:
