@@ -73,9 +73,21 @@ async def _open_store(s: Settings) -> EventLog:
         return url
 
     url = await asyncio.to_thread(start)
+    _exit_on_sigterm()
     # asyncpg passes a DSN's unknown parameters on as settings: every connection of this process, the LISTEN one too
     named = f"{url}{'&' if '?' in url else '?'}application_name={CLIENT_NAME}"
     return await EventLog.connect(named, run_migrations=False)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a service manager's stop, ``kill``) ends the command through its exit handlers, as Ctrl-C does:
+    by default it kills the process outright, and a Postgres the command started runs on."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop_unless_in_use(pg: EmbeddedPostgres) -> None:

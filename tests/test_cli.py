@@ -18,6 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -242,11 +243,7 @@ async def forked_runs(db_url: str) -> list[str]:
 
 def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> None:
     """``pg_ctl`` detaches the server: `agenthub export` on a stopped system left one running after it exited."""
-    pg = EmbeddedPostgres(tmp_path / "data" / "postgres", free_port())
-    pg.start()
-    pg.stop()  # a data dir as `agenthub down` leaves it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTHUB_") and k != "DATABASE_URL"}
-    env |= {"AGENTHUB_DATA_DIR": str(tmp_path / "data"), "AGENTHUB_PG_PORT": str(pg.port)}
+    pg, env = _stopped_database(tmp_path)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "cluster.cli", *args]
@@ -264,30 +261,11 @@ def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> Non
         pg.stop()
 
         # one this started, but that another process connected to meanwhile (an `up` while this tails): left running
-        tail = subprocess.Popen(
-            with_default_sigint([sys.executable, "-m", "cluster.cli", "events", "tail"]),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while not pg.running():
-            assert tail.poll() is None and time.monotonic() < deadline, "tail did not start the database"
-            time.sleep(0.1)
+        tail = _tail_starting_the_database(env, pg)
 
         async def connected_while_tailing() -> None:
-            other = None
-            while other is None:  # the server's pid file comes before it takes connections
-                assert time.monotonic() < deadline, "the database the tail started takes no connection"
-                with contextlib.suppress(OSError, asyncpg.CannotConnectNowError):  # refused; still starting up
-                    other = await asyncpg.connect(pg.url)
-                await asyncio.sleep(0.1)
+            other = await _once_tailing(pg)
             try:
-                tailing = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agenthub-cli-%'"
-                while not await other.fetchval(tailing):  # the tail's store is open: it follows the log
-                    assert time.monotonic() < deadline, "the tail did not connect"
-                    await asyncio.sleep(0.1)
                 tail.send_signal(signal.SIGINT)
                 out = await asyncio.to_thread(tail.communicate, timeout=60)
                 assert "left running: 1 other connection" in " ".join(out[0].split()), out[0]  # rich wraps lines
@@ -298,6 +276,70 @@ def test_a_command_stops_the_embedded_postgres_it_started(tmp_path: Path) -> Non
         asyncio.run(connected_while_tailing())
     finally:
         pg.stop("immediate")
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM (a service manager's stop, `kill`) killed the command outright, past its exit handlers: the embedded
+    Postgres it had started ran on."""
+    pg, env = _stopped_database(tmp_path)
+    tail = _tail_starting_the_database(env, pg)
+    try:
+
+        async def terminated_while_tailing() -> None:
+            other = await _once_tailing(pg)
+            pid = await other.fetchval("SELECT pg_backend_pid()")
+            await other.close()
+            with contextlib.suppress(psutil.NoSuchProcess):  # its backend gone: the tail's are the only ones
+                await asyncio.to_thread(psutil.Process(pid).wait, 30)
+            tail.send_signal(signal.SIGTERM)
+            out = await asyncio.to_thread(tail.communicate, timeout=60)
+            assert tail.returncode == 128 + signal.SIGTERM and "Traceback" not in out[0], out[0]
+
+        asyncio.run(terminated_while_tailing())
+        assert not pg.running()
+    finally:
+        tail.kill()
+        pg.stop("immediate")
+
+
+def _stopped_database(tmp_path: Path) -> tuple[EmbeddedPostgres, dict[str, str]]:
+    """A data dir as `agenthub down` leaves it, and the environment of a CLI that uses it."""
+    pg = EmbeddedPostgres(tmp_path / "data" / "postgres", free_port())
+    pg.start()
+    pg.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTHUB_") and k != "DATABASE_URL"}
+    return pg, env | {"AGENTHUB_DATA_DIR": str(tmp_path / "data"), "AGENTHUB_PG_PORT": str(pg.port)}
+
+
+def _tail_starting_the_database(env: dict[str, str], pg: EmbeddedPostgres) -> subprocess.Popen[str]:
+    tail = subprocess.Popen(
+        with_default_sigint([sys.executable, "-m", "cluster.cli", "events", "tail"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not pg.running():
+        assert tail.poll() is None and time.monotonic() < deadline, "tail did not start the database"
+        time.sleep(0.1)
+    return tail
+
+
+async def _once_tailing(pg: EmbeddedPostgres) -> asyncpg.Connection:
+    """A connection of our own, once the tail's store is open (it follows the log)."""
+    deadline = time.monotonic() + 60
+    other = None
+    while other is None:  # the server's pid file comes before it takes connections
+        assert time.monotonic() < deadline, "the database the tail started takes no connection"
+        with contextlib.suppress(OSError, asyncpg.CannotConnectNowError):  # refused; still starting up
+            other = await asyncpg.connect(pg.url)
+        await asyncio.sleep(0.1)
+    tailing = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agenthub-cli-%'"
+    while not await other.fetchval(tailing):
+        assert time.monotonic() < deadline, "the tail did not connect"
+        await asyncio.sleep(0.1)
+    return other
 
 
 def test_bad_command_line_values_are_usage_errors() -> None:
