@@ -184,7 +184,9 @@ def demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)
     from cluster.demo import run_demo
 
     configure_logging()
-    raise typer.Exit(run_demo(_settings(port=port), console))
+    settings = _settings(port=port)
+    with _cluster_required(settings.ray_address):
+        raise typer.Exit(run_demo(settings, console))
 
 
 @team_app.command("demo")
@@ -194,7 +196,9 @@ def team_demo(port: Annotated[int | None, typer.Option(help="HTTP port (default 
     from cluster.team_demo import run_team_demo
 
     configure_logging()
-    raise typer.Exit(run_team_demo(_settings(port=port), console))
+    settings = _settings(port=port)
+    with _cluster_required(settings.ray_address):
+        raise typer.Exit(run_team_demo(settings, console))
 
 
 @app.command()
