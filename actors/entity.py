@@ -93,6 +93,12 @@ class Entity(Generic[S]):
         and keeps what the refused completion cost."""
         return []
 
+    def crashed(self, state: S, message: RecordedEvent, error: Exception) -> list[NewEvent]:
+        """Events recording that deciding ``message`` kept failing with ``error``, an exception nothing expected (a
+        bug, the machine), once its host's caller has stopped retrying (``EntityHost.record_crash``). None by
+        default: the message is logged and skipped."""
+        return []
+
     def key_of(self, message: RecordedEvent) -> str:
         """Which entity a routed message is for; by default the one whose stream it was appended to."""
         return message.stream_id
@@ -235,6 +241,26 @@ class EntityHost(Generic[S]):
             await self.snapshot(a)
         metrics.HANDLER_LATENCY.labels(self.entity.category).observe(time.perf_counter() - started)
         return appended
+
+    async def record_crash(self, message: RecordedEvent, error: Exception) -> list[RecordedEvent]:
+        """Append what the entity says about ``message`` whose handling kept raising ``error`` (``Entity.crashed``),
+        decided on its state as the log has it, so that what waits on it hears now instead of at a timeout."""
+        key = self.entity.key_of(message)
+        self.active.pop(key, None)  # the failed handling may have left the cached state half-way
+        a = await self.get(key)
+        conflicts = 0
+        while failed := self.entity.crashed(a.state, message, error):
+            _caused_by(message, message.meta.correlation_id or message.id, self.entity.category, failed)
+            try:
+                res = await self.store.append(a.ctx.stream, failed, a.ctx.version)
+            except WrongExpectedVersion:
+                conflicts += 1
+                if conflicts > MAX_CONFLICT_RETRIES:
+                    raise
+                await self.catch_up(a)  # someone else wrote meanwhile: ask again on the newer state
+                continue
+            return self._applied(a, failed, res.positions, res.versions)
+        return []
 
     def _applied(
         self, a: Active[S], new: list[NewEvent], positions: list[int], versions: list[int]

@@ -20,7 +20,7 @@ from actors.agents.team.queue import TaskQueue
 from actors.agents.team.run import MAX_FAILED_TICKS, STATUS_OF, TASK_STATUS_SQL, Run, RunState, evolve_run
 from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.agents.team.task import Task, TaskState, _commit, evolve_task, finite
-from actors.entity import Context, Spawn
+from actors.entity import Context, EntityHost, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted
@@ -36,6 +36,7 @@ from events.team import (
 )
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
+from tests.conftest import eventually
 
 ADD_TESTS = "from add_util import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
 ADD_CODE = "def add(a, b):\n    return a + b\n"
@@ -332,6 +333,44 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
     finally:
         worker.cancel()
     assert host.calls == failures + 1 and len(actor.queue) == 0
+
+
+async def test_a_step_that_keeps_failing_fails_its_task_at_once(tmp_path: Path, eventlog: EventLog) -> None:
+    """An error no answer caused (here the LLM client's own bug) is tried again, then recorded as the task's
+    failure with the error; the task used to wait for its timeout (300 s), to be handed to the next role."""
+    calls: list[str] = []
+
+    async def broken(request: CompletionRequest) -> Completion:
+        calls.append(request.last_user_message())
+        raise RuntimeError("the client's own bug")
+
+    svc = TeamServices(eventlog, broken, tmp_path)
+    svc._runs["r1"] = RunConfig(run_id="r1", workspace="ws")
+    ids = {"task_id": "r1.t1", "run_id": "r1"}
+    await eventlog.append("task-r1.t1", [NewEvent.of(TaskCreated(**ids, title="budget", role="cfo"))])
+    started = await eventlog.append("task-r1.t1", [NewEvent.of(TaskStarted(**ids, role="cfo", timer_id="t1"))])
+    (trigger,) = await eventlog.read_stream("task-r1.t1", started.versions[0])
+
+    actor = object.__new__(RoleActorImpl)
+    actor.name, actor.queue, actor.current, actor.failures = "cfo", TaskQueue(), None, 0
+    actor.store_retry_wait, actor.store_retry_stop, actor.step_attempts = wait_none(), stop_after_attempt(3), 3
+    actor.hosts = {"task": EntityHost(Task("cfo", svc), eventlog)}
+    await actor.handle(trigger)
+    worker = asyncio.create_task(actor._work())
+    try:
+
+        async def failed() -> bool:
+            return (await eventlog.read_stream("task-r1.t1"))[-1].type == "task.failed"
+
+        await eventually(failed, what="the task to fail")
+    finally:
+        worker.cancel()
+    event = (await eventlog.read_stream("task-r1.t1"))[-1]
+    assert len(calls) == 3 and actor.failures == 1 and len(actor.queue) == 0
+    assert event.data["reason"] == "step failed at cfo: RuntimeError: the client's own bug"
+    assert event.meta.causation_id == trigger.id and event.data["role"] == "cfo"
+    await actor.hosts["task"].record_crash(trigger, RuntimeError("again"))  # a finished task: nothing more
+    assert [e.type for e in await eventlog.read_stream("task-r1.t1")] == ["task.created", "task.started", "task.failed"]
 
 
 async def test_a_roles_cache_of_run_configs_stays_bounded(

@@ -113,11 +113,13 @@ class RoleActorImpl(TeamActor):
 
     A step that meets a store outage is retried (the routed event was already acknowledged: dropping it would
     leave the task waiting for its timeout); if the store is still down after ``store_retry_stop``, the task
-    goes back into the queue."""
+    goes back into the queue. A step that raises anything else is tried ``step_attempts`` times in all, then
+    its task is failed with the error (``Task.crashed``)."""
 
     store_retry_wait: Any = wait_exponential(multiplier=0.5, max=8)
     store_retry_stop: Any = stop_after_delay(60)
     store_retry_pause_s = 1.0
+    step_attempts = 3
 
     def __init__(self, config: RuntimeConfig, name: str) -> None:
         self.name = name
@@ -168,25 +170,41 @@ class RoleActorImpl(TeamActor):
                 host.active.pop(task_id, None)
                 await self.handle(trigger)  # back into the queue (a newer trigger that came meanwhile wins)
                 await asyncio.sleep(self.store_retry_pause_s)
-            except Exception:
+            except Exception as e:
                 self.failures += 1
-                log.exception("task step failed", role=self.name, task=task_id)
+                log.exception("task step failed; failing the task", role=self.name, task=task_id)
                 host.active.pop(task_id, None)  # reload from the log next time
+                try:
+                    await host.record_crash(trigger, e)
+                except Exception:
+                    log.exception("task step failure not recorded; the task waits for its timeout", task=task_id)
             finally:
                 self.current = None
 
     async def _step(self, host: EntityHost[Any], task_id: str, trigger: RecordedEvent) -> None:
-        """One step of a task, retried while the store is unavailable (reloaded from the log each time: an
-        append whose answer was lost may have committed)."""
+        """One step of a task, retried while the store is unavailable, and ``step_attempts`` times in all on any
+        other error (reloaded from the log each time: an append whose answer was lost may have committed)."""
 
         def before_retry(state: RetryCallState) -> None:
             host.active.pop(task_id, None)
-            log.warning("event store unavailable; retrying", role=self.name, task=task_id, tries=state.attempt_number)
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "task step failed; retrying",
+                role=self.name,
+                task=task_id,
+                tries=state.attempt_number,
+                error=repr(error),
+            )
+
+        def stop(state: RetryCallState) -> bool:
+            if state.outcome is not None and isinstance(state.outcome.exception(), StoreUnavailable):
+                return bool(self.store_retry_stop(state))
+            return state.attempt_number >= self.step_attempts
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailable),
+            retry=retry_if_exception_type(Exception),
             wait=self.store_retry_wait,
-            stop=self.store_retry_stop,
+            stop=stop,
             reraise=True,
             before_sleep=before_retry,
         )

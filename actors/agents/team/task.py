@@ -43,6 +43,7 @@ from events.team import (
 )
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+CRASH_REASON_CHARS = 500
 ATTEMPTS_PER_APPROACH = 3
 APPROACHES = 2
 PASS_SCORE = 7.0
@@ -199,6 +200,14 @@ class Task(Entity[TaskState]):
             ]
         except ProviderError as e:  # retries and any fallback are spent: say so now, not at the timeout
             return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"LLM call failed: {e}"))]
+
+    def crashed(self, s: TaskState, message: RecordedEvent, error: Exception) -> list[NewEvent]:
+        """A step that kept failing on something no answer caused (a bug, the machine) fails its task now, the
+        error in the reason, instead of leaving the task to its timeout and the next role to meet the same."""
+        if s.status in TERMINAL or s.status == "absent":
+            return []
+        reason = f"step failed at {self.me}: {type(error).__name__}: {error}"[:CRASH_REASON_CHARS]
+        return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
     # ---- steps -------------------------------------------------------------------------------------------
 
