@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -76,6 +77,9 @@ class Entity(Generic[S]):
 
     category: ClassVar[str]
     max_steps: ClassVar[int] = 16
+    # Types of events that a decision which lost a version conflict still records (on the stream as it is then)
+    # before deciding again: facts of the world that deciding again does not repeat, such as a paid completion.
+    conflict_keeps: ClassVar[frozenset[str]] = frozenset()
 
     def initial(self) -> S:
         raise NotImplementedError
@@ -219,10 +223,12 @@ class EntityHost(Generic[S]):
             try:
                 res = await self.store.append(a.ctx.stream, new, a.ctx.version)
             except WrongExpectedVersion:
+                await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
+                kept = [e for e in new if e.type in self.entity.conflict_keeps]
+                appended += await self._append_latest(a, lambda _, kept=kept: kept) if kept else []
                 conflicts += 1
                 if conflicts > MAX_CONFLICT_RETRIES:
                     raise
-                await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
                 continue
             except (InvalidEvent, EventTooLarge) as e:
                 failed = self.entity.refused(a.state, message, e, new)
@@ -248,18 +254,28 @@ class EntityHost(Generic[S]):
         key = self.entity.key_of(message)
         self.active.pop(key, None)  # the failed handling may have left the cached state half-way
         a = await self.get(key)
+        correlation = message.meta.correlation_id or message.id
+
+        def failed(state: S) -> list[NewEvent]:
+            events = self.entity.crashed(state, message, error)
+            _caused_by(message, correlation, self.entity.category, events)
+            return events
+
+        return await self._append_latest(a, failed)
+
+    async def _append_latest(self, a: Active[S], decide: Callable[[S], list[NewEvent]]) -> list[RecordedEvent]:
+        """Append what ``decide`` makes of the entity's state, reloading and asking again after a conflict."""
         conflicts = 0
-        while failed := self.entity.crashed(a.state, message, error):
-            _caused_by(message, message.meta.correlation_id or message.id, self.entity.category, failed)
+        while new := decide(a.state):
             try:
-                res = await self.store.append(a.ctx.stream, failed, a.ctx.version)
+                res = await self.store.append(a.ctx.stream, new, a.ctx.version)
             except WrongExpectedVersion:
                 conflicts += 1
                 if conflicts > MAX_CONFLICT_RETRIES:
                     raise
-                await self.catch_up(a)  # someone else wrote meanwhile: ask again on the newer state
+                await self.catch_up(a)  # someone else wrote meanwhile
                 continue
-            return self._applied(a, failed, res.positions, res.versions)
+            return self._applied(a, new, res.positions, res.versions)
         return []
 
     def _applied(

@@ -22,6 +22,7 @@ from actors.agents.team.services import Completed, RunConfig, TeamServices
 from actors.agents.team.task import Task, TaskState, _commit, evolve_task, finite
 from actors.entity import Context, EntityHost, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
+from actors.llm.budget import spent_usd
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted
 from events.system import TimerScheduled
@@ -30,6 +31,7 @@ from events.team import (
     DecisionVerdict,
     MemoryNoted,
     RunStarted,
+    TaskCancelled,
     TaskCompleted,
     TaskCreated,
     TaskStarted,
@@ -371,6 +373,32 @@ async def test_a_step_that_keeps_failing_fails_its_task_at_once(tmp_path: Path, 
     assert event.meta.causation_id == trigger.id and event.data["role"] == "cfo"
     await actor.hosts["task"].record_crash(trigger, RuntimeError("again"))  # a finished task: nothing more
     assert [e.type for e in await eventlog.read_stream("task-r1.t1")] == ["task.created", "task.started", "task.failed"]
+
+
+async def test_a_completion_paid_for_a_task_cancelled_meanwhile_is_still_recorded(
+    tmp_path: Path, eventlog: EventLog
+) -> None:
+    """The completion's append loses to the cancel (a version conflict); deciding again on the cancelled task does
+    nothing, so the completion was lost, and the run's budget never counted what it cost."""
+    ids = {"task_id": "r1.t1", "run_id": "r1"}
+
+    async def cancelled_meanwhile(request: CompletionRequest) -> Completion:
+        await eventlog.append("task-r1.t1", [NewEvent.of(TaskCancelled(**ids, reason="no longer needed"))])
+        return Completion(
+            text="done", provider="p", model="m", prompt_tokens=9, completion_tokens=3, latency_ms=5, cost_usd=0.25
+        )
+
+    svc = TeamServices(eventlog, cancelled_meanwhile, tmp_path)
+    svc._runs["r1"] = RunConfig(run_id="r1", workspace="ws", budget_usd=10.0)
+    await eventlog.append("task-r1.t1", [NewEvent.of(TaskCreated(**ids, title="budget", role="cfo"))])
+    started = await eventlog.append("task-r1.t1", [NewEvent.of(TaskStarted(**ids, role="cfo", timer_id="t1"))])
+    (trigger,) = await eventlog.read_stream("task-r1.t1", started.versions[0])
+    appended = await EntityHost(Task("cfo", svc), eventlog).handle(trigger)
+
+    events = await eventlog.read_stream("task-r1.t1")
+    assert [e.type for e in events] == ["task.created", "task.started", "task.cancelled", "llm.completed"]
+    assert [e.id for e in appended] == [events[-1].id] and events[-1].meta.causation_id == trigger.id
+    assert events[-1].data["purpose"] == "work:1" and await spent_usd(eventlog, "run_id", "r1") == 0.25
 
 
 async def test_a_roles_cache_of_run_configs_stays_bounded(

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, role
-from actors.agents.team.services import Completed, TeamServices
+from actors.agents.team.services import PAID, Completed, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
@@ -66,6 +66,7 @@ def evolve_decision(s: DecisionState, e: RecordedEvent) -> DecisionState:
 
 class Decision(Entity[DecisionState]):
     category = "decision"
+    conflict_keeps = PAID
 
     def __init__(self, services: TeamServices, ask_voter: AskVoter) -> None:
         self.services = services

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
-from actors.agents.team.services import Completed, TeamServices, fold_run
+from actors.agents.team.services import PAID, Completed, TeamServices, fold_run
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
@@ -63,6 +63,7 @@ def evolve_run(s: RunState, e: RecordedEvent) -> RunState:
 
 class Run(Entity[RunState]):
     category = "run"
+    conflict_keeps = PAID
     max_steps = 8
 
     def __init__(self, services: TeamServices) -> None:

@@ -19,6 +19,9 @@ from events import NewEvent, RecordedEvent
 from storage.eventlog import EventLog
 
 T = TypeVar("T")
+# A team entity's completion is recorded as its own step (``TeamServices.ask``): one that loses a version conflict
+# (the task was cancelled or handed on meanwhile) is still recorded, since it was paid for (``Entity.conflict_keeps``)
+PAID = frozenset({"llm.completed"})
 
 
 class RunConfig(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCHEMA, role
-from actors.agents.team.services import Completed, RunConfig, TeamServices
+from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError
@@ -158,6 +158,7 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
 
 class Task(Entity[TaskState]):
     category = "task"
+    conflict_keeps = PAID
     max_steps = 64
 
     def __init__(self, me: str, services: TeamServices) -> None:
