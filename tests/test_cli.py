@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from actors.tools.test_runner import with_default_sigint
+from actors.tools.test_runner import as_child
 from cluster.bootstrap import System
 from cluster.cli import app
 from cluster.settings import Settings, get_settings
@@ -313,7 +313,7 @@ def _stopped_database(tmp_path: Path) -> tuple[EmbeddedPostgres, dict[str, str]]
 
 def _tail_starting_the_database(env: dict[str, str], pg: EmbeddedPostgres) -> subprocess.Popen[str]:
     tail = subprocess.Popen(
-        with_default_sigint([sys.executable, "-m", "cluster.cli", "events", "tail"]),
+        as_child([sys.executable, "-m", "cluster.cli", "events", "tail"]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

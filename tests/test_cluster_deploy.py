@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from actors.tools.test_runner import with_default_sigint
+from actors.tools.test_runner import as_child
 from storage.embedded import EmbeddedPostgres
 from tests.conftest import free_port
 
@@ -244,7 +244,7 @@ def test_a_ctrl_c_during_bring_up_stops_what_it_started(phase: str, tmp_path: Pa
     }
     # SIGINT at its default, as a terminal's Ctrl-C finds it: a test run a shell started in the background (a CI job)
     # ignores SIGINT, and its children inherit that, so the interrupt would be lost.
-    cmd = with_default_sigint([str(BIN / "agenthub"), "up"])
+    cmd = as_child([str(BIN / "agenthub"), "up"])
     up = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ray_processes: list[psutil.Process] = []
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -575,6 +576,39 @@ async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(t
     finally:
         if not _gone(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A role actor killed mid-run (SIGKILL: no cleanup of its own) left its pytest running on, its timeout gone
+    with the actor."""
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    starter = (  # stands in for the role actor: starts a run with a long timeout
+        "import asyncio, sys; from pathlib import Path; from actors.tools.test_runner import _run; "
+        f"asyncio.run(_run([sys.executable, '-c', {child!r}], Path({str(tmp_path)!r}), 600, {{}}))"
+    )
+    actor = subprocess.Popen([sys.executable, "-c", starter], cwd=Path(__file__).parents[1])
+    try:
+        for _ in range(300):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        assert not _gone(pid)
+        actor.kill()
+        actor.wait(10)
+        for _ in range(100):
+            if _gone(pid):
+                break
+            time.sleep(0.05)
+        try:
+            assert _gone(pid), "the run outlived the process that started it"
+        finally:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        actor.kill()
 
 
 async def test_pytest_without_tests(tmp_path: Path) -> None:

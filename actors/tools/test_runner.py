@@ -39,15 +39,24 @@ _ERROR_LINE = re.compile(r"^\w*(Error|Exception)\b")
 _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
 # Starts a command with SIGINT at its default. A process started in the background by a non-interactive shell
 # (a CI job, say) ignores SIGINT, and an ignored signal stays ignored across exec, so the timeout's SIGINT would
-# do nothing and pytest, killed after the grace period, would write no report.
-_SIGINT_DEFAULT = (
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
-)
+# do nothing and pytest, killed after the grace period, would write no report. On Linux the command is also killed
+# when the process that started it dies (PR_SET_PDEATHSIG, kept across exec): a role actor killed mid-run left
+# its pytest running on, the run's timeout gone with the actor. If that process is gone already, it never starts.
+_CHILD_STUB = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit("the process that started this command is gone")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
-def with_default_sigint(cmd: Sequence[str]) -> list[str]:
-    """``cmd`` started with SIGINT at its default, as a terminal's Ctrl-C finds it (see ``_SIGINT_DEFAULT``)."""
-    return [sys.executable, "-c", _SIGINT_DEFAULT, *cmd]
+def as_child(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` started with SIGINT at its default, as a terminal's Ctrl-C finds it, and bound to this process's
+    life (see ``_CHILD_STUB``)."""
+    return [sys.executable, "-c", _CHILD_STUB, str(os.getpid()), *cmd]
 
 
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
@@ -110,7 +119,7 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
     period. Whatever is left in the group when the run ends is killed."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        *with_default_sigint(cmd),
+        *as_child(cmd),
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
