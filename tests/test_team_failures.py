@@ -102,6 +102,20 @@ async def test_an_answer_the_workspace_refuses_is_an_attempt_and_the_next_one_is
     assert "Failing: the files could not be written: path escapes the workspace: ../x.py" in asked[0]
 
 
+async def test_an_os_error_is_told_with_paths_inside_the_workspace(tmp_path: Path) -> None:
+    """The model and the log are told which file, not where the service keeps its workspaces."""
+    svc = services(tmp_path)
+    tests = {"tests/test_add.py": ADD_TESTS}
+    await svc.in_workspace(await svc.run("r1"), lambda root: _commit(root, "r1.t1", tests, "qa"))
+    answer = Completed(text="", structured={"files": {"tests": "a file where QA's directory is\n"}})
+    s = implement_task(role="developer", phase="code", tests=tests, completions={"code:1": answer})
+    (attempt,) = await Task("developer", svc).decide(s, message("task.assigned"), CTX)
+    assert isinstance(attempt, NewEvent) and not attempt.data["valid"]
+    (issue,) = attempt.data["issues"]
+    assert issue.startswith("the files could not be written: [Errno 21] Is a directory: 'tests'"), issue
+    assert str(tmp_path) not in issue
+
+
 async def test_a_failure_of_the_machine_is_no_outcome_of_the_task(tmp_path: Path) -> None:
     """A lock git left behind (a killed process), like a full disk, says nothing of the answer: the step fails and
     is tried again, not recorded as the model's failed attempt (one of six) or the task's failure."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import posixpath
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,6 +211,12 @@ class Task(Entity[TaskState]):
         reason = f"step failed at {self.me}: {type(error).__name__}: {error}"[:CRASH_REASON_CHARS]
         return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
+    def told(self, error: Exception, run: RunConfig) -> str:
+        """An error as the log and the model are told it: paths relative to the run's workspace (an OS error names
+        the file by its absolute path, which is the service's own layout)."""
+        root = str(self.services.workspace_dir(run))
+        return str(error).replace(root + os.sep, "").replace(root, ".")
+
     # ---- steps -------------------------------------------------------------------------------------------
 
     def start(self, s: TaskState) -> list[NewEvent | Spawn]:
@@ -384,7 +391,8 @@ class Task(Entity[TaskState]):
             try:
                 sha = await self.services.in_workspace(run, merge)
             except WORKSPACE_ERRORS as e:  # e.g. main got a conflicting change meanwhile; the branch stays as it is
-                return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"approved but not merged: {e}"))]
+                reason = f"approved but not merged: {self.told(e, run)}"
+                return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
             out.append(NewEvent.of(TaskMerged(**s.ids(), branch=branch, commit=sha, approved_by=approver)))
             result = f"merged {branch} into main as {sha[:10]}, approved by {approver}"
         else:
@@ -414,7 +422,8 @@ class Task(Entity[TaskState]):
             files = _files(answer)
             branch, sha = await self.services.in_workspace(run, lambda root: _commit(root, s.task_id, files, self.me))
         except WORKSPACE_ERRORS as e:
-            return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"the tests could not be written: {e}"))]
+            reason = f"the tests could not be written: {self.told(e, run)}"
+            return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
         return [
             NewEvent.of(FilesWritten(**s.ids(), role=self.me, branch=branch, files=files, commit=sha)),
             NewEvent.of(
@@ -449,7 +458,7 @@ class Task(Entity[TaskState]):
             files, refused = _developer_files(_files(answer), s.tests)
             branch, sha, report = await self.services.in_workspace(run, lambda root: write_and_test(root, files))
         except WORKSPACE_ERRORS as e:  # nothing of the answer is left in the tree; the next attempt gets the error
-            issue = f"the files could not be written: {e}"
+            issue = f"the files could not be written: {self.told(e, run)}"
             return [self.attempted(s, n, approach, f"attempt {n} (approach {approach}): {issue}", False, 0.0, [issue])]
         count, passed = report["count"], report["passed"]
         issues = refused + [f"{f['name']}: {f['message']}" for f in report["failures"]]
