@@ -97,7 +97,7 @@ class Entity(Generic[S]):
         and keeps what the refused completion cost."""
         return []
 
-    def crashed(self, state: S, message: RecordedEvent, error: Exception) -> list[NewEvent]:
+    def crashed(self, state: S, message: RecordedEvent, ctx: Context, error: Exception) -> list[NewEvent]:
         """Events recording that deciding ``message`` kept failing with ``error``, an exception nothing expected (a
         bug, the machine), once its host's caller has stopped retrying (``EntityHost.record_crash``). None by
         default: the message is logged and skipped."""
@@ -257,7 +257,7 @@ class EntityHost(Generic[S]):
         correlation = message.meta.correlation_id or message.id
 
         def failed(state: S) -> list[NewEvent]:
-            events = self.entity.crashed(state, message, error)
+            events = self.entity.crashed(state, message, a.ctx, error)
             _caused_by(message, correlation, self.entity.category, events)
             return events
 

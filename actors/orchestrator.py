@@ -726,7 +726,7 @@ class OrchestratorImpl:
                     self.timer_wake.set()
         except Exception:
             SKIPPED.labels("timer").inc()
-            log.exception("unreadable timer event skipped", event=str(e.id), type=e.type)
+            log.exception("unreadable timer event skipped", event_id=str(e.id), type=e.type)
 
     async def _fire_timers(self) -> None:
         while True:

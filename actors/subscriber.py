@@ -97,8 +97,8 @@ class EntityActor:
         effects are idempotent by causation id (see actors/entity.py), so what a crash redelivers repeats no
         effect, and a checkpoint write per delivery would only add a round trip to every reply. A store outage
         propagates (the orchestrator redelivers from its cursor), and fails the entity's later deliveries with it, so
-        that they cannot overtake the redelivery; any other handler error is logged and counted,
-        so one poison message cannot stall the subscriber."""
+        that they cannot overtake the redelivery; any other handler error is logged, counted and recorded by the
+        entity if it has something to say (``Entity.crashed``), so one poison message cannot stall the subscriber."""
         await self._ready
         groups: dict[tuple[str, str], list[RecordedEvent]] = {}
         for event in events:
@@ -140,10 +140,24 @@ class EntityActor:
             await self.handle(event)
         except StoreUnavailable:
             raise
-        except Exception:
+        except Exception as e:
             self.failures += 1
-            log.exception("handler failed", subscriber=self.subscriber, event=str(event.id), type=event.type)
+            log.exception("handler failed", subscriber=self.subscriber, event_id=str(event.id), type=event.type)
+            await self._record_crash(event, e)
         metrics.ROUTED.labels(self.subscriber).inc()
+
+    async def _record_crash(self, event: RecordedEvent, error: Exception) -> None:
+        """Let the entity record the failure (``Entity.crashed``: a chat answers its message as failed), so that
+        the event is not skipped in silence. An outage meanwhile propagates: the event is delivered again."""
+        host = self.hosts.get(event.category)
+        if host is None:
+            return
+        try:
+            await host.record_crash(event, error)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("handler failure not recorded", subscriber=self.subscriber, event_id=str(event.id))
 
     async def handle(self, event: RecordedEvent) -> None:
         """Route one event to the host of its category; subclasses may queue instead of handling at once."""

@@ -36,7 +36,6 @@ from storage.errors import (
 )
 from storage.group_commit import GroupCommit, PendingAppend
 from storage.migrate import migrate
-from storage.restored import rebase_restored
 
 log = structlog.get_logger(__name__)
 
@@ -214,7 +213,6 @@ class EventLog:
                 conn = await asyncpg.connect(url, timeout=10)
                 try:
                     await migrate(conn)
-                    await rebase_restored(conn)
                 finally:
                     await conn.close()
             pool = await asyncpg.create_pool(

@@ -7,6 +7,8 @@ from importlib import resources
 import asyncpg
 import structlog
 
+from storage.restored import rebase_restored
+
 log = structlog.get_logger(__name__)
 
 _LOCK_KEY = 0x4147_4855_4221  # 'AGHUB!': one migrator at a time across processes
@@ -22,7 +24,8 @@ def migration_files() -> list[tuple[int, str, str]]:
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply every migration not yet recorded in ``schema_migrations``; returns the names applied."""
+    """Apply every migration not yet recorded in ``schema_migrations``, then rebase a log restored from another
+    cluster (``storage/restored.py``), under the same lock; returns the names applied."""
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
@@ -39,6 +42,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             log.info("migration applied", migration=name)
             applied.append(name)
+        await rebase_restored(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied

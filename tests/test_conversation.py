@@ -9,10 +9,12 @@ import pytest
 
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
 from actors.agents.replay import ReplayReport, replay_agent, replay_chat
+from actors.config import RuntimeConfig
 from actors.entity import EntityHost
 from actors.llm.budget import spent_usd
 from actors.llm.providers import Completion, CompletionRequest, ScriptedProvider, ScriptRule, completed_event
 from actors.llm.router import LLMRouter, RetryPolicy
+from actors.subscriber import EntityActor
 from events import Meta, NewEvent, RecordedEvent
 from events.hub import AgentCreated, AgentSettings, AgentUpdated, MessageReceived, ReplyFailed, ReplySent
 from storage.eventlog import EventLog
@@ -284,3 +286,29 @@ async def test_replay_of_an_agent_reads_its_own_chats_only(eventlog: EventLog) -
         await eventlog.append(stream, [failed])
     report = await replay_agent(eventlog, "a_1")
     assert report.mismatches == [] and report.streams == 1 and report.messages == 1
+
+
+async def test_a_message_whose_handling_fails_unexpectedly_is_answered_as_failed(
+    eventlog: EventLog, db_url: str
+) -> None:
+    """Not skipped in silence: the client, told with a 202 that the reply would arrive, waited for ever."""
+
+    async def broken(request: CompletionRequest) -> Completion:
+        raise RuntimeError("a bug, with the database at 10.0.0.5:5432 in its text")
+
+    class Chats(EntityActor):
+        async def setup(self) -> None:
+            self.hosts["chat"] = EntityHost(Conversation(AgentSettings, broken), self.store)
+
+    actor = Chats(RuntimeConfig(database_url=db_url), "chats")
+    try:
+        await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="hi", chat_id="c1"))])
+        (message,) = await eventlog.read_stream("chat-a1/c1")
+        await actor.deliver([message], message.cursor)  # the delivery succeeds: the orchestrator moves on
+        await actor.deliver([message], message.cursor)  # delivered again: answered once
+        answers = (await eventlog.read_stream("chat-a1/c1"))[1:]
+        assert [(e.type, e.meta.causation_id) for e in answers] == [("chat.reply_failed", message.id)]
+        assert answers[0].data["error"] == "the reply failed: internal error (RuntimeError)"
+        assert actor.failures == 1
+    finally:
+        await actor.store.close()

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from actors import orchestrator
 from actors.config import RuntimeConfig
-from actors.orchestrator import OrchestratorImpl
+from actors.orchestrator import SKIPPED, OrchestratorImpl
 from actors.projections import PROJECTOR
 from events import NewEvent, RecordedEvent, Subscription
 from events.hub import AgentStarted, AgentStopped, AgentUpdated, MessageReceived
@@ -489,6 +489,24 @@ async def test_a_timer_that_cannot_fire_is_recorded_and_the_others_fire(start: S
 
     await eventually(next_fired, timeout=5, what="a timer after the restart fired")
     assert await fired_in(eventlog, "timer-bad") == ["timer.scheduled", "timer.failed"]
+
+
+async def test_an_unreadable_timer_is_skipped_and_the_others_fire(start: Start, eventlog: EventLog) -> None:
+    """A timer whose time cannot be read (written behind the model's back) is logged, counted and skipped; its
+    log line once raised a TypeError of its own (``event=`` is structlog's message argument)."""
+    now = datetime.now(UTC)
+    await eventlog.append("timer-bad", [timer("unreadable", now - timedelta(seconds=2))])
+    await eventlog.execute("UPDATE events SET data = data - 'fire_at' WHERE stream = 'timer-bad'")
+    await eventlog.append("timer-good", [timer("good", now - timedelta(seconds=1))])
+    skipped = SKIPPED.labels("timer")._value.get()
+    await start()
+
+    async def good_fired() -> bool:
+        return await fired_in(eventlog, "reminder-good") == ["timer.fired"]
+
+    await eventually(good_fired, timeout=5, what="the good timer fired")
+    assert SKIPPED.labels("timer")._value.get() == skipped + 1
+    assert await fired_in(eventlog, "timer-bad") == ["timer.scheduled"]
 
 
 async def test_a_timer_that_meets_a_passing_database_error_fires_later_and_is_not_failed(

@@ -401,6 +401,31 @@ async def test_a_completion_paid_for_a_task_cancelled_meanwhile_is_still_recorde
     assert events[-1].data["purpose"] == "work:1" and await spent_usd(eventlog, "run_id", "r1") == 0.25
 
 
+def test_an_answer_the_previous_role_asked_for_is_no_answer_for_the_next() -> None:
+    """A developer's completion that lost its append to the escalation is still recorded (it was paid for), after
+    the hand-over: the tech lead asks for its own instead of taking the developer's as its answer."""
+    s = implement_task(role="developer", phase="code")
+    s = evolve_task(s, message("task.assigned", task_id="r1.t1", run_id="r1", role="tech_lead", phase="code"))
+
+    def answer(by: str) -> RecordedEvent:
+        return message("llm.completed", agent_id=by, purpose="code:1", text=f"by {by}", structured=None)
+
+    s = evolve_task(s, answer("developer"))
+    assert "code:1" not in s.completions
+    s = evolve_task(s, answer("tech_lead"))
+    assert s.completions["code:1"].text == "by tech_lead"
+
+
+def test_a_crash_in_a_role_the_task_was_taken_from_fails_nothing(tmp_path: Path) -> None:
+    """The developer's step kept failing while the task's timeout handed it to the tech lead: the tech lead's task
+    goes on."""
+    s = implement_task(role="tech_lead", phase="code")
+    crash = RuntimeError("a bug")
+    assert Task("developer", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash) == []
+    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash)
+    assert failed.type == "task.failed" and failed.data["reason"] == "step failed at tech_lead: RuntimeError: a bug"
+
+
 async def test_a_roles_cache_of_run_configs_stays_bounded(
     eventlog: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

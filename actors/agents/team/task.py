@@ -110,6 +110,10 @@ class TaskState(BaseModel):
     merged: str | None = None
     result: str | None = None
 
+    def acting(self) -> str | None:
+        """The role whose turn it is: the reviewer during a review, else the task's role."""
+        return self.reviewer if self.status == "review" else self.role
+
     def ids(self) -> dict[str, str]:
         return {"task_id": self.task_id, "run_id": self.run_id}
 
@@ -126,7 +130,9 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
         s.status, s.timer_id, s.starts = "in_progress", d["timer_id"], s.starts + 1
     elif t == "task.priority_raised":
         s.priority = d["priority"]
-    elif t == "llm.completed" and d.get("purpose"):
+    elif t == "llm.completed" and d.get("purpose") and d.get("agent_id") == s.acting():
+        # An answer a role asked for before the task was handed on (recorded late: it was paid for) is no answer
+        # for the role that has it now, which asks for its own.
         s.completions[d["purpose"]] = Completed(text=d["text"], structured=d.get("structured"))
     elif t == "task.files_written":
         s.branch = d["branch"]
@@ -203,12 +209,13 @@ class Task(Entity[TaskState]):
         except ProviderError as e:  # retries and any fallback are spent: say so now, not at the timeout
             return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"LLM call failed: {e}"))]
 
-    def crashed(self, s: TaskState, message: RecordedEvent, error: Exception) -> list[NewEvent]:
+    def crashed(self, s: TaskState, message: RecordedEvent, ctx: Context, error: Exception) -> list[NewEvent]:
         """A step that kept failing on something no answer caused (a bug, the machine) fails its task now, the
         error in the reason, instead of leaving the task to its timeout and the next role to meet the same."""
-        if s.status in TERMINAL or s.status == "absent":
-            return []
-        reason = f"step failed at {self.me}: {type(error).__name__}: {error}"[:CRASH_REASON_CHARS]
+        if s.status in TERMINAL or s.status == "absent" or self.me not in (s.acting(), CEO_LOOP):
+            return []  # handed on meanwhile (escalated at its timeout): the task is another role's now
+        why = f"step failed at {self.me}: {type(error).__name__}: {error}".replace("\x00", "")
+        reason = why[:CRASH_REASON_CHARS]
         return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
     def told(self, error: Exception, run: RunConfig) -> str:
