@@ -61,10 +61,12 @@ async def project(conn: Statements, e: RecordedEvent) -> None:
             "agent.deleted": "deleted",
         }.get(t)
         await conn.execute(
-            "UPDATE proj_agents SET status = coalesce($2, status), updated_at = $3, "
+            # 'error' only for a running agent, as evolve_agent (actors/agents/agent.py)
+            "UPDATE proj_agents SET status = CASE WHEN $2 = 'error' AND status <> 'running' THEN status "
+            "ELSE coalesce($2, status) END, updated_at = $3, "
             "restarts = CASE WHEN $4::int IS NOT NULL THEN $4::int WHEN $2 = 'running' THEN 0 ELSE restarts END, "
-            "last_error = CASE WHEN $2 = 'error' THEN $5 WHEN $2 = 'running' THEN NULL ELSE last_error END "
-            "WHERE agent_id = $1",
+            "last_error = CASE WHEN $2 = 'error' AND status = 'running' THEN $5 WHEN $2 = 'running' THEN NULL "
+            "ELSE last_error END WHERE agent_id = $1",
             e.stream_id,
             status,
             e.recorded_at,

@@ -6,10 +6,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from actors.agents.agent import fold_agent
 from actors.config import RuntimeConfig
 from actors.projections import PARKED_STREAM, PROJECTOR, ProjectorImpl
 from events import NewEvent, RecordedEvent
-from events.hub import LLMCompleted
+from events.hub import (
+    AgentCreated,
+    AgentDeleted,
+    AgentFailed,
+    AgentSettings,
+    AgentStarted,
+    AgentStopped,
+    LLMCompleted,
+)
 from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
@@ -103,3 +112,25 @@ async def test_a_batch_that_fails_for_the_store_is_not_parked(projector: Project
     projector.store = None
     assert await eventlog.read_stream(PARKED_STREAM) == []
     assert await eventlog.load_checkpoint(PROJECTOR) != events[-1].cursor
+
+
+async def test_a_runner_failure_recorded_after_a_delete_brings_no_agent_back(
+    projector: ProjectorImpl, eventlog: EventLog
+) -> None:
+    """The orchestrator gave up on a crash-looping runner just after the agent was deleted (or stopped): its
+    ``agent.failed`` made the deleted agent exist again, in error, in the fold and in the list alike."""
+    settings = AgentSettings()
+    for agent_id, end in (("gone", AgentDeleted()), ("halted", AgentStopped(reason="by the user"))):
+        created = AgentCreated(agent_id=agent_id, name=agent_id, settings=settings)
+        failed = AgentFailed(reason="5 restarts")
+        await eventlog.append(f"agent-{agent_id}", [NewEvent.of(e) for e in (created, AgentStarted(), end, failed)])
+    await eventlog.append("agent-crashed", [NewEvent.of(AgentCreated(agent_id="crashed", name="c", settings=settings))])
+    await eventlog.append("agent-crashed", [NewEvent.of(AgentStarted()), NewEvent.of(AgentFailed(reason="boom"))])
+    events = await eventlog.read_all(0)
+    await projector.deliver(events, events[-1].cursor)
+    rows = {r[0]: (r[1], r[2]) for r in await eventlog.fetch("SELECT agent_id, status, last_error FROM proj_agents")}
+    assert rows == {"gone": ("deleted", None), "halted": ("stopped", None), "crashed": ("error", "boom")}
+    for agent_id, (status, error) in rows.items():
+        folded = fold_agent(await eventlog.read_stream(f"agent-{agent_id}"))
+        assert (folded.status, folded.last_error) == (status, error)
+    assert not fold_agent(await eventlog.read_stream("agent-gone")).exists

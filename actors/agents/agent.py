@@ -55,7 +55,10 @@ def evolve_agent(state: AgentState, event: RecordedEvent) -> AgentState:
         state.status = "stopped"
     elif t == "agent.restarted":
         state.restarts = d["attempt"]
-    elif t == "agent.failed":
+    elif t == "agent.failed" and state.status == "running":
+        # A runner that kept failing ends a running agent in error; one recorded after a stop or a delete (the
+        # orchestrator gave up on a runner the agent no longer needed) changes nothing: it brought a deleted agent
+        # back, as in error.
         state.status, state.last_error = "error", d["reason"]
     elif t == "agent.deleted":
         state.status = "deleted"
