@@ -71,6 +71,19 @@ SKIPPED = Counter(
 )
 
 
+def existing_actors(names: set[str], namespace: str) -> dict[str, Any]:
+    """Handles of the live actors among ``names`` in ``namespace`` (one listing, then a lookup per one found).
+    Nothing outside Ray: ``ray.get_actor`` would start one."""
+    if not names or not ray.is_initialized():
+        return {}
+    found: dict[str, Any] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == namespace and actor["name"] in names:
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                found[actor["name"]] = ray.get_actor(actor["name"], namespace=namespace)
+    return found
+
+
 def _backoff(failures: int) -> float:
     return min(RETRY_MAX_S, RETRY_S * 2 ** max(0, failures - 1))
 
@@ -266,13 +279,21 @@ class OrchestratorImpl:
         self.subs, self.pending, self.timers, self.armed, self.registrations = {}, {}, [], {}, {}
         self.cursor = (await self.store.head_cursor()).cursor
         running: dict[str, RecordedEvent] = {}
+        ever: set[str] = set()
         for e in await self._read_types(LIFECYCLE):
             if e.type == "agent.started":
                 running[e.stream_id] = e
+                ever.add(e.stream_id)
             elif e.type in ("agent.stopped", "agent.deleted", "agent.failed"):
                 running.pop(e.stream_id, None)
         for agent_id, started in running.items():
             await self._add_agent(agent_id, started)
+            # A runner that outlived the last orchestrator (detached) may have missed an update meanwhile.
+            self._reload_config(self.subs[runner_name(agent_id)])
+        # Runners of agents stopped or deleted while no orchestrator acted on it (a detached runner runs on).
+        for name, handle in existing_actors({runner_name(a) for a in ever - running.keys()}, self.ns).items():
+            log.info("stopping the runner of an agent no longer running", subscriber=name)
+            self._kill(handle)
         projector = await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
         projector.linger_s = PROJECTOR_LINGER_S
         latest: dict[str, dict[str, Any]] = {}  # the last registration of each name is the one routed
@@ -357,8 +378,14 @@ class OrchestratorImpl:
         sub = Sub(subscription, factory, agent_id=agent_id, max_in_flight=max_in_flight)
         sub.idle.set()
         stored = await self.store.load_checkpoint(subscription.name)
+        if stored == START and start != START:
+            # Saved at once, not at the first flush after a delivery: a restart before that, or a stop and a start
+            # again, resumes here (a message being answered at the stop is delivered again), not at the log's
+            # beginning or at the next start event.
+            await self.store.save_checkpoint(subscription.name, start)
+            stored = start
         sub.handle = factory()
-        sub.cursor = sub.queued = sub.persisted = stored if stored != START else start
+        sub.cursor = sub.queued = sub.persisted = stored
         self.subs[subscription.name] = sub
         self.wake.set()
         return sub

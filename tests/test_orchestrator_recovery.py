@@ -627,6 +627,74 @@ async def test_a_message_that_kills_its_runner_ends_in_agent_failed_though_later
     assert [e.data["attempt"] for e in restarted] == [1, 2] and "agent:x" not in o.subs
 
 
+class NeverAnswers(Recorder):
+    """Takes a delivery and never finishes it: a reply from a slow model, cut short by a stop."""
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        self.seen.extend(events)
+        await asyncio.Event().wait()
+
+
+async def test_a_message_in_flight_when_its_agent_stops_is_delivered_when_it_runs_again(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """A runner's place was not saved until its first delivery finished: the next start began at its own start
+    event, and the message that was being answered at the stop was never answered."""
+    actors.make["agent:x"] = lambda nth: NeverAnswers() if nth == 0 else Recorder()
+    await start()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text="slow"))])
+
+    def asked(nth: int) -> bool:
+        instances = actors.instances["agent:x"]
+        return len(instances) > nth and any(e.type == "chat.message_received" for e in instances[nth].seen)
+
+    async def first_asked() -> bool:
+        return asked(0)
+
+    await eventually(first_asked, timeout=5, what="the first runner to get the message")
+    await eventlog.append("agent-x", [NewEvent.of(AgentStopped(reason="by the user"))])
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+
+    async def asked_again() -> bool:
+        return asked(1)
+
+    await eventually(asked_again, timeout=5, what="the runner of the next start to get the message")
+
+
+async def test_a_restart_stops_the_runners_of_agents_stopped_meanwhile_and_refreshes_the_others(
+    start: Start, actors: Actors, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runners are detached: they outlive the orchestrator. A stop while no orchestrator acted on it left its
+    runner running (and heartbeating) for good; an update then was never reloaded by the runner that ran on."""
+
+    def live(names: set[str], namespace: str) -> dict[str, Handle]:
+        alive = {n: actors.instances[n][-1] for n in names if actors.instances[n]}
+        return {n: Handle(impl) for n, impl in alive.items() if not impl.killed}
+
+    monkeypatch.setattr(orchestrator, "existing_actors", live)
+    first = await start()
+    for agent in ("stays", "goes"):
+        await eventlog.append(f"agent-{agent}", [NewEvent.of(AgentStarted())])
+
+    async def both_runners() -> bool:
+        return {"agent:stays", "agent:goes"} <= first.subs.keys()
+
+    await eventually(both_runners, timeout=5, what="both runners")
+    await first.close()  # the orchestrator is away; its runners run on
+    await eventlog.append("agent-goes", [NewEvent.of(AgentStopped(reason="by the user"))])
+    await eventlog.append("agent-stays", [NewEvent.of(AgentUpdated(name="renamed"))])
+    second = await start()
+    (goes,), (stays,) = actors.instances["agent:goes"], actors.instances["agent:stays"]
+    assert goes.killed and "agent:goes" not in second.subs
+    assert not stays.killed and second.subs["agent:stays"].handle.impl is stays
+
+    async def reloaded() -> bool:
+        return stays.reloads == 1
+
+    await eventually(reloaded, timeout=5, what="the runner that ran on to reload its config")
+
+
 async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
