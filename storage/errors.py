@@ -39,7 +39,8 @@ class StreamsNotLocked(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """Postgres cannot be reached, or the connection broke during the call. The outcome of a write is unknown: a
+    """Postgres cannot be reached, the connection broke during the call, or the server cannot do it now (read
+    only after a failover, a deadlock, a full disk: ``UNAVAILABLE_ERRORS``). The outcome of a write is unknown: a
     connection lost during its COMMIT may have committed it. Retry a write with the same idempotency key, which
     returns the original positions if it did commit.
 
@@ -54,16 +55,20 @@ class StoreUnavailable(StoreError):
         return StoreUnavailable, (str(self), self.public)
 
 
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+# Errors after which the same request may well go through later: the server unreachable or the connection lost,
+# or the server unable to do it now. Without the second kind a failover's read-only server, a deadlock or a full
+# disk was an internal error (HTTP 500), and a message being answered then was answered as failed instead of
+# delivered again.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby, or a primary demoted by a failover
+    asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
+    asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many connections
+    asyncpg.exceptions.OperatorInterventionError,  # query cancelled; server shutting down, crashed or starting up
 )
 
 
@@ -73,6 +78,6 @@ def translate_errors() -> Iterator[None]:
         yield
     except StoreError:
         raise
-    except CONNECTION_ERRORS as e:
+    except UNAVAILABLE_ERRORS as e:
         kind = type(e).__name__
         raise StoreUnavailable(f"event store unavailable: {kind}: {e}", f"event store unavailable ({kind})") from e

@@ -467,6 +467,27 @@ def test_an_unreachable_database_is_told_to_clients_without_its_address() -> Non
     assert (str(again), again.public) == (str(e), e.public)
 
 
+async def test_a_server_that_cannot_write_now_is_an_outage_not_an_error(eventlog: EventLog, db_url: str) -> None:
+    """A standby, or a primary a failover demoted, refuses writes: that is a 503 to retry later, and a redelivery
+    for a subscriber, not an internal error (HTTP 500) or a message answered as failed."""
+    async with eventlog.connection() as c:
+        await c.execute(
+            f"ALTER DATABASE {await c.fetchval('SELECT current_database()')} SET default_transaction_read_only = on"
+        )
+    standby = await EventLog.connect(db_url, run_migrations=False)  # new connections: read only
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await standby.append("agent-ro", [started()])
+        assert caught.value.public == "event store unavailable (ReadOnlySQLTransactionError)"
+        assert await standby.read_all() == []  # reads go on
+    finally:
+        await standby.close()
+        async with eventlog.connection() as c:
+            await c.execute(
+                f"ALTER DATABASE {await c.fetchval('SELECT current_database()')} RESET default_transaction_read_only"
+            )
+
+
 async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(eventlog: EventLog) -> None:
     assert await eventlog.cursor_at(0) == START
     assert await eventlog.cursor_at(5) == START  # nothing at or before it
