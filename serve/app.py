@@ -312,7 +312,7 @@ async def send_message(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     timeout: Annotated[float | None, Query(gt=0, le=300)] = None,
 ) -> Response:
-    """Append the message, then wait for the reply with the same correlation id (202 on timeout). Both answers are
+    """Append the message, then wait for the reply it causes (202 on timeout). Both answers are
     written here (pydantic-core's JSON), which spares FastAPI's encoding of the model on the API's busiest route."""
     state = await load_agent(h, agent_id, cached=True)
     if state.status != "running":

@@ -119,7 +119,7 @@ class Hub:
     async def find_reply(self, message: RecordedEvent) -> RecordedEvent | None:
         """The reply already recorded for ``message`` (for a retried request), if any."""
         for e in await self.store.read_stream(message.stream, message.version + 1):
-            if e.type in REPLY_TYPES and e.meta.correlation_id == message.id:
+            if e.type in REPLY_TYPES and e.meta.causation_id == message.id:
                 return e
         return None
 

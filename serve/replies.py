@@ -1,4 +1,4 @@
-"""Request/reply over the log: wait for the event whose correlation id matches a request."""
+"""Request/reply over the log: wait for the reply event caused by a request's message."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ IDLE_RESTART_S = 5.0
 
 
 class ReplyWaiter:
-    """One subscription per ingress replica, started at the head of the log; futures keyed by correlation id.
+    """One subscription per ingress replica, started at the head of the log; futures keyed by the message's id,
+    which is its reply's causation id. Not its correlation id: a message appended through the raw events API may
+    carry any correlation id, another waiting message's too, and its reply went to that message's request.
 
     A request registers its future *before* appending, so the reply cannot slip past unseen. Several requests
     may wait for one reply (concurrent retries of one idempotent request), so each key holds a list.
@@ -55,8 +57,8 @@ class ReplyWaiter:
                 )
                 async for batch, _ in follow:
                     for e in batch:
-                        if e.type in REPLY_TYPES and e.meta.correlation_id is not None:
-                            for fut in self.pending.pop(str(e.meta.correlation_id), []):
+                        if e.type in REPLY_TYPES and e.meta.causation_id is not None:
+                            for fut in self.pending.pop(str(e.meta.causation_id), []):
                                 if not fut.done():
                                     fut.set_result(e)
                     self._maybe_idle()
@@ -68,8 +70,8 @@ class ReplyWaiter:
     def _stale(self) -> bool:
         return not self.pending and time.monotonic() - self._idle_since >= self.idle_restart_s
 
-    async def expect(self, correlation_id: str) -> asyncio.Future[RecordedEvent]:
-        """Register a wait for the reply to ``correlation_id``; call it before appending the message."""
+    async def expect(self, message_id: str) -> asyncio.Future[RecordedEvent]:
+        """Register a wait for the reply to the message ``message_id``; call it before appending the message."""
         if self._task is not None and self._stale():
             async with self._moving:
                 if self._stale():
@@ -81,20 +83,20 @@ class ReplyWaiter:
                     self._task = asyncio.get_running_loop().create_task(self._follow(head))
                     self._idle_since = time.monotonic()
         fut: asyncio.Future[RecordedEvent] = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(correlation_id, []).append(fut)
+        self.pending.setdefault(message_id, []).append(fut)
         return fut
 
     def _maybe_idle(self) -> None:
         if not self.pending:
             self._idle_since = time.monotonic()
 
-    def forget(self, correlation_id: str, fut: asyncio.Future[RecordedEvent]) -> None:
+    def forget(self, message_id: str, fut: asyncio.Future[RecordedEvent]) -> None:
         """Stop waiting with ``fut`` (a no-op once the reply resolved it); other waiters for the key stay."""
-        waiting = self.pending.get(correlation_id, [])
+        waiting = self.pending.get(message_id, [])
         if fut in waiting:
             waiting.remove(fut)
             if not waiting:
-                del self.pending[correlation_id]
+                del self.pending[message_id]
                 self._maybe_idle()
         if not fut.done():
             fut.cancel()

@@ -9,9 +9,11 @@ import pytest
 
 from actors.agents.conversation import HISTORY_TURNS, ChatState, Conversation
 from actors.agents.replay import ReplayReport, replay_agent, replay_chat
+from actors.agents.runner import AgentRunnerImpl
 from actors.config import RuntimeConfig
 from actors.entity import EntityHost
 from actors.llm.budget import spent_usd
+from actors.llm.cache import CompletionCache
 from actors.llm.providers import Completion, CompletionRequest, ScriptedProvider, ScriptRule, completed_event
 from actors.llm.router import LLMRouter, RetryPolicy
 from actors.subscriber import EntityActor
@@ -312,3 +314,45 @@ async def test_a_message_whose_handling_fails_unexpectedly_is_answered_as_failed
         assert actor.failures == 1
     finally:
         await actor.store.close()
+
+
+async def test_an_answer_that_spent_the_budget_is_still_given_when_the_chat_decides_again(eventlog: EventLog) -> None:
+    """The user's next message lands while the reply is asked for: the reply's append conflicts and the chat
+    decides again. The answer was paid for and spent the budget; asked again it came from the cache, but the budget
+    check came first: a 402 for an answer already bought, and its cost never recorded."""
+    calls: list[str] = []
+
+    class PaidModel:
+        name = "openai"
+
+        async def complete(self, request: CompletionRequest) -> Completion:
+            calls.append(request.last_user_message())
+            if len(calls) == 1:  # the next message arrives during this call
+                await eventlog.append(
+                    "chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="and?", chat_id="c1"))]
+                )
+            return Completion(
+                text="answer",
+                provider="openai",
+                model="gpt-4o-mini",
+                prompt_tokens=50_000,
+                completion_tokens=50_000,
+                latency_ms=1,
+            )
+
+    runner = object.__new__(AgentRunnerImpl)
+    runner.settings = AgentSettings(provider="openai", model_id="gpt-4o-mini", budget_usd=0.01)
+    runner.spent = 0.0
+    runner.router = LLMRouter({"openai": PaidModel()}, RetryPolicy(max_attempts=1), CompletionCache(ttl_s=60))
+    host = EntityHost(Conversation(lambda: runner.settings, runner._complete), eventlog)
+    await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="hi", chat_id="c1"))])
+    (first,) = await eventlog.read_stream("chat-a1/c1")
+    await host.handle(first)
+    answers = [e for e in await eventlog.read_stream("chat-a1/c1") if e.meta.causation_id == first.id]
+    assert [e.type for e in answers] == ["llm.completed", "chat.reply_sent"] and calls == ["hi"]
+    paid = answers[0].data["cost_usd"]
+    assert paid >= 0.01 and await spent_usd(eventlog, "agent_id", "a1") == pytest.approx(paid)
+    second = (await eventlog.read_stream("chat-a1/c1"))[1]
+    await host.handle(second)  # the budget is spent now: this one is refused
+    (refused,) = [e for e in await eventlog.read_stream("chat-a1/c1") if e.meta.causation_id == second.id]
+    assert refused.type == "chat.reply_failed" and refused.data["budget_exceeded"]

@@ -16,10 +16,11 @@ from storage.eventlog import EventLog
 from tests.conftest import count_calls
 
 
-async def reply_to(eventlog: EventLog, cid: str) -> NewEvent:
-    """Append the agent's reply to the request with correlation id ``cid``."""
-    reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response="done", channel="api"), actor="test")
-    reply.meta.correlation_id = uuid.UUID(cid)
+async def reply_to(eventlog: EventLog, cid: str, correlation: str | None = None) -> NewEvent:
+    """Append the agent's reply to the message ``cid`` (its causation; its correlation is the message's own)."""
+    reply = NewEvent.of(ReplySent(agent_id="a", chat_id="c", response=f"to {cid}", channel="api"), actor="test")
+    reply.meta.causation_id = uuid.UUID(cid)
+    reply.meta.correlation_id = uuid.UUID(correlation or cid)
     await eventlog.append("chat-a/c", [reply], ANY)
     return reply
 
@@ -38,9 +39,24 @@ async def test_every_request_waiting_for_one_reply_gets_it(eventlog: EventLog) -
         reply = await reply_to(eventlog, cid)
         got = await asyncio.wait_for(asyncio.gather(first, second), 5)
 
-        assert [e.id for e in got] == [reply.id, reply.id] and got[0].data["response"] == "done"
+        assert [e.id for e in got] == [reply.id, reply.id] and got[0].data["response"] == f"to {cid}"
         waiter.forget(cid, first)  # after the reply: a no-op
         assert first.result().id == reply.id and waiter.pending == {}
+    finally:
+        await waiter.close()
+
+
+async def test_a_reply_goes_to_the_request_of_the_message_that_caused_it(eventlog: EventLog) -> None:
+    """Not by correlation id: a message appended through the raw events API may carry another waiting message's
+    as its own, and its reply answered that message's request."""
+    waiter = ReplyWaiter(eventlog, poll_interval=0.5)
+    await waiter.start()
+    try:
+        waiting, forged = str(uuid.uuid4()), str(uuid.uuid4())
+        fut = await waiter.expect(waiting)
+        await reply_to(eventlog, forged, correlation=waiting)
+        mine = await reply_to(eventlog, waiting)
+        assert (await asyncio.wait_for(fut, 5)).id == mine.id
     finally:
         await waiter.close()
 

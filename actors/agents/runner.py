@@ -59,9 +59,10 @@ class AgentRunnerImpl(EntityActor):
 
     async def _complete(self, request: CompletionRequest) -> Completion:
         """One completion, within the agent's budget. Only this actor asks for the agent, so after the sum read
-        at start the spending is counted here."""
+        at start the spending is counted here. An answer this message already paid for (its reply's append lost
+        to the user's next message, and the chat decides again) is given even when it spent the budget."""
         budget = self.settings.budget_usd
-        if budget is not None and self.spent >= budget:
+        if budget is not None and self.spent >= budget and not self.router.paid_for(request):
             raise BudgetExceededError("agent", self.spent, budget)
         c = await self.router.complete(request)
         if not c.cached:  # a cached answer's cost, if it carries one, was counted when it was paid

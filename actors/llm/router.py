@@ -117,6 +117,14 @@ class LLMRouter:
         self.providers[provider] = ScriptedProvider(rules, name=provider)
         return provider
 
+    def paid_for(self, request: CompletionRequest) -> bool:
+        """Whether the cache holds the answer to ``request`` that its own recorder paid for and never recorded:
+        asking again costs nothing more, so a budget spent by that very answer must not refuse it."""
+        if not (request.cache and request.record_key and self.cache is not None):
+            return False
+        entry = self.cache.get_entry(request.digest())
+        return entry is not None and entry[1] == request.record_key
+
     async def complete(self, request: CompletionRequest) -> Completion:
         use_cache = request.cache and self.cache is not None
         key = request.digest()
