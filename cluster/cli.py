@@ -72,8 +72,8 @@ async def _open_store(s: Settings) -> EventLog:
             atexit.register(_stop_unless_in_use, started)
         return url
 
+    _exit_on_sigterm()  # before the start: a SIGTERM during it still stops the server (registered as it returns)
     url = await asyncio.to_thread(start)
-    _exit_on_sigterm()
     # asyncpg passes a DSN's unknown parameters on as settings: every connection of this process, the LISTEN one too
     named = f"{url}{'&' if '?' in url else '?'}application_name={CLIENT_NAME}"
     return await EventLog.connect(named, run_migrations=False)

@@ -114,6 +114,10 @@ async def test_an_os_error_is_told_with_paths_inside_the_workspace(tmp_path: Pat
     (issue,) = attempt.data["issues"]
     assert issue.startswith("the files could not be written: [Errno 21] Is a directory: 'tests'"), issue
     assert str(tmp_path) not in issue
+    run = await svc.run("r1")
+    root = svc.workspace_dir(run)
+    told = Task("developer", svc).told(OSError(f"'{root}' and '{root}/a.py', not '{root}-fork/a.py'"), run)
+    assert told == f"'.' and 'a.py', not '{root}-fork/a.py'"  # a sibling named like it is another directory
 
 
 async def test_a_failure_of_the_machine_is_no_outcome_of_the_task(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import posixpath
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -221,8 +221,9 @@ class Task(Entity[TaskState]):
     def told(self, error: Exception, run: RunConfig) -> str:
         """An error as the log and the model are told it: paths relative to the run's workspace (an OS error names
         the file by its absolute path, which is the service's own layout)."""
-        root = str(self.services.workspace_dir(run))
-        return str(error).replace(root + os.sep, "").replace(root, ".")
+        root = re.escape(str(self.services.workspace_dir(run)))
+        inside = re.sub(root + "/", "", str(error))
+        return re.sub(root + r"(?![^'\"\s])", ".", inside)  # the root itself; not a sibling named like it
 
     # ---- steps -------------------------------------------------------------------------------------------
 
