@@ -112,3 +112,18 @@ def test_as_root_only_the_service_user_may_go_through_the_data_dirs_parents(tmp_
         assert subprocess.run(as_nobody, capture_output=True).returncode != 0
     finally:
         pg.stop()
+
+
+def test_a_stop_does_not_rest_on_a_status_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``pg_ctl status`` that failed for its own reasons read as "not running", and the stop was skipped in
+    silence: the test of a database outage once found the database answering after it was "stopped"."""
+    pg = EmbeddedPostgres(tmp_path / "pg", free_port())
+    pg.start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(pg, "running", lambda: False)  # the status check failed
+            pg.stop()
+        assert not pg.running()
+        pg.stop()  # stopped already: nothing to do
+    finally:
+        pg.stop("immediate")
