@@ -24,6 +24,7 @@ async def test_database_outage_gives_503_loses_nothing_and_recovers(system: Syst
 
     await asyncio.to_thread(system.embedded.stop)
     try:
+        assert not system.embedded.running(), "the database still runs after its stop"
         r = await http.get(f"/api/v1/agents/{agent_id}")
         assert r.status_code == 503 and "event store unavailable" in r.json()["detail"]
         assert "outcome" not in r.json()["detail"]  # a read: no write whose outcome could be unknown
