@@ -331,14 +331,8 @@ async def test_an_answer_that_spent_the_budget_is_still_given_when_the_chat_deci
                 await eventlog.append(
                     "chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="and?", chat_id="c1"))]
                 )
-            return Completion(
-                text="answer",
-                provider="openai",
-                model="gpt-4o-mini",
-                prompt_tokens=50_000,
-                completion_tokens=50_000,
-                latency_ms=1,
-            )
+            tokens = {"prompt_tokens": 50_000, "completion_tokens": 50_000}  # enough to cost over $0.01
+            return Completion(text="answer", provider="openai", model="gpt-4o-mini", latency_ms=1, **tokens)
 
     runner = object.__new__(AgentRunnerImpl)
     runner.settings = AgentSettings(provider="openai", model_id="gpt-4o-mini", budget_usd=0.01)
