@@ -493,8 +493,13 @@ class OrchestratorImpl:
                     failures = 0
                 except Exception as e:
                     failures += 1
-                    if failures >= RELOAD_ATTEMPTS:
-                        log.error("runner did not reload its config", subscriber=sub.subscription.name, error=repr(e))
+                    if isinstance(e, StoreUnavailable):  # the database is away: try until it is back, restart nothing
+                        failures = min(failures, RELOAD_ATTEMPTS - 1)
+                    elif failures >= RELOAD_ATTEMPTS:
+                        # It would answer with the old config for good: a new runner folds the new one as it starts.
+                        log.error("runner did not reload its config; restarting it", subscriber=sub.subscription.name)
+                        if sub.handle is handle and not sub.dead and self._current(sub):
+                            self._schedule_restart(sub, f"config reload failed {failures} times: {type(e).__name__}")
                         return
                     log.warning("runner reload failed, will retry", subscriber=sub.subscription.name, error=repr(e))
                 finally:

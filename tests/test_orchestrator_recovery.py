@@ -735,6 +735,34 @@ async def test_a_runner_that_cannot_reload_its_config_does_not_stall_the_reader(
     await delivered_to(actors, "s", wanted, timeout=10, what="events after the update routed")
     assert "agent:x" in o.subs
 
+    async def restarted() -> bool:  # it would answer with the old config for good: a new one folds the new
+        return len(actors.instances["agent:x"]) == 2 and actors.instances["agent:x"][0].killed
+
+    await eventually(restarted, timeout=20, what="the runner that cannot reload to be restarted")
+
+
+async def test_a_runner_that_cannot_reload_while_the_database_is_away_is_not_restarted(
+    start: Start, actors: Actors, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage is waited out: restarting runners for it would count toward ``agent.failed``."""
+
+    class AwayStore(Recorder):
+        async def reload_config(self) -> None:
+            self.reloads += 1
+            raise StoreUnavailable("event store unavailable: ConnectionRefusedError")
+
+    monkeypatch.setattr(orchestrator, "RETRY_MAX_S", 0.05)
+    actors.make["agent:x"] = lambda _: AwayStore()
+    await start()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("agent-x", [NewEvent.of(AgentUpdated(name="renamed"))])
+
+    async def tried_often() -> bool:
+        return len(actors.instances["agent:x"]) == 1 and actors.instances["agent:x"][0].reloads > 2 * 8
+
+    await eventually(tried_often, timeout=10, what="reloads tried past the attempts that restart for other errors")
+    assert len(actors.instances["agent:x"]) == 1 and not actors.instances["agent:x"][0].killed
+
 
 async def test_a_restart_that_fails_is_tried_again(start: Start, actors: Actors, eventlog: EventLog) -> None:
     class Hung(Recorder):
