@@ -424,6 +424,9 @@ def test_a_crash_in_a_role_the_task_was_taken_from_fails_nothing(tmp_path: Path)
     assert Task("developer", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash) == []
     (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash)
     assert failed.type == "task.failed" and failed.data["reason"] == "step failed at tech_lead: RuntimeError: a bug"
+    disk = OSError(28, "No space left on device", str(tmp_path / "ws" / "add.py"))  # the workspaces dir is tmp_path
+    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), disk)
+    assert failed.data["reason"] == "step failed at tech_lead: OSError: [Errno 28] No space left on device: 'ws/add.py'"
 
 
 async def test_a_roles_cache_of_run_configs_stays_bounded(

@@ -215,15 +215,14 @@ class Task(Entity[TaskState]):
         if s.status in TERMINAL or s.status == "absent" or self.me not in (s.acting(), CEO_LOOP):
             return []  # handed on meanwhile (escalated at its timeout): the task is another role's now
         why = f"step failed at {self.me}: {type(error).__name__}: {error}".replace("\x00", "")
+        why = _relative(why, self.services.workspaces)  # an OS error's path: the run's workspace and the file
         reason = why[:CRASH_REASON_CHARS]
         return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
     def told(self, error: Exception, run: RunConfig) -> str:
         """An error as the log and the model are told it: paths relative to the run's workspace (an OS error names
         the file by its absolute path, which is the service's own layout)."""
-        root = re.escape(str(self.services.workspace_dir(run)))
-        inside = re.sub(root + "/", "", str(error))
-        return re.sub(root + r"(?![^'\"\s])", ".", inside)  # the root itself; not a sibling named like it
+        return _relative(str(error), self.services.workspace_dir(run))
 
     # ---- steps -------------------------------------------------------------------------------------------
 
@@ -517,6 +516,14 @@ def _developer_files(files: dict[str, str], tests: dict[str, str]) -> tuple[dict
         else:
             kept[path] = content
     return kept, refused
+
+
+def _relative(text: str, root: Path) -> str:
+    """``text`` with paths under ``root`` relative to it, and ``root`` itself as ``.``; a sibling named like it
+    (``root-fork``) is left alone."""
+    escaped = re.escape(str(root))
+    inside = re.sub(escaped + "/", "", text)
+    return re.sub(escaped + r"(?![^'\"\s])", ".", inside)
 
 
 def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tuple[str, str]:
