@@ -233,6 +233,9 @@ async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
     existing = await h.agent(agent_id)
     if existing.exists:
         raise HTTPException(409, f"agent {agent_id!r} already exists")
+    if existing.status == "deleted":  # its chats, spending and runner's place stay with the id: a new agent
+        # under it would answer with the old one's history in its prompts, within the old one's budget
+        raise HTTPException(409, f"agent id {agent_id!r} belonged to an agent that was deleted; choose another id")
     settings = await h.secrets.mask_settings(agent_id, body.settings)
     event = NewEvent.of(AgentCreated(agent_id=agent_id, name=body.name, settings=settings), actor="api")
     await h.store.append(agent_stream(agent_id), [event], existing.version if existing.version else NO_STREAM)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.agents.agent import agent_stream
 from events import NewEvent
-from events.hub import AgentCreated, AgentSettings, AgentStarted
+from events.hub import AgentCreated, AgentDeleted, AgentSettings, AgentStarted
 from serve.app import app
 from serve.deps import state
 from serve.hub import Hub
@@ -130,6 +130,18 @@ async def test_the_message_route_documents_both_answers(api: httpx.AsyncClient) 
     schemas = {code: a["content"]["application/json"]["schema"] for code, a in answers["responses"].items()}
     assert schemas["200"] == {"$ref": "#/components/schemas/MessageOut"}
     assert schemas["202"] == {"$ref": "#/components/schemas/Accepted"}
+
+
+async def test_a_deleted_agents_id_is_not_given_to_a_new_agent(api: httpx.AsyncClient, eventlog: EventLog) -> None:
+    """Its chats, spending, runner checkpoint and idempotency keys stay with the id: a new agent under it answered
+    with the old one's history in its prompts, within the old one's spent budget."""
+    await running_agent(eventlog, "reused")
+    await eventlog.append(agent_stream("reused"), [NewEvent.of(AgentDeleted())])
+    r = await api.post("/api/v1/agents", json={"id": "reused", "name": "new", "settings": {}})
+    assert r.status_code == 409 and r.json() == {
+        "detail": "agent id 'reused' belonged to an agent that was deleted; choose another id"
+    }
+    assert (await api.post("/api/v1/agents", json={"id": "fresh", "name": "new", "settings": {}})).status_code == 201
 
 
 async def test_the_schema_says_which_routes_need_the_bearer_token(api: httpx.AsyncClient) -> None:
