@@ -401,6 +401,32 @@ async def test_a_completion_paid_for_a_task_cancelled_meanwhile_is_still_recorde
     assert events[-1].data["purpose"] == "work:1" and await spent_usd(eventlog, "run_id", "r1") == 0.25
 
 
+async def test_an_answer_the_log_cannot_hold_fails_its_task_at_once_and_keeps_its_cost(
+    tmp_path: Path, eventlog: EventLog
+) -> None:
+    """Not tried again three times with the same cached answer, then recorded as a crash without its cost."""
+    ids = {"task_id": "r1.t1", "run_id": "r1"}
+
+    async def nul(request: CompletionRequest) -> Completion:
+        text = "half an answer\x00"  # Postgres's JSON cannot hold it
+        return Completion(
+            text=text, provider="p", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, cost_usd=0.5
+        )
+
+    svc = TeamServices(eventlog, nul, tmp_path)
+    svc._runs["r1"] = RunConfig(run_id="r1", workspace="ws", budget_usd=10.0)
+    await eventlog.append("task-r1.t1", [NewEvent.of(TaskCreated(**ids, title="budget", role="cfo"))])
+    started = await eventlog.append("task-r1.t1", [NewEvent.of(TaskStarted(**ids, role="cfo", timer_id="t1"))])
+    (trigger,) = await eventlog.read_stream("task-r1.t1", started.versions[0])
+    await EntityHost(Task("cfo", svc), eventlog).handle(trigger)
+    *_, paid, failed = await eventlog.read_stream("task-r1.t1")
+    assert (paid.type, paid.data["text"], failed.type) == ("llm.completed", "", "task.failed")
+    assert (
+        failed.data["reason"].startswith("the step's result could not be recorded: ") and "NUL" in failed.data["reason"]
+    )
+    assert await spent_usd(eventlog, "run_id", "r1") == 0.5
+
+
 def test_an_answer_the_previous_role_asked_for_is_no_answer_for_the_next() -> None:
     """A developer's completion that lost its append to the escalation is still recorded (it was paid for), after
     the hand-over: the tech lead asks for its own instead of taking the developer's as its answer."""

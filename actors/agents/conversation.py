@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import BaseModel, Field, PrivateAttr
 
 from actors.entity import Context, Entity
-from actors.llm.budget import BudgetExceededError
+from actors.llm.budget import BudgetExceededError, paid_without_text
 from actors.llm.providers import ChatMessage, Completion, CompletionRequest, ProviderError, completed_event
 from events import NewEvent, RecordedEvent
-from events.hub import AgentSettings, LLMCompleted, ReplyFailed, ReplySent
+from events.hub import AgentSettings, ReplyFailed, ReplySent
 from storage.errors import StoreError
 
 HISTORY_TURNS = 40
@@ -140,9 +140,7 @@ def refusal(message: RecordedEvent, decided: list[NewEvent], why: str) -> list[N
     budgets sum the cost of the ``llm.completed`` events; replay finds it by its request hash), then the failure.
     Replay builds a recorded refusal's events here too, from the completion it reads and the recorded reason."""
     d = message.data
-    paid = [
-        NewEvent.of(LLMCompleted.model_validate({**e.data, "text": "", "structured": None}))
-        for e in decided
-        if e.type == "llm.completed"
+    return [
+        *paid_without_text(decided),
+        NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why)),
     ]
-    return [*paid, NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from actors.llm.base import ProviderError
+from events import NewEvent
+from events.hub import LLMCompleted
 from storage.eventlog import EventLog
 
 
@@ -34,3 +36,13 @@ def spending_sql(by: Literal["run_id", "agent_id"]) -> str:
 async def spent_usd(store: EventLog, by: Literal["run_id", "agent_id"], value: str) -> float:
     """The cost recorded by every completion of one run or one agent."""
     return float(await store.fetchval(spending_sql(by), value))
+
+
+def paid_without_text(decided: list[NewEvent]) -> list[NewEvent]:
+    """The completions of a decision the log refused (an answer over the size limit, a NUL character), without
+    the text it refused: the provider was paid, and budgets sum the cost of the ``llm.completed`` events."""
+    return [
+        NewEvent.of(LLMCompleted.model_validate({**e.data, "text": "", "structured": None}))
+        for e in decided
+        if e.type == "llm.completed"
+    ]

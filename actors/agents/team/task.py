@@ -20,7 +20,7 @@ from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCH
 from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
-from actors.llm.budget import BudgetExceededError
+from actors.llm.budget import BudgetExceededError, paid_without_text
 from actors.tools import GitWorkspace, WorkspaceError, run_pytest
 from actors.tools.git_workspace import MAIN, AlreadyMergedError, ApprovalRequiredError, MergeConflictError
 from events import NewEvent, RecordedEvent
@@ -42,6 +42,7 @@ from events.team import (
     TaskStarted,
     TaskTimedOut,
 )
+from storage.errors import StoreError
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 CRASH_REASON_CHARS = 500
@@ -218,6 +219,15 @@ class Task(Entity[TaskState]):
         why = _relative(why, self.services.workspaces)  # an OS error's path: the run's workspace and the file
         reason = why[:CRASH_REASON_CHARS]
         return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
+
+    def refused(
+        self, s: TaskState, message: RecordedEvent, error: StoreError, decided: list[NewEvent]
+    ) -> list[NewEvent]:
+        """A step's result the log cannot hold (an answer over the size limit, a NUL character) fails the task at
+        once with the reason, its completion kept without the text (it was paid for). It used to be tried again
+        three times, the same cached answer each time, then recorded as a crash, its cost never."""
+        why = f"the step's result could not be recorded: {error}"[:CRASH_REASON_CHARS]
+        return [*paid_without_text(decided), NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=why))]
 
     def told(self, error: Exception, run: RunConfig) -> str:
         """An error as the log and the model are told it: paths relative to the run's workspace (an OS error names
