@@ -480,22 +480,23 @@ class OrchestratorImpl:
 
     async def _reload_loop(self, sub: Sub) -> None:
         """Ask the runner to refold its config until it has, once more for each update that came meanwhile.
-        A restarted runner folds its config as it starts, so a new handle ends this."""
-        handle, failures = sub.handle, 0
+        A restarted runner folds its config as it starts, so a new handle ends this. Failures other than a
+        database outage (waited out, not counted) restart the runner after ``RELOAD_ATTEMPTS``."""
+        handle, failures, tries = sub.handle, 0, 0  # tries: failed in a row, outages included (the backoff)
         try:
-            while sub.reload_waiters or failures:
+            while sub.reload_waiters or tries:
                 if sub.handle is not handle or sub.dead or not self._current(sub):
                     return
                 waiters, sub.reload_waiters = sub.reload_waiters, []
                 try:
                     await asyncio.wait_for(handle.ping.remote(), 30)  # its start is done (or was tried again)
                     await asyncio.wait_for(handle.reload_config.remote(), 30)
-                    failures = 0
+                    failures = tries = 0
                 except Exception as e:
-                    failures += 1
-                    if isinstance(e, StoreUnavailable):  # the database is away: try until it is back, restart nothing
-                        failures = min(failures, RELOAD_ATTEMPTS - 1)
-                    elif failures >= RELOAD_ATTEMPTS:
+                    tries += 1
+                    if not isinstance(e, StoreUnavailable):
+                        failures += 1
+                    if failures >= RELOAD_ATTEMPTS:
                         # It would answer with the old config for good: a new runner folds the new one as it starts.
                         log.error("runner did not reload its config; restarting it", subscriber=sub.subscription.name)
                         if sub.handle is handle and not sub.dead and self._current(sub):
@@ -506,8 +507,8 @@ class OrchestratorImpl:
                     for w in waiters:
                         if not w.done():
                             w.set_result(None)
-                if failures:
-                    await asyncio.sleep(_backoff(failures))
+                if tries:
+                    await asyncio.sleep(_backoff(min(tries, RELOAD_ATTEMPTS)))
         finally:
             for w in sub.reload_waiters:
                 if not w.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -66,7 +67,8 @@ def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
         asyncio.run(_migrate(url))
     except BaseException:  # a failed start or migration, or a Ctrl-C: leave no server behind
         if started is not None:
-            started.stop()
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                started.stop()
         raise
     return url, started
 

@@ -61,7 +61,7 @@ def _reply_text(http: httpx.Client, agent_id: str, chat: str, r: httpx.Response,
             },
         )
         events.raise_for_status()
-        found.extend(e for e in events.json() if e["meta"].get("correlation_id") == message_id)
+        found.extend(e for e in events.json() if e["meta"].get("causation_id") == message_id)
         return bool(found)
 
     _wait_for(replied, timeout, what=f"the reply to message {message_id}")

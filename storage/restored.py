@@ -25,15 +25,18 @@ import structlog
 log = structlog.get_logger(__name__)
 
 _XMAX = "pg_snapshot_xmax(pg_current_snapshot())"  # the first transaction id not yet assigned
-# Every stored cursor, once each, numbered in commit order: segment ``seg`` ends at it.
-_CUTS = """
-CREATE TEMPORARY TABLE agenthub_cuts ON COMMIT DROP AS
-SELECT row_number() OVER (ORDER BY tx, pos) AS seg, tx, pos FROM (
+BURN_CHUNK = 1000
+_STORED_CURSORS = """
     SELECT tx_id AS tx, position AS pos FROM checkpoints
     UNION
     SELECT (state->'cursor'->>0)::xid8, (state->'cursor'->>1)::bigint FROM snapshots
     WHERE jsonb_typeof(state->'cursor') = 'array'
-) c;
+"""
+_COUNT_CUTS = f"SELECT count(*) FROM ({_STORED_CURSORS}) c"
+# Every stored cursor, once each, numbered in commit order: segment ``seg`` ends at it.
+_CUTS = f"""
+CREATE TEMPORARY TABLE agenthub_cuts ON COMMIT DROP AS
+SELECT row_number() OVER (ORDER BY tx, pos) AS seg, tx, pos FROM ({_STORED_CURSORS}) c;
 CREATE UNIQUE INDEX ON agenthub_cuts (tx, pos);
 """
 # Each event into the segment after the last cursor below it (read from the rows as they were: an UPDATE's
@@ -69,14 +72,21 @@ WHERE jsonb_typeof(s.state->'cursor') = 'array'
 async def rebase_restored(conn: asyncpg.Connection) -> int:
     """Rebase a restored log (see the module); returns how many events were rebased, 0 (one index probe) when the
     log's newest transaction id is one this cluster has reached. Writers wait meanwhile."""
+    detect = f"SELECT (SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) >= {_XMAX}"
+    if not await conn.fetchval(detect):
+        return 0
+    # Ids used up first, in transactions of their own: a subtransaction's id stays locked until its top-level
+    # transaction ends, and thousands at once (a runner's checkpoint per agent) would fill the lock table.
+    await _make_room(conn, await conn.fetchval(_COUNT_CUTS) + 1)
     async with conn.transaction():
-        if not await conn.fetchval(f"SELECT (SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) >= {_XMAX}"):
+        if not await conn.fetchval(detect):  # another start did it meanwhile
             return 0
-        await conn.execute("LOCK TABLE events, checkpoints, snapshots IN EXCLUSIVE MODE")  # readers go on
+        # readers go on; writers wait (``streams`` too: an append writes it first, and would take its id there)
+        await conn.execute("LOCK TABLE streams, events, checkpoints, snapshots IN EXCLUSIVE MODE")
         log.warning("rebasing a restored log: its transaction ids come from another cluster (one pass over the log)")
         await conn.execute(_CUTS)
         segments = await conn.fetchval("SELECT count(*) + 1 FROM agenthub_cuts")
-        await _make_room(conn, segments, await conn.fetchval(f"SELECT {_XMAX}::text::bigint"))
+        await _make_room(conn, segments)  # a cursor saved since the count: a few, in this transaction
         rebased: int = await conn.fetchval(_SEGMENT)
         await conn.execute(_RUNNING_TOP)
         await conn.execute(_CHECKPOINTS)
@@ -85,15 +95,15 @@ async def rebase_restored(conn: asyncpg.Connection) -> int:
     return rebased
 
 
-async def _make_room(conn: asyncpg.Connection, highest: int, xmax: int) -> None:
+async def _make_room(conn: asyncpg.Connection, highest: int) -> None:
     """Make sure the ids ``1..highest`` are below every transaction id this cluster will assign: a cluster just
     restored has used only a few hundred, and a log may have more cursors than that. Each subtransaction that
-    writes uses one id (a temporary table's row is enough)."""
-    short = highest + 1 - xmax
-    if short <= 0:
-        return
-    await conn.execute("CREATE TEMPORARY TABLE agenthub_xid_burn (n int) ON COMMIT DROP")
-    await conn.execute(
-        f"DO $$ BEGIN FOR i IN 1..{short} LOOP "
-        "BEGIN INSERT INTO agenthub_xid_burn VALUES (i); EXCEPTION WHEN OTHERS THEN RAISE; END; END LOOP; END $$"
-    )
+    writes uses one id (a temporary table's row is enough), ``BURN_CHUNK`` to a transaction (a savepoint when the
+    caller holds one)."""
+    while (short := highest + 1 - await conn.fetchval(f"SELECT {_XMAX}::text::bigint")) > 0:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS agenthub_xid_burn (n int); "
+                f"DO $$ BEGIN FOR i IN 1..{min(short, BURN_CHUNK)} LOOP BEGIN INSERT INTO agenthub_xid_burn "
+                "VALUES (i); EXCEPTION WHEN OTHERS THEN RAISE; END; END LOOP; END $$; TRUNCATE agenthub_xid_burn"
+            )

@@ -12,6 +12,7 @@ import pytest
 
 from events import NewEvent
 from events.hub import AgentStarted
+from storage import restored as restored_module
 from storage.embedded import EmbeddedPostgres, find_bin_dir
 from storage.eventlog import START, Cursor, EventLog, RecordedEvent
 from storage.migrate import migrate
@@ -152,9 +153,12 @@ async def test_a_restored_log_resumes_every_cursor_exactly(
         target.stop("immediate")
 
 
-async def test_more_cursors_than_the_new_cluster_used_ids(eventlog: EventLog, db_url: str, tmp_path: Path) -> None:
+async def test_more_cursors_than_the_new_cluster_used_ids(
+    eventlog: EventLog, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each place a checkpoint stands at needs its own id below every id the cluster will assign; a cluster just
-    restored has used a few hundred, so the rebase uses up more first."""
+    restored has used a few hundred, so the rebase uses up more first, in transactions of a bounded size."""
+    monkeypatch.setattr(restored_module, "BURN_CHUNK", 100)
     async with eventlog.connection() as c:
         await _burn_transaction_ids(c, 3000)
     for i in range(1200):  # one transaction each: 1,200 places in commit order

@@ -430,14 +430,16 @@ async def test_an_answer_the_log_cannot_hold_fails_its_task_at_once_and_keeps_it
 def test_an_answer_the_previous_role_asked_for_is_no_answer_for_the_next() -> None:
     """A developer's completion that lost its append to the escalation is still recorded (it was paid for), after
     the hand-over: the tech lead asks for its own instead of taking the developer's as its answer."""
-    s = implement_task(role="developer", phase="code")
-    s = evolve_task(s, message("task.assigned", task_id="r1.t1", run_id="r1", role="tech_lead", phase="code"))
 
     def answer(by: str) -> RecordedEvent:
         return message("llm.completed", agent_id=by, purpose="code:1", text=f"by {by}", structured=None)
 
+    s = evolve_task(implement_task(role="developer", phase="code"), answer("developer"))
+    assert s.completions["code:1"].text == "by developer"  # the developer's own, for its attempt 1
+    s = evolve_task(s, message("task.assigned", task_id="r1.t1", run_id="r1", role="tech_lead", phase="code"))
+    assert "code:1" not in s.completions  # recorded before the hand-over: not the tech lead's attempt 1
     s = evolve_task(s, answer("developer"))
-    assert "code:1" not in s.completions
+    assert "code:1" not in s.completions  # recorded after it (late: it was paid for)
     s = evolve_task(s, answer("tech_lead"))
     assert s.completions["code:1"].text == "by tech_lead"
 

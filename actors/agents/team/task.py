@@ -125,8 +125,10 @@ def evolve_task(s: TaskState, e: RecordedEvent) -> TaskState:
         s = TaskState(status="pending", owner=d["role"], **{k: v for k, v in d.items() if k in TaskState.model_fields})
         s.phase = "tests" if s.kind == "implement" else "work"
     elif t == "task.assigned":
-        # Handed on: the previous role's timeout timer is void (the new role's start arms its own).
-        s.role, s.phase, s.status, s.timer_id = d["role"], d["phase"], "pending", None
+        # Handed on: the previous role's timeout timer is void (the new role's start arms its own), and its
+        # answers are none of the new role's (purposes are per attempt, not per role: the tech lead would reuse the
+        # developer's code for the attempt the developer had not finished, and ask its own prompt nothing).
+        s.role, s.phase, s.status, s.timer_id, s.completions = d["role"], d["phase"], "pending", None, {}
     elif t == "task.started":
         s.status, s.timer_id, s.starts = "in_progress", d["timer_id"], s.starts + 1
     elif t == "task.priority_raised":
@@ -533,7 +535,7 @@ def _relative(text: str, root: Path) -> str:
     (``root-fork``) is left alone."""
     escaped = re.escape(str(root))
     inside = re.sub(escaped + "/", "", text)
-    return re.sub(escaped + r"(?![^'\"\s])", ".", inside)
+    return re.sub(escaped + r"(?![\w.\-])", ".", inside)
 
 
 def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tuple[str, str]:
