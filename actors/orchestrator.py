@@ -661,6 +661,8 @@ class OrchestratorImpl:
             return
         # Read first: in a store outage this fails before anything changed, and the next try starts clean.
         checkpoint = await self.store.load_checkpoint(name)
+        if not self._current(sub):  # stopped meanwhile, maybe started again: the name's runner is the new one's
+            return
         self._kill(sub.handle)
         attempt = sub.attempts + 1
         if sub.agent_id is not None:

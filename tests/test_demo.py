@@ -15,8 +15,8 @@ def test_a_reply_after_a_202_is_read_from_the_log() -> None:
         polls.append(request)
         if len(polls) < 3:  # the restarted runner has not answered yet
             return httpx.Response(200, json=[])
-        reply = {"type": "chat.reply_sent", "meta": {"correlation_id": "m1"}, "data": {"response": "turn 4"}}
-        other = {"type": "chat.reply_sent", "meta": {"correlation_id": "m0"}, "data": {"response": "turn 3"}}
+        reply = {"type": "chat.reply_sent", "meta": {"causation_id": "m1"}, "data": {"response": "turn 4"}}
+        other = {"type": "chat.reply_sent", "meta": {"causation_id": "m0"}, "data": {"response": "turn 3"}}
         return httpx.Response(200, json=[other, reply])
 
     http = httpx.Client(base_url="http://hub", transport=httpx.MockTransport(log))

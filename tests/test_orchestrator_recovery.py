@@ -793,6 +793,45 @@ async def test_a_restart_that_fails_is_tried_again(start: Start, actors: Actors,
     await delivered_to(actors, "s", wanted, timeout=5, what="delivered after the restart")
 
 
+async def test_a_restart_that_meets_a_stop_and_a_start_leaves_the_new_runner_alone(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """The agent was stopped and started again while a restart of its hung runner read its checkpoint: the restart
+    went on, killed the new start's runner and recorded ``agent.failed`` after the new ``agent.started``."""
+
+    class Hung(Recorder):
+        async def ping(self) -> dict[str, Any]:
+            raise TimeoutError  # no answer: restart it
+
+    actors.make["agent:x"] = lambda nth: Hung() if nth == 0 else Recorder()
+    o = await start(max_restart_attempts=0)  # its first restart gives up: agent.failed
+    real = o.store.load_checkpoint
+
+    async def load_checkpoint(name: str) -> Any:
+        old = o.subs.get(name)
+        if name == "agent:x" and old is not None and old.dead:  # the restart reads the checkpoint: stop, start
+            await eventlog.append(
+                "agent-x", [NewEvent.of(AgentStopped(reason="by the user")), NewEvent.of(AgentStarted())]
+            )
+
+            async def started_again() -> bool:
+                return o.subs.get(name) not in (None, old)
+
+            await eventually(started_again, timeout=5, what="the stop and the new start acted on")
+        return await real(name)
+
+    o.store.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+
+    async def runs_again() -> bool:
+        return len(actors.instances["agent:x"]) == 2 and o.subs.get("agent:x") is not None
+
+    await eventually(runs_again, timeout=15, what="the new start's runner")
+    await asyncio.sleep(0.5)  # what the restart would have done after its read
+    assert not actors.instances["agent:x"][1].killed
+    assert "agent.failed" not in [e.type for e in await eventlog.read_stream("agent-x")]
+
+
 # ---- 5. the orchestrator always comes up ------------------------------------------------------------------
 
 
