@@ -175,9 +175,9 @@ class RoleActorImpl(TeamActor):
                 log.exception("task step failed; failing the task", role=self.name, task=task_id)
                 host.active.pop(task_id, None)  # reload from the log next time
                 try:
-                    await host.record_crash(trigger, e)
-                except Exception:
-                    log.exception("task step failure not recorded; the task waits for its timeout", task=task_id)
+                    await self._record_crash(trigger, e)
+                except StoreUnavailable:
+                    log.warning("task step failure not recorded, the store is away: its timeout comes", task=task_id)
             finally:
                 self.current = None
 
