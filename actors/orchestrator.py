@@ -36,7 +36,7 @@ from actors.llm.actor import LLMActor
 from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
 from events import NewEvent, RecordedEvent, Subscription, UnknownEventType
-from events.hub import AgentFailed, AgentRestarted
+from events.hub import AgentFailed, AgentRestarted, ReplyFailed
 from events.system import SubscriberRegistered, TimerFailed, TimerFired
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable
 from storage.eventlog import START, Cursor, EventLog, Listener, held_back_wait
@@ -668,7 +668,10 @@ class OrchestratorImpl:
         if sub.agent_id is not None:
             stream = agent_stream(sub.agent_id)
             if attempt > self.config.max_restart_attempts:
-                await self.store.append(stream, [NewEvent.of(AgentFailed(reason=f"gave up after {reason}"))])
+                parked = await self._park_in_flight(sub, checkpoint)
+                answered = f"; {parked} message(s) in flight at its deaths answered as failed" if parked else ""
+                why = f"gave up after {reason}{answered}"
+                await self.store.append(stream, [NewEvent.of(AgentFailed(reason=why))])
                 if self._current(sub):
                     del self.subs[name]
                 return
@@ -689,6 +692,36 @@ class OrchestratorImpl:
         log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
         self._pump(sub)
         self.wake.set()
+
+    async def _park_in_flight(self, sub: Sub, checkpoint: Cursor) -> int:
+        """Before giving up on an agent's runner: answer as failed each message that was in flight at its deaths
+        and has no answer, and move its checkpoint past them. One of them killed the process each time (out of
+        memory, a crash in native code); a start met it again, every time, and its sender waited for ever."""
+        if sub.died_through <= checkpoint:
+            return 0
+        parked = 0
+        for message in await self._in_flight_at_deaths(sub, checkpoint):
+            if await self.store.effect_of(message) is not None:
+                continue  # answered before the runner died
+            d = message.data
+            why = "the agent's runner died, every time, while this message was being handled; it was stopped"
+            failed = NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))
+            failed.meta.causation_id = message.id
+            failed.meta.correlation_id = message.meta.correlation_id or message.id
+            failed.meta.actor = "orchestrator"
+            await self.store.append(message.stream, [failed])
+            parked += 1
+        await self.store.save_checkpoint(sub.subscription.name, sub.died_through)
+        return parked
+
+    async def _in_flight_at_deaths(self, sub: Sub, checkpoint: Cursor) -> list[RecordedEvent]:
+        """The subscriber's events after ``checkpoint`` up to the end of the deliveries in flight at its deaths."""
+        found: list[RecordedEvent] = []
+        async for page in self.store.committed_pages(checkpoint, types=sorted(sub.subscription.types or ())):
+            found += [e for e in page if e.cursor <= sub.died_through and sub.subscription.matches(e)]
+            if page and page[-1].cursor > sub.died_through:
+                break
+        return found
 
     async def _new_handle(self, sub: Sub) -> Any:
         """A new actor that answers a ping. The name is released asynchronously after a kill, and a new actor's

@@ -118,10 +118,7 @@ class Hub:
 
     async def find_reply(self, message: RecordedEvent) -> RecordedEvent | None:
         """The reply already recorded for ``message`` (for a retried request), if any."""
-        for e in await self.store.read_stream(message.stream, message.version + 1):
-            if e.type in REPLY_TYPES and e.meta.causation_id == message.id:
-                return e
-        return None
+        return await self.store.effect_of(message, REPLY_TYPES)
 
     async def actor_metrics(self) -> dict[str, bytes]:
         from actors.observability import export_metrics

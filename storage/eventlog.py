@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import gc
 import math
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -426,6 +426,13 @@ class EventLog:
         return AppendResult([r[0] for r in rows], [r[1] for r in rows], True)
 
     # ---- reading -------------------------------------------------------------------------------------
+
+    async def effect_of(self, cause: RecordedEvent, types: Collection[str] | None = None) -> RecordedEvent | None:
+        """The first event after ``cause`` in its stream that it caused (of ``types``, if given): a message's reply."""
+        for e in await self.read_stream(cause.stream, cause.version + 1):
+            if e.meta.causation_id == cause.id and (types is None or e.type in types):
+                return e
+        return None
 
     async def read_stream(self, stream: str, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
         """A stream's events by version: the activation path of every entity, so it skips what it knows."""

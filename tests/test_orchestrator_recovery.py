@@ -626,6 +626,23 @@ async def test_a_message_that_kills_its_runner_ends_in_agent_failed_though_later
     restarted = [e for e in await eventlog.read_stream("agent-x") if e.type == "agent.restarted"]
     assert [e.data["attempt"] for e in restarted] == [1, 2] and "agent:x" not in o.subs
 
+    # The message that killed it is answered as failed, and its place passed: a start does not meet it again.
+    poison, *answers = await eventlog.read_stream("chat-x/1")
+    assert [(a.type, a.meta.causation_id) for a in answers] == [("chat.reply_failed", poison.id)]
+    assert "died" in answers[0].data["error"] and (await eventlog.load_checkpoint("agent:x")) >= poison.cursor
+    failed_event = next(e for e in await eventlog.read_stream("agent-x") if e.type == "agent.failed")
+    assert "answered as failed" in failed_event.data["reason"]
+    actors.make["agent:x"] = lambda _: Recorder()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/9999", [NewEvent.of(MessageReceived(agent_id="x", chat_id="9999", text="new"))])
+
+    async def new_one_delivered() -> bool:
+        return any(e.data.get("text") == "new" for e in actors.seen("agent:x"))
+
+    await eventually(new_one_delivered, timeout=10, what="a message after the new start")
+    runner = actors.instances["agent:x"][-1]
+    assert all(e.data.get("text") != "poison" for e in runner.seen)
+
 
 class NeverAnswers(Recorder):
     """Takes a delivery and never finishes it: a reply from a slow model, cut short by a stop."""
