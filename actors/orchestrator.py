@@ -32,13 +32,14 @@ from actors.agents.agent import agent_stream
 from actors.agents.runner import AgentRunner, runner_name, runner_subscription
 from actors.config import RuntimeConfig
 from actors.deliveries import Delivery, InFlight
+from actors.entity import MAX_CONFLICT_RETRIES
 from actors.llm.actor import LLMActor
 from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
 from events import NewEvent, RecordedEvent, Subscription, UnknownEventType
 from events.hub import AgentFailed, AgentRestarted, ReplyFailed
 from events.system import SubscriberRegistered, TimerFailed, TimerFired
-from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable
+from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
 from storage.eventlog import START, Cursor, EventLog, Listener, held_back_wait
 
 log = structlog.get_logger(__name__)
@@ -668,7 +669,15 @@ class OrchestratorImpl:
         if sub.agent_id is not None:
             stream = agent_stream(sub.agent_id)
             if attempt > self.config.max_restart_attempts:
-                parked = await self._park_in_flight(sub, checkpoint)
+                try:
+                    parked = await self._park_in_flight(sub, checkpoint)
+                except StoreUnavailable:
+                    raise  # the give-up is tried again
+                except Exception:  # whatever it is, the agent is still given up on
+                    log.exception("messages in flight at the runner's deaths not answered", subscriber=name)
+                    parked = 0
+                if not self._current(sub):  # stopped meanwhile, maybe started again: that start is not failed
+                    return
                 answered = f"; {parked} message(s) in flight at its deaths answered as failed" if parked else ""
                 why = f"gave up after {reason}{answered}"
                 await self.store.append(stream, [NewEvent.of(AgentFailed(reason=why))])
@@ -680,7 +689,8 @@ class OrchestratorImpl:
         metrics.ACTOR_RESTARTS.labels(name).inc()
         handle = await self._new_handle(sub)
         if not self._current(sub):  # stopped meanwhile
-            self._kill(handle)
+            if name not in self.subs:  # and not started again: that start's runner is this same named actor
+                self._kill(handle)
             return
         sub.handle = handle
         sub.cursor = sub.persisted = checkpoint
@@ -694,25 +704,38 @@ class OrchestratorImpl:
         self.wake.set()
 
     async def _park_in_flight(self, sub: Sub, checkpoint: Cursor) -> int:
-        """Before giving up on an agent's runner: answer as failed each message that was in flight at its deaths
-        and has no answer, and move its checkpoint past them. One of them killed the process each time (out of
-        memory, a crash in native code); a start met it again, every time, and its sender waited for ever."""
+        """Before giving up on an agent's runner: in each chat, answer as failed the first message without an
+        answer among those in flight at its deaths. One of them killed the process each time (out of memory, a
+        crash in native code), and a start met it again, every time, its sender waiting for ever; answered, a start
+        skips it (a chat answers a message once) and answers the rest, which were only waiting behind it."""
         if sub.died_through <= checkpoint:
             return 0
-        parked = 0
+        chats: dict[str, list[RecordedEvent]] = {}
         for message in await self._in_flight_at_deaths(sub, checkpoint):
-            if await self.store.effect_of(message) is not None:
-                continue  # answered before the runner died
+            chats.setdefault(message.stream, []).append(message)
+        return sum([await self._fail_first_unanswered(messages) for messages in chats.values()])
+
+    async def _fail_first_unanswered(self, messages: list[RecordedEvent]) -> int:
+        """Answer as failed the first of ``messages`` (one chat's, in order) with no answer; 1 if one was. Appended
+        at the version it was read at: a runner still finishing its answer (a kill takes a moment) wins."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            later = await self.store.read_stream(messages[0].stream, messages[0].version + 1)
+            answered = {e.meta.causation_id for e in later}
+            message = next((m for m in messages if m.id not in answered), None)
+            if message is None:
+                return 0
             d = message.data
             why = "the agent's runner died, every time, while this message was being handled; it was stopped"
             failed = NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))
             failed.meta.causation_id = message.id
             failed.meta.correlation_id = message.meta.correlation_id or message.id
             failed.meta.actor = "orchestrator"
-            await self.store.append(message.stream, [failed])
-            parked += 1
-        await self.store.save_checkpoint(sub.subscription.name, sub.died_through)
-        return parked
+            try:
+                await self.store.append(message.stream, [failed], later[-1].version if later else messages[0].version)
+                return 1
+            except WrongExpectedVersion:
+                continue  # written meanwhile: look again
+        return 0
 
     async def _in_flight_at_deaths(self, sub: Sub, checkpoint: Cursor) -> list[RecordedEvent]:
         """The subscriber's events after ``checkpoint`` up to the end of the deliveries in flight at its deaths."""

@@ -626,22 +626,40 @@ async def test_a_message_that_kills_its_runner_ends_in_agent_failed_though_later
     restarted = [e for e in await eventlog.read_stream("agent-x") if e.type == "agent.restarted"]
     assert [e.data["attempt"] for e in restarted] == [1, 2] and "agent:x" not in o.subs
 
-    # The message that killed it is answered as failed, and its place passed: a start does not meet it again.
+    # The message that killed it is answered as failed (a start's runner skips it: a chat answers a message once).
     poison, *answers = await eventlog.read_stream("chat-x/1")
     assert [(a.type, a.meta.causation_id) for a in answers] == [("chat.reply_failed", poison.id)]
-    assert "died" in answers[0].data["error"] and (await eventlog.load_checkpoint("agent:x")) >= poison.cursor
+    assert "died" in answers[0].data["error"] and answers[0].meta.correlation_id == poison.id
     failed_event = next(e for e in await eventlog.read_stream("agent-x") if e.type == "agent.failed")
     assert "answered as failed" in failed_event.data["reason"]
-    actors.make["agent:x"] = lambda _: Recorder()
+
+
+async def test_giving_up_answers_only_the_first_unanswered_message_of_each_chat(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """The later ones were waiting behind it in their chat: a start answers them."""
+
+    class DiesAtOnce(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            if any(e.data.get("text") == "poison" for e in events):
+                raise ActorDiedError()
+            await super().deliver(events, cursor)
+
+    actors.make["agent:x"] = lambda _: DiesAtOnce()
+    await start(max_restart_attempts=0)
     await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
-    await eventlog.append("chat-x/9999", [NewEvent.of(MessageReceived(agent_id="x", chat_id="9999", text="new"))])
+    await eventlog.append(
+        "chat-x/1",
+        [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text=t)) for t in ("poison", "after it", "and more")],
+    )
 
-    async def new_one_delivered() -> bool:
-        return any(e.data.get("text") == "new" for e in actors.seen("agent:x"))
+    async def failed() -> bool:
+        return any(e.type == "agent.failed" for e in await eventlog.read_stream("agent-x"))
 
-    await eventually(new_one_delivered, timeout=10, what="a message after the new start")
-    runner = actors.instances["agent:x"][-1]
-    assert all(e.data.get("text") != "poison" for e in runner.seen)
+    await eventually(failed, timeout=20, what="agent.failed")
+    poison, *rest = [e for e in await eventlog.read_stream("chat-x/1") if e.type == "chat.message_received"]
+    answers = [e for e in await eventlog.read_stream("chat-x/1") if e.type == "chat.reply_failed"]
+    assert [a.meta.causation_id for a in answers] == [poison.id] and len(rest) == 2
 
 
 class NeverAnswers(Recorder):
