@@ -287,14 +287,15 @@ class OrchestratorImpl:
                 ever.add(e.stream_id)
             elif e.type in ("agent.stopped", "agent.deleted", "agent.failed"):
                 running.pop(e.stream_id, None)
+        outlived = existing_actors({runner_name(a) for a in ever}, self.ns)  # detached runners run on
         for agent_id, started in running.items():
             await self._add_agent(agent_id, started)
-            # A runner that outlived the last orchestrator (detached) may have missed an update meanwhile.
-            self._reload_config(self.subs[runner_name(agent_id)])
-        # Runners of agents stopped or deleted while no orchestrator acted on it (a detached runner runs on).
-        for name, handle in existing_actors({runner_name(a) for a in ever - running.keys()}, self.ns).items():
-            log.info("stopping the runner of an agent no longer running", subscriber=name)
-            self._kill(handle)
+            if runner_name(agent_id) in outlived:  # it may have missed an update meanwhile; a new one folds it
+                self._reload_config(self.subs[runner_name(agent_id)])
+        for name, handle in outlived.items():  # agents stopped or deleted while no orchestrator acted on it
+            if name not in self.subs:
+                log.info("stopping the runner of an agent no longer running", subscriber=name)
+                self._kill(handle)
         projector = await self._add_sub(Subscription.model_validate(SUBSCRIPTION), self._projector_factory)
         projector.linger_s = PROJECTOR_LINGER_S
         latest: dict[str, dict[str, Any]] = {}  # the last registration of each name is the one routed
