@@ -29,7 +29,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from actors import metrics
 from actors.agents.agent import agent_stream
-from actors.agents.runner import AgentRunner, runner_name, runner_subscription
+from actors.agents.runner import RUNNER_PREFIX, AgentRunner, runner_name, runner_subscription
 from actors.config import RuntimeConfig
 from actors.deliveries import Delivery, InFlight
 from actors.entity import MAX_CONFLICT_RETRIES
@@ -926,7 +926,7 @@ class OrchestratorImpl:
         registration of a name is the one routed. The same registration again changes nothing; another one
         takes over (the name's actor is restarted with it, from the name's checkpoint). A class that does not
         import is refused (``ValueError``) before anything is recorded, and so is the name of a system
-        subscriber (the projector, an agent's runner)."""
+        subscriber (the projector) or one an agent's runner may take (``agent:``...), running or not."""
         await self.ready.wait()
         name = subscription.name
         reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
@@ -935,7 +935,7 @@ class OrchestratorImpl:
             known = self.registrations.get(name)
             if known is not None and _same_routing(known, data):
                 return
-            if known is None and name in self.subs:
+            if known is None and (name in self.subs or name.startswith(RUNNER_PREFIX)):
                 raise ValueError(f"{name!r} is a system subscriber's name: register under another name")
             try:
                 actor_class(actor)

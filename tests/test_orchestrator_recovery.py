@@ -17,6 +17,7 @@ from ray.exceptions import ActorDiedError
 from structlog.testing import capture_logs
 
 from actors import orchestrator
+from actors.agents.runner import runner_name
 from actors.config import RuntimeConfig
 from actors.orchestrator import SKIPPED, OrchestratorImpl
 from actors.projections import PROJECTOR
@@ -938,6 +939,8 @@ async def test_the_last_registration_of_a_name_is_routed_live_and_after_a_restar
     assert "other-1" not in {e.stream for e in actors.instances["s"][-1].seen}
     with pytest.raises(ValueError, match="'projector' is a system subscriber's name"):
         await route(o, PROJECTOR, "work")
+    with pytest.raises(ValueError, match="'agent:stopped' is a system subscriber's name"):
+        await route(o, runner_name("stopped"), "work")  # an agent's runner, though that agent runs none now
 
     again = await start()  # a restart routes the last registration of each name
     assert again.subs["gone"].subscription.categories == {"work"} and again.subs["s"].subscription.categories == {

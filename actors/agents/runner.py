@@ -23,9 +23,12 @@ from events.hub import AgentSettings
 log = structlog.get_logger(__name__)
 
 
+RUNNER_PREFIX = "agent:"
+
+
 def runner_name(agent_id: str) -> str:
     """The Ray actor name, also the subscriber name: readable in the Ray dashboard."""
-    return f"agent:{agent_id}"
+    return f"{RUNNER_PREFIX}{agent_id}"
 
 
 def runner_subscription(agent_id: str) -> Subscription:
