@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
+from uuid import UUID
 
 import structlog
 
@@ -97,9 +98,12 @@ class Entity(Generic[S]):
         and keeps what the refused completion cost."""
         return []
 
-    def crashed(self, state: S, message: RecordedEvent, ctx: Context, error: Exception) -> list[NewEvent]:
+    def crashed(
+        self, state: S, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
         """Events recording that deciding ``message`` kept failing with ``error``, an exception nothing expected (a
-        bug, the machine), once its host's caller has stopped retrying (``EntityHost.record_crash``). None by
+        bug, the machine), once its host's caller has stopped retrying (``EntityHost.record_crash``). ``decided``
+        is the last decision for it that never reached the log (its completions were paid for), if any. None by
         default: the message is logged and skipped."""
         return []
 
@@ -148,6 +152,8 @@ class EntityHost(Generic[S]):
         self.snapshot_every = snapshot_every
         self.remembered_causes = remembered_causes
         self.active: OrderedDict[str, Active[S]] = OrderedDict()
+        # message id -> its last decision not appended: what a crash from there on had decided (and paid for)
+        self.unrecorded: dict[UUID, list[NewEvent]] = {}
         self.handled = 0
         self.activations = 0
 
@@ -208,6 +214,7 @@ class EntityHost(Generic[S]):
         appended: list[RecordedEvent] = []
         correlation = message.meta.correlation_id or message.id
         conflicts = 0
+        self.unrecorded.pop(message.id, None)
         for _ in range(self.entity.max_steps):
             decided = await self.entity.decide(a.state, message, a.ctx)
             if not decided:
@@ -220,12 +227,14 @@ class EntityHost(Generic[S]):
                 await self.store.append(sp.stream, sp.events, idempotency_key=f"spawn:{message.id}:{sp.stream}")
             if not new:
                 raise ValueError("a decision that spawns must also record an event of its own")
+            self.unrecorded[message.id] = new
             try:
                 res = await self.store.append(a.ctx.stream, new, a.ctx.version)
             except WrongExpectedVersion:
                 await self.catch_up(a)  # someone else wrote to the stream: reload and decide again
                 kept = [e for e in new if e.type in self.entity.conflict_keeps]
                 appended += await self._append_latest(a, lambda _, kept=kept: kept) if kept else []
+                self.unrecorded[message.id] = [e for e in new if e.type not in self.entity.conflict_keeps]
                 conflicts += 1
                 if conflicts > MAX_CONFLICT_RETRIES:
                     raise
@@ -242,6 +251,7 @@ class EntityHost(Generic[S]):
             appended += self._applied(a, new, res.positions, res.versions)
         else:
             log.error("decide did not settle", entity=a.ctx.stream, message=str(message.id))
+        self.unrecorded.pop(message.id, None)
         self.handled += 1
         if self.snapshot_every and a.since_snapshot >= self.snapshot_every:
             await self.snapshot(a)
@@ -251,13 +261,14 @@ class EntityHost(Generic[S]):
     async def record_crash(self, message: RecordedEvent, error: Exception) -> list[RecordedEvent]:
         """Append what the entity says about ``message`` whose handling kept raising ``error`` (``Entity.crashed``),
         decided on its state as the log has it, so that what waits on it hears now instead of at a timeout."""
+        decided = self.unrecorded.pop(message.id, [])
         key = self.entity.key_of(message)
         self.active.pop(key, None)  # the failed handling may have left the cached state half-way
         a = await self.get(key)
         correlation = message.meta.correlation_id or message.id
 
         def failed(state: S) -> list[NewEvent]:
-            events = self.entity.crashed(state, message, a.ctx, error)
+            events = self.entity.crashed(state, message, a.ctx, error, decided)
             _caused_by(message, correlation, self.entity.category, events)
             return events
 

@@ -316,6 +316,55 @@ async def test_a_message_whose_handling_fails_unexpectedly_is_answered_as_failed
         await actor.store.close()
 
 
+async def test_a_reply_whose_recording_crashes_keeps_what_its_completion_cost(eventlog: EventLog, db_url: str) -> None:
+    """The answer was paid for, then its append kept failing on something no outage explains: the chat answers the
+    message as failed and keeps the completion without its text, so the agent's spend counts it (it recorded the
+    failure alone), and a replay of the chat reads it as it reads a refused reply."""
+    calls: list[str] = []
+
+    async def paid(request: CompletionRequest) -> Completion:
+        calls.append(request.last_user_message())
+        tokens = {"prompt_tokens": 40_000, "completion_tokens": 10_000, "cost_usd": 0.012}
+        return Completion(text="the answer", provider="openai", model="gpt-4o-mini", latency_ms=1, **tokens)
+
+    class BrokenReplies:
+        """The log, except that appending a reply raises what no outage explains."""
+
+        def __init__(self, store: EventLog) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+        async def append(self, stream: str, events: list[NewEvent], *args: Any, **kw: Any) -> Any:
+            if any(e.type == "chat.reply_sent" for e in events):
+                raise RuntimeError("a bug in the reply's recording")
+            return await self.store.append(stream, events, *args, **kw)
+
+    class Chats(EntityActor):
+        async def setup(self) -> None:
+            self.hosts["chat"] = EntityHost(Conversation(AgentSettings, paid), BrokenReplies(self.store))  # type: ignore[arg-type]
+
+    actor = Chats(RuntimeConfig(database_url=db_url), "chats")
+    try:
+        await eventlog.append("chat-a1/c1", [NewEvent.of(MessageReceived(agent_id="a1", text="hi", chat_id="c1"))])
+        (message,) = await eventlog.read_stream("chat-a1/c1")
+        await actor.deliver([message], message.cursor)
+        answers = (await eventlog.read_stream("chat-a1/c1"))[1:]
+        assert [(e.type, e.meta.causation_id) for e in answers] == [
+            ("llm.completed", message.id),
+            ("chat.reply_failed", message.id),
+        ]
+        assert answers[0].data["text"] == "" and answers[0].data["total_tokens"] == 50_000 and calls == ["hi"]
+        assert answers[1].data["error"] == "the reply failed: internal error (RuntimeError)"
+        assert await spent_usd(eventlog, "agent_id", "a1") == pytest.approx(0.012)
+        report = ReplayReport()
+        await replay_chat(Conversation(AgentSettings, never_called), await eventlog.read_stream("chat-a1/c1"), report)
+        assert report.mismatches == [] and report.completions_from_log == 1
+    finally:
+        await actor.store.close()
+
+
 async def test_an_answer_that_spent_the_budget_is_still_given_when_the_chat_decides_again(eventlog: EventLog) -> None:
     """The user's next message lands while the reply is asked for: the reply's append conflicts and the chat
     decides again. The answer was paid for and spent the budget; asked again it came from the cache, but the budget

@@ -24,7 +24,7 @@ from actors.entity import Context, EntityHost, Spawn
 from actors.llm.base import Completion, CompletionRequest, ProviderError
 from actors.llm.budget import spent_usd
 from events import NewEvent, RecordedEvent
-from events.hub import AgentStarted
+from events.hub import AgentStarted, LLMCompleted
 from events.system import TimerScheduled
 from events.team import (
     DecisionRequested,
@@ -34,6 +34,7 @@ from events.team import (
     TaskCancelled,
     TaskCompleted,
     TaskCreated,
+    TaskFailed,
     TaskStarted,
 )
 from storage.errors import StoreUnavailable
@@ -446,14 +447,23 @@ def test_an_answer_the_previous_role_asked_for_is_no_answer_for_the_next() -> No
 
 def test_a_crash_in_a_role_the_task_was_taken_from_fails_nothing(tmp_path: Path) -> None:
     """The developer's step kept failing while the task's timeout handed it to the tech lead: the tech lead's task
-    goes on."""
+    goes on. What the crashed step's decision paid for is kept, without its text, either way."""
     s = implement_task(role="tech_lead", phase="code")
-    crash = RuntimeError("a bug")
-    assert Task("developer", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash) == []
-    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), crash)
+    crash, ctx, trigger = RuntimeError("a bug"), Context("task-r1.t1"), message("task.started")
+    paid = LLMCompleted(
+        agent_id="developer", provider="openai", model="m", text="the code", prompt_tokens=5, completion_tokens=7,
+        total_tokens=12, latency_ms=3.0, cost_usd=0.25, request_hash="h", run_id="r1", purpose="code:1",
+    )  # fmt: skip
+    decided = [NewEvent.of(paid), NewEvent.of(TaskFailed(**s.ids(), role="developer", reason="never recorded"))]
+    assert Task("developer", services(tmp_path)).crashed(s, trigger, ctx, crash, []) == []
+    (kept,) = Task("developer", services(tmp_path)).crashed(s, trigger, ctx, crash, decided)
+    assert kept.type == "llm.completed" and kept.data["cost_usd"] == 0.25 and kept.data["text"] == ""
+    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, trigger, ctx, crash, [])
     assert failed.type == "task.failed" and failed.data["reason"] == "step failed at tech_lead: RuntimeError: a bug"
+    kept, failed = Task("tech_lead", services(tmp_path)).crashed(s, trigger, ctx, crash, decided)
+    assert (kept.type, kept.data["total_tokens"], failed.type) == ("llm.completed", 12, "task.failed")
     disk = OSError(28, "No space left on device", str(tmp_path / "ws" / "add.py"))  # the workspaces dir is tmp_path
-    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, message("task.started"), Context("task-r1.t1"), disk)
+    (failed,) = Task("tech_lead", services(tmp_path)).crashed(s, trigger, ctx, disk, [])
     assert failed.data["reason"] == "step failed at tech_lead: OSError: [Errno 28] No space left on device: 'ws/add.py'"
 
 

@@ -118,15 +118,17 @@ class Conversation(Entity[ChatState]):
         completion is kept, without the text: it was paid for."""
         return refusal(message, decided, f"the reply could not be recorded: {error}"[:1000])
 
-    def crashed(self, state: ChatState, message: RecordedEvent, ctx: Context, error: Exception) -> list[NewEvent]:
+    def crashed(
+        self, state: ChatState, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
         """A message whose handling failed on something no provider's answer explains (a bug, a database error
         that is no outage) is answered as failed, so its sender hears now; it used to be skipped, and a client
         told with a 202 that the reply would come waited for ever. The error's kind only: its text may name the
-        database."""
+        database. A completion decided before the failure is kept without its text, as a refusal keeps it: it
+        was paid for (replay reads such a failure as a refusal)."""
         if message.type != "chat.message_received" or ctx.effects_of(message):
             return []
-        d, why = message.data, f"the reply failed: internal error ({type(error).__name__})"
-        return [NewEvent.of(ReplyFailed(agent_id=d["agent_id"], chat_id=d["chat_id"], error=why))]
+        return refusal(message, decided, f"the reply failed: internal error ({type(error).__name__})")
 
     def to_snapshot(self, state: ChatState) -> dict[str, Any]:
         return state.model_dump()

@@ -212,15 +212,21 @@ class Task(Entity[TaskState]):
         except ProviderError as e:  # retries and any fallback are spent: say so now, not at the timeout
             return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=f"LLM call failed: {e}"))]
 
-    def crashed(self, s: TaskState, message: RecordedEvent, ctx: Context, error: Exception) -> list[NewEvent]:
+    def crashed(
+        self, s: TaskState, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
         """A step that kept failing on something no answer caused (a bug, the machine) fails its task now, the
-        error in the reason, instead of leaving the task to its timeout and the next role to meet the same."""
-        if s.status in TERMINAL or s.status == "absent" or self.me not in (s.acting(), CEO_LOOP):
-            return []  # handed on meanwhile (escalated at its timeout): the task is another role's now
+        error in the reason, instead of leaving the task to its timeout and the next role to meet the same. The
+        completions its last decision paid for are kept (without their text), as a refusal keeps them."""
+        if s.status == "absent":
+            return []
+        paid = paid_without_text(decided)
+        if s.status in TERMINAL or self.me not in (s.acting(), CEO_LOOP):
+            return paid  # handed on meanwhile (escalated at its timeout): the task is another role's now
         why = f"step failed at {self.me}: {type(error).__name__}: {error}".replace("\x00", "")
         why = _relative(why, self.services.workspaces)  # an OS error's path: the run's workspace and the file
         reason = why[:CRASH_REASON_CHARS]
-        return [NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
+        return [*paid, NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
     def refused(
         self, s: TaskState, message: RecordedEvent, error: StoreError, decided: list[NewEvent]
