@@ -141,6 +141,8 @@ class Sub:
     delivering_since: float | None = None
     reload_waiters: list[asyncio.Future[None]] = field(default_factory=list)
     reloading: asyncio.Task[None] | None = None
+    # an update came while it was dead: the new runner may have folded its config before it, so it reloads once up
+    reload_when_up: bool = False
 
     @property
     def active(self) -> bool:
@@ -462,7 +464,9 @@ class OrchestratorImpl:
                 await self._remove_sub(runner_name(e.stream_id))
             elif e.type == "agent.updated":
                 sub = self.subs.get(runner_name(e.stream_id))
-                if sub is not None and not sub.dead:
+                if sub is not None and sub.dead:
+                    sub.reload_when_up = True
+                elif sub is not None:
                     # Messages after the update should meet the new config: wait a little for it, but never let
                     # a runner that cannot reload hold up the reader (it keeps trying in the background).
                     await asyncio.wait({self._reload_config(sub)}, timeout=RELOAD_WAIT_S)
@@ -482,13 +486,19 @@ class OrchestratorImpl:
 
     async def _reload_loop(self, sub: Sub) -> None:
         """Ask the runner to refold its config until it has, once more for each update that came meanwhile.
-        A restarted runner folds its config as it starts, so a new handle ends this. Failures other than a
-        database outage (waited out, not counted) restart the runner after ``RELOAD_ATTEMPTS``."""
+        A runner restarted meanwhile is asked too: it folded its config as it started, maybe before the update
+        committed; one dead now is asked once it is up (``reload_when_up``). Failures other than a database outage
+        (waited out, not counted) restart the runner after ``RELOAD_ATTEMPTS``."""
         handle, failures, tries = sub.handle, 0, 0  # tries: failed in a row, outages included (the backoff)
         try:
             while sub.reload_waiters or tries:
-                if sub.handle is not handle or sub.dead or not self._current(sub):
+                if not self._current(sub):
                     return
+                if sub.dead:
+                    sub.reload_when_up = True
+                    return
+                if sub.handle is not handle:
+                    handle, failures = sub.handle, 0
                 waiters, sub.reload_waiters = sub.reload_waiters, []
                 try:
                     await asyncio.wait_for(handle.ping.remote(), 30)  # its start is done (or was tried again)
@@ -701,6 +711,9 @@ class OrchestratorImpl:
         sub.dead = False
         sub.restart_reason = None
         log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
+        if sub.reload_when_up:
+            sub.reload_when_up = False
+            self._reload_config(sub)
         self._pump(sub)
         self.wake.set()
 

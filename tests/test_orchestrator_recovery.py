@@ -731,6 +731,47 @@ async def test_a_restart_stops_the_runners_of_agents_stopped_meanwhile_and_refre
     await eventually(reloaded, timeout=5, what="the runner that ran on to reload its config")
 
 
+async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runner(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """The new runner folds its config as it starts, which may be before the update commits; the reader, meeting
+    the update while the runner was dead, asked nobody to reload: it answered with the old config until the next."""
+    up = asyncio.Event()
+
+    class Dies(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            raise ActorDiedError()
+
+    class SlowStart(Recorder):  # has folded its config; its start finishes once the update is read
+        async def ping(self) -> dict[str, Any]:
+            await up.wait()
+            return await super().ping()
+
+    actors.make["agent:x"] = lambda nth: Dies() if nth == 0 else SlowStart()
+    o = await start()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text="hi"))])
+
+    async def restarting() -> bool:
+        return len(actors.instances["agent:x"]) == 2 and o.subs["agent:x"].dead
+
+    await eventually(restarting, timeout=5, what="the runner's restart under way")
+    res = await eventlog.append("agent-x", [NewEvent.of(AgentUpdated(name="renamed"))])
+    (update,) = await eventlog.read_stream("agent-x", res.versions[0])
+
+    async def update_read() -> bool:
+        return o.cursor >= update.cursor
+
+    await eventually(update_read, timeout=5, what="the update read while the runner is dead")
+    up.set()
+
+    async def reloaded() -> bool:
+        return actors.instances["agent:x"][1].reloads == 1
+
+    await eventually(reloaded, timeout=5, what="the new runner to reload its config")
+    assert not o.subs["agent:x"].dead and len(actors.instances["agent:x"]) == 2
+
+
 async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
