@@ -49,6 +49,10 @@ DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 BATCH = 500
 MAX_PENDING = 5 * BATCH  # a subscriber's backlog at which the reader stops reading for it (not for the others)
 RUNNER_IN_FLIGHT = 2
+# A runner's delivery returns once its events are handled, so a chat waiting on a slow model held up the agent's
+# other chats behind it: when every delivery in flight has been out this long, one more may go, up to the most.
+STALLED_S = 0.25
+RUNNER_MAX_STALLED = 32
 PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
 TIMER_TYPES = ("timer.scheduled", "timer.fired", "timer.failed")
@@ -123,6 +127,7 @@ class Sub:
     in_flight: int = 0  # calls not yet returned, of any epoch
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
     max_in_flight: int = 1
+    max_stalled: int = 0  # in flight at most while the deliveries out are stalled (STALLED_S); 0: no more
     linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
     last_sent: float = 0.0
     retry_at: float = 0.0  # after a failed delivery, send nothing before this (monotonic clock)
@@ -380,6 +385,8 @@ class OrchestratorImpl:
         max_in_flight: int = 1,
     ) -> Sub:
         sub = Sub(subscription, factory, agent_id=agent_id, max_in_flight=max_in_flight)
+        if agent_id is not None:
+            sub.max_stalled = RUNNER_MAX_STALLED
         sub.idle.set()
         stored = await self.store.load_checkpoint(subscription.name)
         if stored == START and start != START:
@@ -541,7 +548,7 @@ class OrchestratorImpl:
     def _pump(self, sub: Sub) -> None:
         """Start deliveries of ``sub``'s pending events, up to its limit; with nothing left to deliver, its cursor
         moves to what was read (events it does not subscribe to need no acknowledgement)."""
-        while sub.active and sub.in_flight < sub.max_in_flight:
+        while sub.active and (sub.in_flight < sub.max_in_flight or self._stalled(sub)):
             if not sub.pending:
                 if sub.in_flight == 0:
                     sub.cursor = max(sub.cursor, sub.queued)
@@ -563,6 +570,13 @@ class OrchestratorImpl:
             sub.delivering_since = sub.delivering_since or time.time()
             delivery = sub.window.sent(end)
             self._spawn(self._deliver(sub, events, delivery, sub.epoch))
+        if sub.active and sub.pending and sub.in_flight < sub.max_stalled and sub.pump_later is None:
+            wait = sub.last_sent + STALLED_S - time.monotonic()  # look again once those out count as stalled
+            sub.pump_later = asyncio.get_running_loop().call_later(max(wait, 0.0), self._pump_now, sub)
+
+    @staticmethod
+    def _stalled(sub: Sub) -> bool:
+        return sub.in_flight < sub.max_stalled and time.monotonic() - sub.last_sent >= STALLED_S
 
     def _pump_now(self, sub: Sub) -> None:
         sub.pump_later = None

@@ -302,30 +302,35 @@ async def test_openai_compatible_provider_over_http(http: httpx.AsyncClient, hub
 async def test_a_slow_reply_holds_up_neither_other_agents_nor_other_chats(
     http: httpx.AsyncClient, hub_log: EventLog
 ) -> None:
+    """Two messages of the slow chat out in two deliveries (the second waits behind the first) held up the agent's
+    other chats too, until one of them returned: a runner had two deliveries in flight at most."""
     with FakeOpenAI(free_port(), reply="worth the wait") as fake:
         slow = await new_agent(http, provider="openai_compatible", base_url=fake.base_url)
         quick = await new_agent(http)
         warm = await http.post(f"/api/v1/agents/{quick}/messages", json={"text": "warm up", "chat_id": "q"})
         assert warm.status_code == 200
         fake.fail(delay_s=6)  # the next completion takes six seconds
-        r = await http.post(
-            f"/api/v1/agents/{slow}/messages", params={"timeout": 0.001}, json={"text": "think", "chat_id": "slow"}
-        )
-        assert r.status_code == 202
+        for text in ("think", "and then?"):
+            r = await http.post(
+                f"/api/v1/agents/{slow}/messages", params={"timeout": 0.001}, json={"text": text, "chat_id": "slow"}
+            )
+            assert r.status_code == 202
 
-        async def thinking() -> bool:
-            return fake.hits == 1
+            async def thinking(out: int = 1 if text == "think" else 2) -> bool:
+                runner = (await http.get("/api/v1/system/status")).json()["subscribers"][f"agent:{slow}"]
+                return fake.hits == 1 and runner["in_flight"] == out
 
-        await eventually(thinking, what="the slow completion to start")
+            await eventually(thinking, what=f"the slow completion to start, {text!r} delivered")
         other_agent = await http.post(f"/api/v1/agents/{quick}/messages", json={"text": "hi", "chat_id": "q"})
         other_chat = await http.post(f"/api/v1/agents/{slow}/messages", json={"text": "quick", "chat_id": "fast"})
         assert other_agent.status_code == 200 and other_chat.status_code == 200
         assert other_chat.json()["response"] == "worth the wait"
         still = [e.type for e in await hub_log.read_stream(f"chat-{slow}/slow")]
-        assert still == ["chat.message_received"]  # both answered while the slow one was still thinking
+        assert still == ["chat.message_received"] * 2  # both answered while the slow one was still thinking
 
         async def answered() -> bool:
-            return "chat.reply_sent" in [e.type for e in await hub_log.read_stream(f"chat-{slow}/slow")]
+            replies = [e for e in await hub_log.read_stream(f"chat-{slow}/slow") if e.type == "chat.reply_sent"]
+            return len(replies) == 2
 
         await eventually(answered, what="the slow reply")
 

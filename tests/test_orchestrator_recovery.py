@@ -772,6 +772,50 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
     assert not o.subs["agent:x"].dead and len(actors.instances["agent:x"]) == 2
 
 
+async def test_a_slow_chat_does_not_hold_up_the_agents_other_chats(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """A runner's delivery returns once its events are handled, and two were in flight at most: a chat whose
+    completions are slow (a real model: seconds) in both held every other chat of the agent until one returned.
+    Deliveries that have all been out for a moment let one more go, each such moment."""
+    slow_done = asyncio.Event()
+
+    class SlowChat(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            await super().deliver(events, cursor)  # seen at once
+            if any(e.stream == "chat-x/slow" for e in events):
+                await slow_done.wait()  # handled when the model answers
+
+    actors.make["agent:x"] = lambda _: SlowChat()
+    o = await start()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    sub_ready = lambda: "agent:x" in o.subs  # noqa: E731
+    for i in range(2):
+        await eventlog.append("chat-x/slow", [NewEvent.of(MessageReceived(agent_id="x", chat_id="slow", text=f"{i}"))])
+
+        async def out(n: int = i + 1) -> bool:
+            return sub_ready() and o.subs["agent:x"].in_flight == n
+
+        await eventually(out, timeout=5, what=f"{i + 1} slow deliveries in flight")
+    res = await eventlog.append(
+        "chat-x/quick", [NewEvent.of(MessageReceived(agent_id="x", chat_id="quick", text="hi"))]
+    )
+    try:
+
+        async def quick_seen() -> bool:
+            return res.positions[0] in positions(actors, "agent:x")
+
+        await eventually(quick_seen, timeout=3, what="the quick chat's message delivered while the slow one waits")
+        assert not slow_done.is_set() and o.subs["agent:x"].in_flight == 2  # the quick one has returned
+    finally:
+        slow_done.set()
+
+    async def all_back() -> bool:
+        return o.subs["agent:x"].in_flight == 0
+
+    await eventually(all_back, timeout=5, what="every delivery returned")
+
+
 async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
