@@ -456,6 +456,9 @@ def test_current_models_are_priced_by_their_own_entry_or_family() -> None:
     assert price_of("claude-3-opus-20240229") == price_of("claude-opus-4-1-20250805")
     assert price_of("claude-sonnet-4-5@20250929") == price_of("claude-sonnet-4-5")  # Vertex AI's spelling
     assert price_of("gpt-5.2") is None and price_of("o1x") is None  # another point version, not a suffix
+    # a smaller model named after its family is not priced as the family
+    assert price_of("gpt-5.1-codex-mini") == price_of("gpt-5-mini") != price_of("gpt-5.1-codex") == price_of("gpt-5.1")
+    assert price_of("codex-mini-latest") is not None
 
 
 def test_a_paid_model_with_no_price_is_reported_once() -> None:

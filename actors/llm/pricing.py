@@ -37,6 +37,9 @@ PRICES: dict[str, ModelPrice] = {
     "gpt-5-nano": _p(0.05, 0.40),
     "gpt-5-pro": _p(15.00, 120.00),
     "gpt-5.1": _p(1.25, 10.00),
+    # a smaller model behind a family's name: priced as gpt-5.1 it cost five times its list price
+    "gpt-5.1-codex-mini": _p(0.25, 2.00),
+    "codex-mini": _p(1.50, 6.00),
     "o1": _p(15.00, 60.00),
     "o1-mini": _p(1.10, 4.40),
     "o1-pro": _p(150.00, 600.00),
