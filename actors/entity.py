@@ -30,6 +30,8 @@ MAX_CONFLICT_RETRIES = 10
 # How many of its newest causes an entity remembers (see ``Context``): a chat answers every message, so keeping
 # them all made a long chat's memory and each of its snapshots grow with its length (DESIGN's trap 3).
 REMEMBERED_CAUSES = 2000
+# Decisions a host keeps for a crash to record (``EntityHost.unrecorded``); more is what outages left behind.
+MAX_UNRECORDED = 256
 
 
 @dataclass
@@ -228,6 +230,8 @@ class EntityHost(Generic[S]):
             if not new:
                 raise ValueError("a decision that spawns must also record an event of its own")
             self.unrecorded[message.id] = new
+            while len(self.unrecorded) > MAX_UNRECORDED:  # left by outages whose message never came again
+                del self.unrecorded[next(iter(self.unrecorded))]
             try:
                 res = await self.store.append(a.ctx.stream, new, a.ctx.version)
             except WrongExpectedVersion:
@@ -249,6 +253,7 @@ class EntityHost(Generic[S]):
                 appended += self._applied(a, failed, res.positions, res.versions)
                 break
             appended += self._applied(a, new, res.positions, res.versions)
+            self.unrecorded.pop(message.id, None)  # recorded: a crash in a later step did not decide it
         else:
             log.error("decide did not settle", entity=a.ctx.stream, message=str(message.id))
         self.unrecorded.pop(message.id, None)

@@ -93,6 +93,14 @@ def _backoff(failures: int) -> float:
     return min(RETRY_MAX_S, RETRY_S * 2 ** max(0, failures - 1))
 
 
+SYSTEM_ACTORS = frozenset({PROJECTOR, "llm", "orchestrator"})
+
+
+def _reserved(name: str) -> bool:
+    """A Ray name a registered subscriber must not take: a system actor's, or one an agent's runner may take."""
+    return name in SYSTEM_ACTORS or name.startswith(RUNNER_PREFIX)
+
+
 def _same_routing(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two recorded registrations route alike (compared as models: a set's order in JSON is arbitrary)."""
 
@@ -713,6 +721,7 @@ class OrchestratorImpl:
         sub.attempts = attempt
         metrics.ACTOR_RESTARTS.labels(name).inc()
         handle = await self._new_handle(sub)
+        reloaded = await self._reload_before_redelivery(sub, handle)
         if not self._current(sub):  # stopped meanwhile
             if name not in self.subs:  # and not started again: that start's runner is this same named actor
                 self._kill(handle)
@@ -722,14 +731,30 @@ class OrchestratorImpl:
         self._rewind(sub)
         sub.failures = sub.faults = sub.ping_faults = 0
         sub.retry_at = 0.0
+        if sub.pump_later is not None:  # an old retry's: it would hold back the stall timer (``_pump``)
+            sub.pump_later.cancel()
+            sub.pump_later = None
         sub.dead = False
         sub.restart_reason = None
         log.info("subscriber restarted", subscriber=name, attempt=sub.attempts, redeliver_from=sub.cursor[1])
-        if sub.reload_when_up:
+        if not reloaded or sub.reload_when_up:  # it failed, or another update came meanwhile: in the background
             sub.reload_when_up = False
             self._reload_config(sub)
         self._pump(sub)
         self.wake.set()
+
+    async def _reload_before_redelivery(self, sub: Sub, handle: Any) -> bool:
+        """A new runner with an update pending (``reload_when_up``) refolds its config before anything is
+        redelivered to it, as the reader waits for a live one's reload; False if that failed."""
+        if not sub.reload_when_up:
+            return True
+        sub.reload_when_up = False
+        try:
+            await asyncio.wait_for(handle.reload_config.remote(), RELOAD_WAIT_S)
+        except Exception as e:
+            log.warning("restarted runner not reloaded yet", subscriber=sub.subscription.name, error=repr(e))
+            return False
+        return True
 
     async def _park_in_flight(self, sub: Sub, checkpoint: Cursor) -> int:
         """Before giving up on an agent's runner: in each chat, answer as failed the first message without an
@@ -952,8 +977,9 @@ class OrchestratorImpl:
         ``Class(runtime_config, *args)``). Recorded in the log, so it survives orchestrator restarts; the last
         registration of a name is the one routed. The same registration again changes nothing; another one
         takes over (the name's actor is restarted with it, from the name's checkpoint). A class that does not
-        import is refused (``ValueError``) before anything is recorded, and so is the name of a system
-        subscriber (the projector) or one an agent's runner may take (``agent:``...), running or not."""
+        import is refused (``ValueError``) before anything is recorded, and so is the name of a system actor
+        (the projector, ``llm``, ``orchestrator``) or one an agent's runner may take (``agent:``...), running or
+        not: routed, the name's actor would be that one (Ray names are unique), and a restart would kill it."""
         await self.ready.wait()
         name = subscription.name
         reg = SubscriberRegistered(subscription=subscription.model_dump(mode="json"), actor=actor, args=args or [])
@@ -962,8 +988,8 @@ class OrchestratorImpl:
             known = self.registrations.get(name)
             if known is not None and _same_routing(known, data):
                 return
-            if known is None and (name in self.subs or name.startswith(RUNNER_PREFIX)):
-                raise ValueError(f"{name!r} is a system subscriber's name: register under another name")
+            if known is None and (name in self.subs or _reserved(name)):
+                raise ValueError(f"{name!r} is a system actor's name: register under another name")
             try:
                 actor_class(actor)
             except Exception as e:
@@ -978,6 +1004,8 @@ class OrchestratorImpl:
         try:
             reg = SubscriberRegistered.model_validate(data)
             subscription = Subscription.model_validate(reg.subscription)
+            if _reserved(subscription.name):  # recorded before register() refused such names
+                raise ValueError(f"{subscription.name!r} is a system actor's name")
             cls = actor_class(reg.actor)
         except Exception:
             SKIPPED.labels("registration").inc()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from actors.entity import Context, Entity, EntityHost
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted, AgentStopped
@@ -124,3 +126,53 @@ async def test_a_snapshot_in_the_older_form_is_ignored_and_the_entity_refolds(ev
     await eventlog.save_snapshot("counter-o", 2, {"state": {"seen": 99, "effects": 99}, "caused": {}})
     loaded = await EntityHost(Counter(), eventlog).load("o")
     assert loaded.state == {"seen": 1, "effects": 1} and loaded.ctx.effects_of(msg) == ["agent.stopped"]
+
+
+class TwoSteps(Counter):
+    """Records one effect per step; its second step raises, or (``broken_append``) its first's append does."""
+
+    max_steps = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[list[NewEvent]] = []
+
+    async def decide(self, state: dict, message: RecordedEvent, ctx: Context) -> list[NewEvent]:
+        if ctx.effects_of(message):
+            raise RuntimeError("the second step's bug")
+        return [NewEvent.of(AgentStopped(reason="step 1"))]
+
+    def crashed(
+        self, state: dict, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
+        self.told.append(decided)
+        return []
+
+
+async def test_a_crash_is_told_the_decision_it_left_unrecorded_and_none_already_recorded(eventlog: EventLog) -> None:
+    """``Entity.crashed`` keeps what that decision paid for: passed a decision already in the log, it was recorded
+    twice (a team step's completion, counted twice against the run's budget)."""
+    entity = TwoSteps()
+    host = EntityHost(entity, eventlog)
+    msg = await _message(eventlog, "counter-s")
+    with pytest.raises(RuntimeError, match="the second step's bug") as crash:
+        await host.handle(msg)
+    await host.record_crash(msg, crash.value)
+    assert entity.told == [[]]  # step 1's effect is in the log
+    assert [e.type for e in await eventlog.read_stream("counter-s")] == ["agent.started", "agent.stopped"]
+
+    class BrokenAppend:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(eventlog, name)
+
+        async def append(self, stream: str, events: list[NewEvent], *args: Any, **kw: Any) -> Any:
+            raise RuntimeError("the append's bug")
+
+    entity = TwoSteps()
+    host = EntityHost(entity, BrokenAppend())  # type: ignore[arg-type]
+    msg = await _message(eventlog, "counter-t")
+    with pytest.raises(RuntimeError, match="the append's bug") as crash:
+        await host.handle(msg)
+    await host.record_crash(msg, crash.value)
+    ((decided,),) = entity.told
+    assert decided.data["reason"] == "step 1" and host.unrecorded == {}

@@ -742,10 +742,21 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
         async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
             raise ActorDiedError()
 
+    calls: list[str] = []
+
     class SlowStart(Recorder):  # has folded its config; its start finishes once the update is read
         async def ping(self) -> dict[str, Any]:
             await up.wait()
             return await super().ping()
+
+        async def reload_config(self) -> None:
+            await asyncio.sleep(0.2)  # a Ray call's while
+            calls.append("reload")
+            await super().reload_config()
+
+        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+            calls.append("deliver")
+            await super().deliver(events, cursor)
 
     actors.make["agent:x"] = lambda nth: Dies() if nth == 0 else SlowStart()
     o = await start()
@@ -770,6 +781,12 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
 
     await eventually(reloaded, timeout=5, what="the new runner to reload its config")
     assert not o.subs["agent:x"].dead and len(actors.instances["agent:x"]) == 2
+
+    async def redelivered() -> bool:
+        return "deliver" in calls
+
+    await eventually(redelivered, timeout=5, what="the message redelivered to the new runner")
+    assert calls[0] == "reload"  # before the redelivery: messages after the update meet the new config
 
 
 async def test_a_slow_chat_does_not_hold_up_the_agents_other_chats(
@@ -1005,13 +1022,15 @@ async def test_the_last_registration_of_a_name_is_routed_live_and_after_a_restar
     and lost at the next restart, or ignored. The same registration again records nothing."""
     broken = SubscriberRegistered(subscription={"name": "gone"}, actor="no_such_module:Gone")
     await eventlog.append("system-subscribers", [NewEvent.of(broken)], idempotency_key="register:gone")
+    taken = SubscriberRegistered(subscription={"name": "agent:x"}, actor=f"{HERE}:Fake")  # before names were checked
+    await eventlog.append("system-subscribers", [NewEvent.of(taken)])
     o = await start()
-    assert "gone" not in o.subs
+    assert "gone" not in o.subs and "agent:x" not in o.subs
     await route(o, "gone", "work")
     many = frozenset({"work", "other", "more", "again"})  # a set: its JSON order may differ between processes
     await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")
     await o.register(Subscription(name="s", categories=many), f"{HERE}:Fake")  # again: nothing recorded
-    assert len(await eventlog.read_stream("system-subscribers")) == 3
+    assert len(await eventlog.read_stream("system-subscribers")) == 4
     await route(o, "s", "work")  # otherwise: takes over, its actor restarted with it
     assert o.subs["s"].subscription.categories == {"work"}
     wanted = await put(eventlog, "work-1")
@@ -1022,17 +1041,16 @@ async def test_the_last_registration_of_a_name_is_routed_live_and_after_a_restar
 
     await eventually(routed, timeout=5, what="both names routed by their last registration")
     assert "other-1" not in {e.stream for e in actors.instances["s"][-1].seen}
-    with pytest.raises(ValueError, match="'projector' is a system subscriber's name"):
-        await route(o, PROJECTOR, "work")
-    with pytest.raises(ValueError, match="'agent:stopped' is a system subscriber's name"):
-        await route(o, runner_name("stopped"), "work")  # an agent's runner, though that agent runs none now
+    for name in (PROJECTOR, "llm", runner_name("stopped")):  # the last: a runner's, though that agent runs none now
+        with pytest.raises(ValueError, match=f"'{name}' is a system actor's name"):
+            await route(o, name, "work")
 
     again = await start()  # a restart routes the last registration of each name
     assert again.subs["gone"].subscription.categories == {"work"} and again.subs["s"].subscription.categories == {
         "work"
     }
     await route(again, "s", "work")  # the same as recorded: nothing new
-    assert len(await eventlog.read_stream("system-subscribers")) == 4
+    assert len(await eventlog.read_stream("system-subscribers")) == 5
 
 
 # ---- 7. a failed projection rebuild does not stop the projector ---------------------------------------------
