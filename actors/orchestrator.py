@@ -136,6 +136,7 @@ class Sub:
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
     max_in_flight: int = 1
     max_stalled: int = 0  # in flight at most while the deliveries out are stalled (STALLED_S); 0: no more
+    sent_end: Cursor = START  # where the last delivery sent in this epoch ends: the next one's ``after``
     linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
     last_sent: float = 0.0
     retry_at: float = 0.0  # after a failed delivery, send nothing before this (monotonic clock)
@@ -404,7 +405,7 @@ class OrchestratorImpl:
             await self.store.save_checkpoint(subscription.name, start)
             stored = start
         sub.handle = factory()
-        sub.cursor = sub.queued = sub.persisted = stored
+        sub.cursor = sub.queued = sub.persisted = sub.sent_end = stored
         self.subs[subscription.name] = sub
         self.wake.set()
         return sub
@@ -577,7 +578,8 @@ class OrchestratorImpl:
             sub.idle.clear()
             sub.delivering_since = sub.delivering_since or time.time()
             delivery = sub.window.sent(end)
-            self._spawn(self._deliver(sub, events, delivery, sub.epoch))
+            self._spawn(self._deliver(sub, events, delivery, sub.epoch, sub.sent_end))
+            sub.sent_end = end
         if sub.active and sub.pending and sub.in_flight < sub.max_stalled and sub.pump_later is None:
             wait = sub.last_sent + STALLED_S - time.monotonic()  # look again once those out count as stalled
             sub.pump_later = asyncio.get_running_loop().call_later(max(wait, 0.0), self._pump_now, sub)
@@ -595,11 +597,17 @@ class OrchestratorImpl:
         sub.epoch += 1
         sub.pending = []
         sub.window.clear()
-        sub.queued = sub.cursor
+        sub.queued = sub.sent_end = sub.cursor
 
-    async def _deliver(self, sub: Sub, events: list[RecordedEvent], delivery: Delivery, epoch: int) -> None:
+    async def _deliver(
+        self, sub: Sub, events: list[RecordedEvent], delivery: Delivery, epoch: int, after: Cursor
+    ) -> None:
+        """Send ``events`` (after ``after``, up to ``delivery.end``). A runner, which holds several deliveries,
+        is told ``after`` too: Ray may start an async actor's calls out of order (a large batch waits for the
+        object store), and it registers each one's events only once the one before it has (``EntityActor``)."""
+        args = (events, delivery.end, after) if sub.max_in_flight > 1 else (events, delivery.end)
         try:
-            saved = await sub.handle.deliver.remote(events, delivery.end)  # the cursor it checkpointed, if any
+            saved = await sub.handle.deliver.remote(*args)  # the cursor it checkpointed, if any
         except DEAD as e:
             if self._current(sub):
                 sub.died_through = max(sub.died_through, delivery.end)

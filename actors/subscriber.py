@@ -22,6 +22,9 @@ log = structlog.get_logger(__name__)
 # commits: 8 → 32 cut the CPU per HTTP reply by about a fifth in alternating runs (docs/architecture.md).
 CONCURRENCY = 32
 POOL_SIZE = 10  # appends share a connection per batch; loads of new entities are what need the others
+# How long a delivery waits for the one sent before it to arrive (Ray may start them out of order); one that never
+# comes (its call failed: the orchestrator sends it again after a rewind) holds the next this long at most.
+ORDER_WAIT_S = 2.0
 
 
 class EntityActor:
@@ -37,6 +40,8 @@ class EntityActor:
         self.failures = 0
         self._limit = asyncio.Semaphore(CONCURRENCY)
         self._entity_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self._registered: Cursor | None = None  # the furthest end of a delivery whose events are registered
+        self._arrived = asyncio.Condition()
         self._connected = False
         self._started = False
         self._starting: asyncio.Task[None] | None = None
@@ -86,7 +91,7 @@ class EntityActor:
     async def setup(self) -> None:
         raise NotImplementedError
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Cursor, after: Cursor | None = None) -> None:
         """Handle ``events``; return once they are handled.
 
         Events of one entity are handled in order; different entities are handled concurrently (at most
@@ -98,15 +103,37 @@ class EntityActor:
         effect, and a checkpoint write per delivery would only add a round trip to every reply. A store outage
         propagates (the orchestrator redelivers from its cursor), and fails the entity's later deliveries with it, so
         that they cannot overtake the redelivery; any other handler error is logged, counted and recorded by the
-        entity if it has something to say (``Entity.crashed``), so one poison message cannot stall the subscriber."""
+        entity if it has something to say (``Entity.crashed``), so one poison message cannot stall the subscriber.
+
+        ``after`` is where the delivery sent before this one ended: Ray may start an async actor's calls out of
+        order, so this one's events are registered only once that one's are (for up to ``ORDER_WAIT_S``). An
+        ``after`` at or behind what is registered already (the first delivery, a redelivery after a rewind) waits
+        for nothing."""
         await self._ready
+        if after is not None:
+            await self._in_turn(after)
         groups: dict[tuple[str, str], list[RecordedEvent]] = {}
         for event in events:
             groups.setdefault(self.entity_of(event), []).append(event)
         runs = [self._after_earlier(key, group) for key, group in groups.items()]  # queued in order, now
+        self._registered = cursor if self._registered is None else max(self._registered, cursor)
+        async with self._arrived:
+            self._arrived.notify_all()
         for r in await asyncio.gather(*runs, return_exceptions=True):
             if isinstance(r, BaseException):
                 raise r
+
+    async def _in_turn(self, after: Cursor) -> None:
+        def arrived() -> bool:
+            return self._registered is None or after <= self._registered
+
+        if arrived():
+            return
+        async with self._arrived:
+            try:
+                await asyncio.wait_for(self._arrived.wait_for(arrived), ORDER_WAIT_S)
+            except TimeoutError:
+                log.warning("the delivery before this one did not come; going on", subscriber=self.subscriber)
 
     def _after_earlier(self, key: tuple[str, str], group: list[RecordedEvent]) -> Coroutine[Any, Any, None]:
         """Handle ``group`` once the entity's events from earlier deliveries are done (registered before any

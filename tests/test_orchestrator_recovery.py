@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -42,9 +43,11 @@ class Recorder:
         self.pings = 0
         self.reloads = 0
         self.killed = False
+        self.sent: list[tuple[Any, Any]] = []  # (after, end) of each delivery
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         self.seen.extend(events)
+        self.sent.append((after, cursor))
 
     async def ping(self) -> dict[str, Any]:
         self.pings += 1
@@ -68,7 +71,7 @@ class FailsFirst(Recorder):
         self.before_failing = before_failing
         self.calls = 0
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         self.calls += 1
         if self.calls == 1:
             await self.before_failing()
@@ -276,7 +279,7 @@ async def test_a_subscriber_with_a_full_backlog_holds_up_no_other_and_gets_every
     unblock = asyncio.Event()
 
     class Stuck(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             await unblock.wait()
             await super().deliver(events, cursor)
 
@@ -572,7 +575,7 @@ async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
     class Failing(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             raise RuntimeError("setup is broken in this process")
 
     actors.make["s"] = lambda nth: Failing() if nth == 0 else Recorder()
@@ -592,7 +595,7 @@ class DiesOnPoison(Recorder):
         super().__init__()
         self.later_done = asyncio.Event()
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         if any(e.data.get("text") == "poison" for e in events):
             await self.later_done.wait()
             raise ActorDiedError()
@@ -641,7 +644,7 @@ async def test_giving_up_answers_only_the_first_unanswered_message_of_each_chat(
     """The later ones were waiting behind it in their chat: a start answers them."""
 
     class DiesAtOnce(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             if any(e.data.get("text") == "poison" for e in events):
                 raise ActorDiedError()
             await super().deliver(events, cursor)
@@ -666,7 +669,7 @@ async def test_giving_up_answers_only_the_first_unanswered_message_of_each_chat(
 class NeverAnswers(Recorder):
     """Takes a delivery and never finishes it: a reply from a slow model, cut short by a stop."""
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         self.seen.extend(events)
         await asyncio.Event().wait()
 
@@ -739,7 +742,7 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
     up = asyncio.Event()
 
     class Dies(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             raise ActorDiedError()
 
     calls: list[str] = []
@@ -754,7 +757,7 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
             calls.append("reload")
             await super().reload_config()
 
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             calls.append("deliver")
             await super().deliver(events, cursor)
 
@@ -780,13 +783,13 @@ async def test_an_update_while_a_runner_is_restarted_is_reloaded_by_the_new_runn
         return actors.instances["agent:x"][1].reloads == 1
 
     await eventually(reloaded, timeout=5, what="the new runner to reload its config")
-    assert not o.subs["agent:x"].dead and len(actors.instances["agent:x"]) == 2
 
     async def redelivered() -> bool:
         return "deliver" in calls
 
     await eventually(redelivered, timeout=5, what="the message redelivered to the new runner")
     assert calls[0] == "reload"  # before the redelivery: messages after the update meet the new config
+    assert not o.subs["agent:x"].dead and len(actors.instances["agent:x"]) == 2
 
 
 async def test_a_slow_chat_does_not_hold_up_the_agents_other_chats(
@@ -798,7 +801,7 @@ async def test_a_slow_chat_does_not_hold_up_the_agents_other_chats(
     slow_done = asyncio.Event()
 
     class SlowChat(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             await super().deliver(events, cursor)  # seen at once
             if any(e.stream == "chat-x/slow" for e in events):
                 await slow_done.wait()  # handled when the model answers
@@ -833,6 +836,28 @@ async def test_a_slow_chat_does_not_hold_up_the_agents_other_chats(
     await eventually(all_back, timeout=5, what="every delivery returned")
 
 
+async def test_a_runners_deliveries_say_where_the_one_before_ended(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """So that the runner can register them in the order sent when Ray starts them out of order; a subscriber
+    with one delivery at a time is not told."""
+    o = await start()
+    await route(o, "s", "chat")
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    for i in range(5):
+        await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text=f"{i}"))])
+        await asyncio.sleep(0.05)  # one delivery each, mostly
+
+    async def all_seen() -> bool:
+        return len(actors.seen("agent:x")) == 5
+
+    await eventually(all_seen, timeout=5, what="every message delivered")
+    sent = actors.instances["agent:x"][0].sent
+    assert len(sent) >= 2 and all(after == end for (_, end), (after, _) in itertools.pairwise(sent))
+    assert sent[0][0] is not None and sent[0][0] < sent[0][1]
+    assert {after for after, _ in actors.instances["s"][0].sent} == {None}
+
+
 async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
@@ -841,7 +866,7 @@ async def test_a_store_outage_inside_a_subscriber_is_waited_out_not_restarted(
             super().__init__()
             self.calls = 0
 
-        async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
             self.calls += 1
             if self.calls <= orchestrator.FAULTS_BEFORE_RESTART + 1:
                 raise StoreUnavailable("the store went away")
@@ -1087,7 +1112,7 @@ class Held(Recorder):
         super().__init__()
         self.release = release
 
-    async def deliver(self, events: list[RecordedEvent], cursor: Any) -> None:
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         await self.release.wait()
         await super().deliver(events, cursor)
 
