@@ -8,6 +8,8 @@ budgets can be exercised without an API."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import structlog
 from pydantic import BaseModel
 
@@ -70,6 +72,7 @@ _SUFFIX = ("-", "@")
 _unpriced: set[tuple[str, str]] = set()
 
 
+@lru_cache(maxsize=1024)  # asked at every completion; an unlisted name walks the whole list
 def price_of(model: str) -> ModelPrice | None:
     """The price of ``model``: an exact name, else the longest listed name it extends with a suffix."""
     name = model.rsplit("/", 1)[-1].lower()  # "openai/gpt-4o" as gateways spell it
