@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import structlog
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -33,6 +33,7 @@ from events.hub import (
 )
 from events.registry import registry
 from serve.deps import BearerAuth, HubDep, document_bearer, state
+from serve.fast_route import KEY_MAX, TIMEOUT_MAX_S, PlainRequestRoute
 from serve.hub import Hub, OrchestratorUnavailable
 from serve.metrics import merge_expositions
 from serve.request_metrics import RequestMetrics
@@ -303,7 +304,10 @@ async def stop_agent(agent_id: str, h: HubDep) -> AgentOut:
     return await change_agent(h, agent_id, NewEvent.of(AgentStopped()), state)
 
 
-@app.post(
+messages = APIRouter(route_class=PlainRequestRoute)  # ordinary requests skip FastAPI's parameter solving
+
+
+@messages.post(
     "/api/v1/agents/{agent_id}/messages",
     response_model=MessageOut,
     responses={202: {"model": Accepted, "description": "recorded; the reply will arrive in the log"}},
@@ -312,8 +316,8 @@ async def send_message(
     agent_id: str,
     body: MessageIn,
     h: HubDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-    timeout: Annotated[float | None, Query(gt=0, le=300)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=KEY_MAX)] = None,
+    timeout: Annotated[float | None, Query(gt=0, le=TIMEOUT_MAX_S)] = None,
 ) -> Response:
     """Append the message, then wait for the reply it causes (202 on timeout). Both answers are
     written here (pydantic-core's JSON), which spares FastAPI's encoding of the model on the API's busiest route."""
@@ -366,6 +370,9 @@ async def send_message(
         reply_event_id=reply.id,
     )
     return Response(out.model_dump_json(), media_type="application/json")
+
+
+app.include_router(messages)
 
 
 @app.get("/api/v1/agents/{agent_id}/chats/{chat_id:path}/messages")

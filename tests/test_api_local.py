@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import fastapi.routing
 import httpx
 import pytest
 import uvicorn
@@ -21,8 +22,10 @@ from events import NewEvent
 from events.hub import AgentCreated, AgentDeleted, AgentSettings, AgentStarted
 from serve.app import app
 from serve.deps import state
+from serve.fast_route import PlainRequestRoute
 from serve.hub import Hub
 from serve.metrics import merge_expositions
+from serve.schemas import MessageIn
 from storage.errors import InvalidEvent, StoreUnavailable
 from storage.eventlog import EventLog
 from tests.conftest import free_port
@@ -130,6 +133,75 @@ async def test_the_message_route_documents_both_answers(api: httpx.AsyncClient) 
     schemas = {code: a["content"]["application/json"]["schema"] for code, a in answers["responses"].items()}
     assert schemas["200"] == {"$ref": "#/components/schemas/MessageOut"}
     assert schemas["202"] == {"$ref": "#/components/schemas/Accepted"}
+
+
+@pytest.fixture
+def solved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests FastAPI solved the parameters of (its handler's one call per request)."""
+    seen: list[str] = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["request"].url.path)
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    return seen
+
+
+async def test_a_plain_message_skips_fastapis_solving_and_anything_else_gets_its_answers(
+    api: httpx.AsyncClient, eventlog: EventLog, solved: list[str]
+) -> None:
+    """``PlainRequestRoute``: a plainly valid request is read by the route; any other goes to FastAPI, whose 422s
+    (and its acceptance of what it accepts) are unchanged."""
+    agent_id = await running_agent(eventlog, "plain")
+    url = f"/api/v1/agents/{agent_id}/messages"
+    key = {"Idempotency-Key": "k" * 200}
+    r = await api.post(
+        url, json={"text": "hi", "chat_id": "c", "user_data": {"n": 1}}, params={"timeout": 0.01}, headers=key
+    )
+    assert r.status_code == 202 and solved == []
+    again = await api.post(
+        url, json={"text": "hi", "chat_id": "c", "user_data": {"n": 1}}, params={"timeout": "0.01"}, headers=key
+    )
+    assert again.status_code == 202 and again.json()["event_id"] == r.json()["event_id"] and solved == []
+    refused = [
+        ({"json": {"text": "hi", "chat_id": "c"}, "params": {"timeout": 0}}, ["query", "timeout"]),
+        ({"json": {"text": "hi", "chat_id": "c"}, "params": {"timeout": 301}}, ["query", "timeout"]),
+        ({"json": {"text": "hi", "chat_id": "c"}, "params": {"timeout": "soon"}}, ["query", "timeout"]),
+        (
+            {"json": {"text": "hi", "chat_id": "c"}, "headers": {"Idempotency-Key": "k" * 201}},
+            ["header", "idempotency-key"],
+        ),
+        ({"json": {"chat_id": "c"}}, ["body", "text"]),
+        ({"json": {"text": "hi", "chat_id": "c", "extra": 1}}, ["body", "extra"]),
+    ]
+    for request, loc in refused:
+        r = await api.post(url, **request)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc, (request, r.json())
+    assert solved == [url] * len(refused)
+    # What FastAPI accepts and the route does not read is still accepted: a number in another form, a charset
+    r = await api.post(url, json={"text": "hi", "chat_id": "c"}, params={"timeout": "1e-2"})
+    assert r.status_code == 202
+    body = json.dumps({"text": "hi", "chat_id": "c"}).encode()
+    r = await api.post(
+        url, content=body, params={"timeout": 0.01}, headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert r.status_code == 202 and solved == [url] * (len(refused) + 2)
+
+
+def test_a_plain_request_route_refuses_an_endpoint_it_would_not_read_whole() -> None:
+    async def more(
+        agent_id: str, body: MessageIn, h: Any, idempotency_key: str | None, timeout: float | None, x: int
+    ) -> None:
+        """One parameter more than the route reads."""
+
+    async def no_model(agent_id: str, body: dict, h: Any, idempotency_key: str | None, timeout: float | None) -> None:
+        """A body that is no pydantic model."""
+
+    for endpoint in (more, no_model):
+        with pytest.raises(TypeError, match="not what PlainRequestRoute reads"):
+            PlainRequestRoute("/x/{agent_id}", endpoint, methods=["POST"])
 
 
 async def test_a_deleted_agents_id_is_not_given_to_a_new_agent(api: httpx.AsyncClient, eventlog: EventLog) -> None:
