@@ -56,9 +56,12 @@ class ScriptedProvider:
         return f"ScriptedProvider(name={self.name!r}, rules={len(self.rules)})"
 
     def match(self, request: CompletionRequest) -> ScriptRule | None:
-        for haystack in (request.last_user_message(), request.system_prompt()):
+        if not self._compiled:  # a hub agent's provider: nothing to search, and each haystack walks the history
+            return None
+        for haystack in (request.last_user_message, request.system_prompt):
+            text = haystack()
             for pattern, rule in self._compiled:
-                if pattern.search(haystack):
+                if pattern.search(text):
                     return rule
         return None
 
