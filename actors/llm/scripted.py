@@ -56,7 +56,7 @@ class ScriptedProvider:
         return f"ScriptedProvider(name={self.name!r}, rules={len(self.rules)})"
 
     def match(self, request: CompletionRequest) -> ScriptRule | None:
-        if not self._compiled:  # a hub agent's provider: nothing to search, and each haystack walks the history
+        if not self._compiled:  # a hub agent's provider: nothing to search (the system prompt walks the history)
             return None
         for haystack in (request.last_user_message, request.system_prompt):
             text = haystack()
