@@ -39,8 +39,9 @@ async def spent_usd(store: EventLog, by: Literal["run_id", "agent_id"], value: s
 
 
 def paid_without_text(decided: list[NewEvent]) -> list[NewEvent]:
-    """The completions of a decision the log refused (an answer over the size limit, a NUL character), without
-    the text it refused: the provider was paid, and budgets sum the cost of the ``llm.completed`` events."""
+    """The completions of a decision that never reached the log (it refused the answer: over the size limit, a NUL
+    character; or the handling crashed after the provider answered), without their text: the provider was paid,
+    and budgets sum the cost of the ``llm.completed`` events."""
     return [
         NewEvent.of(LLMCompleted.model_validate({**e.data, "text": "", "structured": None}))
         for e in decided
