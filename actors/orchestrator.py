@@ -144,6 +144,7 @@ class Sub:
     epoch: int = 0  # moves on every rewind, so a delivery from before it changes nothing
     attempts: int = 0  # restarts since every event a death was in flight with was handled
     died_through: Cursor = START  # the end of the furthest delivery in flight when its actor died
+    lone_at_death: RecordedEvent | None = None  # the only event in flight when its actor last died in a delivery
     failures: int = 0  # deliveries failed in a row, for any reason (the retry delay)
     faults: int = 0  # deliveries failed in a row, store outages aside (a restart at FAULTS_BEFORE_RESTART)
     ping_faults: int = 0  # pings failed in a row, store outages aside
@@ -557,7 +558,7 @@ class OrchestratorImpl:
     def _pump(self, sub: Sub) -> None:
         """Start deliveries of ``sub``'s pending events, up to its limit; with nothing left to deliver, its cursor
         moves to what was read (events it does not subscribe to need no acknowledgement)."""
-        while sub.active and (sub.in_flight < sub.max_in_flight or self._stalled(sub)):
+        while sub.active and self._room(sub):
             if not sub.pending:
                 if sub.in_flight == 0:
                     sub.cursor = max(sub.cursor, sub.queued)
@@ -572,7 +573,8 @@ class OrchestratorImpl:
                     sub.pump_later = asyncio.get_running_loop().call_later(wait, self._pump_now, sub)
                 return
             sub.last_sent = now
-            events, sub.pending = sub.pending[:BATCH], sub.pending[BATCH:]
+            size = 1 if self._careful(sub) else BATCH
+            events, sub.pending = sub.pending[:size], sub.pending[size:]
             end = events[-1].cursor if sub.pending else sub.queued
             sub.in_flight += 1
             sub.idle.clear()
@@ -580,9 +582,27 @@ class OrchestratorImpl:
             delivery = sub.window.sent(end)
             self._spawn(self._deliver(sub, events, delivery, sub.epoch, sub.sent_end))
             sub.sent_end = end
-        if sub.active and sub.pending and sub.in_flight < sub.max_stalled and sub.pump_later is None:
+        if (
+            sub.active
+            and sub.pending
+            and sub.in_flight < sub.max_stalled
+            and sub.pump_later is None
+            and not self._careful(sub)
+        ):
             wait = sub.last_sent + STALLED_S - time.monotonic()  # look again once those out count as stalled
             sub.pump_later = asyncio.get_running_loop().call_later(max(wait, 0.0), self._pump_now, sub)
+
+    def _room(self, sub: Sub) -> bool:
+        if self._careful(sub):
+            return sub.in_flight == 0
+        return sub.in_flight < sub.max_in_flight or self._stalled(sub)
+
+    @staticmethod
+    def _careful(sub: Sub) -> bool:
+        """An agent's runner redelivered what was in flight when it died: one event at a time until all of it is
+        handled, so that if one of them kills the process again it dies with that one alone in flight
+        (``lone_at_death``), and giving up answers only that one as failed (``_park_in_flight``)."""
+        return sub.agent_id is not None and sub.cursor < sub.died_through
 
     @staticmethod
     def _stalled(sub: Sub) -> bool:
@@ -611,6 +631,7 @@ class OrchestratorImpl:
         except DEAD as e:
             if self._current(sub):
                 sub.died_through = max(sub.died_through, delivery.end)
+                sub.lone_at_death = events[0] if len(events) == 1 and sub.in_flight == 1 else None
             if epoch == sub.epoch and not sub.dead and self._current(sub):
                 log.warning("subscriber died", subscriber=sub.subscription.name, error=str(e))
                 self._schedule_restart(sub, f"died during delivery: {type(e).__name__}")
@@ -639,6 +660,7 @@ class OrchestratorImpl:
             sub.failures = sub.faults = 0
             if handled >= sub.died_through:
                 sub.attempts = 0
+                sub.lone_at_death = None
         if saved is not None:
             sub.persisted = max(sub.persisted, saved)
         self.routed += len(events)
@@ -765,12 +787,17 @@ class OrchestratorImpl:
         return True
 
     async def _park_in_flight(self, sub: Sub, checkpoint: Cursor) -> int:
-        """Before giving up on an agent's runner: in each chat, answer as failed the first message without an
-        answer among those in flight at its deaths. One of them killed the process each time (out of memory, a
-        crash in native code), and a start met it again, every time, its sender waiting for ever; answered, a start
-        skips it (a chat answers a message once) and answers the rest, which were only waiting behind it."""
+        """Before giving up on an agent's runner: answer as failed the message that killed it. One of those in
+        flight at its deaths killed the process each time (out of memory, a crash in native code), and a start met
+        it again, every time, its sender waiting for ever; answered, a start skips it (a chat answers a message
+        once) and answers the rest, which were only waiting behind it. After a death the runner gets what was in
+        flight one event at a time (``_careful``), so a later death names the message: the one alone in flight.
+        Without that (it gave up at its first death, with several in flight), each chat's first message without an
+        answer among those in flight is answered as failed."""
         if sub.died_through <= checkpoint:
             return 0
+        if sub.lone_at_death is not None:
+            return await self._fail_first_unanswered([sub.lone_at_death])
         chats: dict[str, list[RecordedEvent]] = {}
         for message in await self._in_flight_at_deaths(sub, checkpoint):
             chats.setdefault(message.stream, []).append(message)

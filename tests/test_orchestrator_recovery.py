@@ -4,6 +4,7 @@ Postgres) with in-process stand-ins for the Ray actors it routes to: no Ray here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 from collections import defaultdict
@@ -589,7 +590,8 @@ async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
 
 class DiesOnPoison(Recorder):
     """A runner whose process dies on the message ``poison``, but only once a later delivery (the second one in
-    flight) has finished: that one's success must not count as the poison's."""
+    flight) has finished: that one's success must not count as the poison's. Sent alone (one event at a time
+    after a death), it dies after a moment."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -597,7 +599,8 @@ class DiesOnPoison(Recorder):
 
     async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
         if any(e.data.get("text") == "poison" for e in events):
-            await self.later_done.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.later_done.wait(), 0.5)
             raise ActorDiedError()
         await super().deliver(events, cursor)
         self.later_done.set()
@@ -664,6 +667,45 @@ async def test_giving_up_answers_only_the_first_unanswered_message_of_each_chat(
     poison, *rest = [e for e in await eventlog.read_stream("chat-x/1") if e.type == "chat.message_received"]
     answers = [e for e in await eventlog.read_stream("chat-x/1") if e.type == "chat.reply_failed"]
     assert [a.meta.causation_id for a in answers] == [poison.id] and len(rest) == 2
+
+
+async def test_giving_up_answers_as_failed_only_the_message_that_killed_the_runner(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """Other chats' messages in flight at its first death were answered as failed too, though they only shared a
+    delivery with the one that killed it. After a death, what was in flight goes to the runner one event at a
+    time, so the next death names the message."""
+    deliveries: list[list[str]] = []
+
+    class DiesAtOnce(Recorder):
+        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
+            deliveries.append([e.data["text"] for e in events])
+            if any(e.data.get("text") == "poison" for e in events):
+                raise ActorDiedError()
+            await super().deliver(events, cursor)
+
+    actors.make["agent:x"] = lambda _: DiesAtOnce()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    for chat, text in (("2", "hi"), ("3", "hello"), ("1", "poison"), ("4", "hey")):
+        await eventlog.append(f"chat-x/{chat}", [NewEvent.of(MessageReceived(agent_id="x", chat_id=chat, text=text))])
+    await start(max_restart_attempts=2)  # reads all four at once: one delivery, and the runner dies with it
+
+    async def failed() -> bool:
+        return any(e.type == "agent.failed" for e in await eventlog.read_stream("agent-x"))
+
+    await eventually(failed, timeout=20, what="agent.failed after the restarts")
+    assert deliveries[0] == ["hi", "hello", "poison", "hey"]
+    assert ["poison"] in deliveries[1:] and all(len(d) == 1 for d in deliveries[1:])  # "hey" waits behind it
+    failures = {
+        chat: [
+            e.meta.causation_id for e in await eventlog.read_stream(f"chat-x/{chat}") if e.type == "chat.reply_failed"
+        ]
+        for chat in "1234"
+    }
+    poison = (await eventlog.read_stream("chat-x/1"))[0]
+    assert failures == {"1": [poison.id], "2": [], "3": [], "4": []}
+    reason = next(e for e in await eventlog.read_stream("agent-x") if e.type == "agent.failed").data["reason"]
+    assert "1 message(s) in flight at its deaths answered as failed" in reason
 
 
 class NeverAnswers(Recorder):
