@@ -708,6 +708,114 @@ async def test_giving_up_answers_as_failed_only_the_message_that_killed_the_runn
     assert "1 message(s) in flight at its deaths answered as failed" in reason
 
 
+class DiesOnFirst(Recorder):
+    """Its process dies in its first delivery."""
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
+        raise ActorDiedError()
+
+
+class StartsWhenLetGo(Recorder):
+    """A new actor whose start takes until ``go`` is set: its first ping waits for it."""
+
+    def __init__(self, go: asyncio.Event) -> None:
+        super().__init__()
+        self.go = go
+
+    async def ping(self) -> dict[str, Any]:
+        await self.go.wait()
+        return await super().ping()
+
+
+@pytest.mark.parametrize("started_again", [False, True])
+async def test_a_stop_while_a_restarted_runner_starts(
+    start: Start, actors: Actors, eventlog: EventLog, started_again: bool
+) -> None:
+    """The restart waits for the new runner to answer a ping; the agent is stopped meanwhile. Stopped for good, the
+    new runner is killed (it would run on, detached, for nobody). Started again before it answered, the start's
+    runner is that same named actor: it is kept, and it is the one that works."""
+    go = asyncio.Event()
+    actors.make["agent:x"] = lambda nth: DiesOnFirst() if nth == 0 else StartsWhenLetGo(go)
+    o = await start()
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text="hi"))])
+
+    async def starting() -> bool:
+        restarted = any(e.type == "agent.restarted" for e in await eventlog.read_stream("agent-x"))
+        return restarted and len(actors.instances["agent:x"]) == 2
+
+    await eventually(starting, timeout=10, what="the restart waiting for its new runner")
+    await eventlog.append("agent-x", [NewEvent.of(AgentStopped(reason="stop"))])
+    await eventually(lambda: _true("agent:x" not in o.subs), timeout=5, what="the stop taken")
+    if started_again:
+        await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+        await eventually(lambda: _true("agent:x" in o.subs), timeout=5, what="the start taken")
+    go.set()
+    restarting = actors.instances["agent:x"][1]
+    if not started_again:
+        await eventually(lambda: _true(restarting.killed), timeout=5, what="the restart's runner killed")
+        assert "agent:x" not in o.subs and len(actors.instances["agent:x"]) == 2
+        return
+    later = await eventlog.append("chat-x/2", [NewEvent.of(MessageReceived(agent_id="x", chat_id="2", text="yo"))])
+
+    async def answered_by_it() -> bool:
+        return later.positions[0] in {e.position for e in restarting.seen}
+
+    await eventually(answered_by_it, timeout=10, what="the started runner delivered to")
+    assert not restarting.killed and o.subs["agent:x"].handle.impl is restarting
+    assert len(actors.instances["agent:x"]) == 2  # no third runner was made
+
+
+@pytest.mark.parametrize("started_again", [False, True])
+async def test_a_stop_while_the_orchestrator_gives_up_on_a_runner(
+    start: Start, actors: Actors, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch, started_again: bool
+) -> None:
+    """Giving up first answers the message that killed the runner, then records ``agent.failed``. A stop that comes
+    in between (and a start after it) is not failed: the start's runner is left to work."""
+    go, parking = asyncio.Event(), asyncio.Event()
+    actors.make["agent:x"] = lambda _: DiesOnFirst()
+    o = await start(max_restart_attempts=0)
+    append = o.store.append
+
+    async def slow_parking(stream: str, *args: Any, **kwargs: Any) -> Any:
+        if stream.startswith("chat-x/"):
+            parking.set()
+            await go.wait()
+        return await append(stream, *args, **kwargs)
+
+    monkeypatch.setattr(o.store, "append", slow_parking)
+    await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+    await eventlog.append("chat-x/1", [NewEvent.of(MessageReceived(agent_id="x", chat_id="1", text="hi"))])
+    await asyncio.wait_for(parking.wait(), 10)
+    await eventlog.append("agent-x", [NewEvent.of(AgentStopped(reason="stop"))])
+    await eventually(lambda: _true("agent:x" not in o.subs), timeout=5, what="the stop taken")
+    if started_again:
+        actors.make["agent:x"] = lambda _: Recorder()
+        await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
+        await eventually(lambda: _true("agent:x" in o.subs), timeout=5, what="the start taken")
+    go.set()
+
+    async def parked() -> bool:
+        return any(e.type == "chat.reply_failed" for e in await eventlog.read_stream("chat-x/1"))
+
+    await eventually(parked, timeout=5, what="the message that killed it answered as failed")
+    await asyncio.sleep(0.3)  # what the give-up does next, it has done by now
+    types = [e.type for e in await eventlog.read_stream("agent-x")]
+    assert "agent.failed" not in types
+    assert ("agent:x" in o.subs) is started_again
+    if started_again:
+        later = await eventlog.append("chat-x/2", [NewEvent.of(MessageReceived(agent_id="x", chat_id="2", text="yo"))])
+
+        async def at_work() -> bool:  # after "hi" again: its runner skips a message answered already
+            return later.positions[0] in positions(actors, "agent:x")
+
+        await eventually(at_work, timeout=5, what="the started runner at work")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 class NeverAnswers(Recorder):
     """Takes a delivery and never finishes it: a reply from a slow model, cut short by a stop."""
 
