@@ -606,6 +606,21 @@ class DiesOnPoison(Recorder):
         self.later_done.set()
 
 
+class DiesAtOnce(Recorder):
+    """A runner whose process dies as soon as a delivery holds the message ``poison``. The texts of every delivery
+    go to ``deliveries``, which the instances a restart makes share."""
+
+    def __init__(self, deliveries: list[list[str]]) -> None:
+        super().__init__()
+        self.deliveries = deliveries
+
+    async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
+        self.deliveries.append([e.data["text"] for e in events])
+        if any(e.data.get("text") == "poison" for e in events):
+            raise ActorDiedError()
+        await super().deliver(events, cursor)
+
+
 async def test_a_message_that_kills_its_runner_ends_in_agent_failed_though_later_deliveries_succeed(
     start: Start, actors: Actors, eventlog: EventLog
 ) -> None:
@@ -646,13 +661,7 @@ async def test_giving_up_answers_only_the_first_unanswered_message_of_each_chat(
 ) -> None:
     """The later ones were waiting behind it in their chat: a start answers them."""
 
-    class DiesAtOnce(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
-            if any(e.data.get("text") == "poison" for e in events):
-                raise ActorDiedError()
-            await super().deliver(events, cursor)
-
-    actors.make["agent:x"] = lambda _: DiesAtOnce()
+    actors.make["agent:x"] = lambda _: DiesAtOnce([])
     await start(max_restart_attempts=0)
     await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
     await eventlog.append(
@@ -676,15 +685,7 @@ async def test_giving_up_answers_as_failed_only_the_message_that_killed_the_runn
     delivery with the one that killed it. After a death, what was in flight goes to the runner one event at a
     time, so the next death names the message."""
     deliveries: list[list[str]] = []
-
-    class DiesAtOnce(Recorder):
-        async def deliver(self, events: list[RecordedEvent], cursor: Any, after: Any = None) -> None:
-            deliveries.append([e.data["text"] for e in events])
-            if any(e.data.get("text") == "poison" for e in events):
-                raise ActorDiedError()
-            await super().deliver(events, cursor)
-
-    actors.make["agent:x"] = lambda _: DiesAtOnce()
+    actors.make["agent:x"] = lambda _: DiesAtOnce(deliveries)
     await eventlog.append("agent-x", [NewEvent.of(AgentStarted())])
     for chat, text in (("2", "hi"), ("3", "hello"), ("1", "poison"), ("4", "hey")):
         await eventlog.append(f"chat-x/{chat}", [NewEvent.of(MessageReceived(agent_id="x", chat_id=chat, text=text))])
