@@ -40,7 +40,7 @@ from events import NewEvent, RecordedEvent, Subscription, UnknownEventType
 from events.hub import AgentFailed, AgentRestarted, ReplyFailed
 from events.system import SubscriberRegistered, TimerFailed, TimerFired
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion
-from storage.eventlog import START, Cursor, EventLog, Listener, held_back_wait
+from storage.eventlog import START, Cursor, EventLog, Listener, held_back_wait, wait_at_most
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -452,8 +452,7 @@ class OrchestratorImpl:
             if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
                 poll = self.config.poll_interval_s
                 wait = held_back_wait(held, poll) if self.held_back else poll
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), wait)
+                await wait_at_most(self.wake, wait)
 
     async def _route_once(self) -> list[RecordedEvent]:
         live = [s for s in list(self.subs.values()) if s.active]
@@ -921,8 +920,7 @@ class OrchestratorImpl:
             heapq.heappop(self.timers)  # done, or scheduled again under its id
         delay = (self.timers[0].fire_at - time.time()) if self.timers else 3600.0
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.timer_wake.wait(), delay)
+            await wait_at_most(self.timer_wake, delay)
             return
         t = self.timers[0]
         try:

@@ -94,6 +94,15 @@ def held_back_wait(tries: int, poll_interval: float) -> float:
     return min(poll_interval, HELD_BACK_MAX_S, HELD_BACK_RETRY_S * 2 ** min(max(tries, 1) - 1, 16))
 
 
+async def wait_at_most(wake: asyncio.Event, timeout: float) -> None:
+    """Wait until ``wake`` is set, at most ``timeout`` seconds. Not ``asyncio.wait_for``: on Python 3.11 it
+    swallows a cancellation that comes just as the event is set, so a loop that waits this way went on when
+    cancelled, and whoever awaited its end waited for ever (a reply follower's restart hung a CI run)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await wake.wait()
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Write ``subscriber``'s cursor in the same transaction as an append."""
@@ -604,8 +613,7 @@ class EventLog:
                     if held_back:
                         held += 1
                         wait = held_back_wait(held, poll_interval)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
+                await wait_at_most(wake, wait)
         finally:
             await self._unlisten(wake)
 

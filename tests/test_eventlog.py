@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import pickle
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from events.envelope import Meta, new_id, validate_stream
 from events.hub import AgentCreated, AgentSettings, AgentStarted
 from events.registry import EventData, EventSpec, registry
 from storage.errors import EventTooLarge, InvalidEvent, StoreUnavailable, WrongExpectedVersion, translate_errors
-from storage.eventlog import CHANNEL, HEAD_SQL, READ_COMMITTED_SQL, START, AfterPosition, Checkpoint, EventLog
+from storage.eventlog import (
+    CHANNEL,
+    HEAD_SQL,
+    READ_COMMITTED_SQL,
+    START,
+    AfterPosition,
+    Checkpoint,
+    EventLog,
+    wait_at_most,
+)
 from storage.export import export_parquet
 from tests.conftest import count_calls, eventually
 
@@ -641,3 +651,35 @@ def test_event_ids_are_standard_uuid7s_that_sort_in_creation_order() -> None:
     ids = [new_id() for _ in range(1000)]
     assert all(type(i) is uuid.UUID and i.version == 7 for i in ids)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_a_loop_waiting_for_a_wake_up_ends_when_cancelled_as_the_wake_up_comes() -> None:
+    """``asyncio.wait_for`` on Python 3.11 returns the event's result instead of raising the cancellation when both
+    come at once: a subscription's loop went on, and a reply follower's restart, which waits for its end, hung."""
+    wake = asyncio.Event()
+    turns = 0
+
+    async def follow() -> None:
+        nonlocal turns
+        while True:
+            await wait_at_most(wake, 10)
+            wake.clear()
+            turns += 1
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0)  # it waits
+    wake.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    assert task in done and task.cancelled() and turns == 0
+
+
+async def test_wait_at_most_returns_at_the_wake_up_or_the_timeout() -> None:
+    wake = asyncio.Event()
+    started = time.perf_counter()
+    await wait_at_most(wake, 0.05)  # nobody sets it: the timeout, no error
+    assert time.perf_counter() - started >= 0.05
+    wake.set()
+    started = time.perf_counter()
+    await wait_at_most(wake, 10)
+    assert time.perf_counter() - started < 1
