@@ -559,7 +559,7 @@ async def test_a_subscriber_whose_pings_fail_is_restarted_and_supervision_goes_o
 
     await eventually(restarted, timeout=10, what="the broken subscriber restarted")
     pings = actors.instances["t"][-1].pings
-    await eventually(lambda: _gt(actors.instances["t"][-1].pings, pings + 2), timeout=5, what="t still pinged")
+    await eventually(lambda: _true(actors.instances["t"][-1].pings > pings + 2), timeout=5, what="t still pinged")
     wanted = await put(eventlog, "work-1")
 
     async def delivered() -> bool:
@@ -568,8 +568,9 @@ async def test_a_subscriber_whose_pings_fail_is_restarted_and_supervision_goes_o
     await eventually(delivered, timeout=5, what="delivered after the restart")
 
 
-async def _gt(a: int, b: int) -> bool:
-    return a > b
+async def _true(value: bool) -> bool:
+    """A condition computed at once, for ``eventually``."""
+    return value
 
 
 async def test_a_subscriber_whose_deliveries_keep_failing_is_restarted(
@@ -811,10 +812,6 @@ async def test_a_stop_while_the_orchestrator_gives_up_on_a_runner(
             return later.positions[0] in positions(actors, "agent:x")
 
         await eventually(at_work, timeout=5, what="the started runner at work")
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 class NeverAnswers(Recorder):
@@ -1250,7 +1247,7 @@ async def test_a_failed_rebuild_leaves_the_projector_running(start: Start, actor
 
     await eventually(projected, timeout=5, what="the projector still receives events")
     pings = actors.instances[PROJECTOR][-1].pings
-    await eventually(lambda: _gt(actors.instances[PROJECTOR][-1].pings, pings), timeout=5, what="still supervised")
+    await eventually(lambda: _true(actors.instances[PROJECTOR][-1].pings > pings), timeout=5, what="still supervised")
 
 
 # ---- 8. a stop drains: deliveries under way finish, every cursor is saved, nothing new starts --------------------
@@ -1276,9 +1273,9 @@ async def test_a_drain_lets_the_delivery_under_way_finish_saves_its_cursor_and_s
     o = await start()
     await route(o, "s", "work")
     first = await put(eventlog, "work-1", 2)
-    await eventually(lambda: _gt(o.subs["s"].in_flight, 0), timeout=5, what="a delivery under way")
+    await eventually(lambda: _true(o.subs["s"].in_flight > 0), timeout=5, what="a delivery under way")
     queued = await put(eventlog, "work-2")  # read, and waiting for the delivery under way
-    await eventually(lambda: _gt(len(o.subs["s"].pending), 0), timeout=5, what="an event queued behind it")
+    await eventually(lambda: _true(len(o.subs["s"].pending) > 0), timeout=5, what="an event queued behind it")
 
     drained = asyncio.ensure_future(o.drain(timeout=10))
     await asyncio.sleep(0.3)
@@ -1301,7 +1298,7 @@ async def test_a_drain_gives_up_on_a_delivery_that_does_not_finish_and_saves_no_
     o = await start()
     await route(o, "s", "work")
     stuck = await put(eventlog, "work-1")
-    await eventually(lambda: _gt(o.subs["s"].in_flight, 0), timeout=5, what="a delivery under way")
+    await eventually(lambda: _true(o.subs["s"].in_flight > 0), timeout=5, what="a delivery under way")
 
     t0 = asyncio.get_running_loop().time()
     assert await o.drain(timeout=0.5) == {"s": 1}
