@@ -28,7 +28,7 @@ class ActorSettings(BaseModel):
 class RuntimeConfig(ActorSettings):
     """What an actor needs besides the tunables: where the log is, where files go, its Ray namespace."""
 
-    database_url: str
+    database_url: SecretStr  # its password stays out of reprs, logs and dumps of this config
     data_dir: Path = Path(".agenthub")
     namespace: str = "agenthub"
     poll_interval_s: float = 1.0

@@ -217,7 +217,7 @@ class OrchestratorImpl:
         # A failed restore (the store went away, a bug) is tried again: an orchestrator that gave up here would
         # stay alive and never answer, since ``status``/``register``/``wait_routed`` all wait for ``ready``.
         await self._until_done("restore routing state", self._restore)
-        self.listener = Listener(self.config.database_url, self.wake)
+        self.listener = Listener(self.config.database_url.get_secret_value(), self.wake)
         await self.listener.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._supervise()), loop.create_task(self._fire_timers())]
@@ -237,7 +237,9 @@ class OrchestratorImpl:
             delay = min(delay * 2, START_RETRY_MAX_S)
 
     async def _connect(self) -> EventLog:
-        return await EventLog.connect(self.config.database_url, max_size=6, max_event_bytes=self.config.max_event_bytes)
+        return await EventLog.connect(
+            self.config.database_url.get_secret_value(), max_size=6, max_event_bytes=self.config.max_event_bytes
+        )
 
     def _named(self, cls: Any, name: str) -> Any:
         """Options for an actor this orchestrator starts: named, found again if it exists, and detached. An actor

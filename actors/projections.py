@@ -125,7 +125,9 @@ class ProjectorImpl:
 
     async def _store(self) -> EventLog:
         if self.store is None:
-            self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
+            self.store = await EventLog.connect(
+                self.config.database_url.get_secret_value(), max_size=2, run_migrations=False
+            )
         return self.store
 
     async def deliver(self, events: list[RecordedEvent], cursor: Cursor) -> Cursor:

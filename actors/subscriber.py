@@ -79,7 +79,7 @@ class EntityActor:
         after a partial first one."""
         if not self._connected:
             self.store = await EventLog.connect(
-                self.config.database_url,
+                self.config.database_url.get_secret_value(),
                 max_size=POOL_SIZE,
                 max_event_bytes=self.config.max_event_bytes,
                 run_migrations=False,

@@ -7,7 +7,7 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import ray
@@ -27,10 +27,12 @@ APP_NAME = "agenthub"  # the Serve application
 
 @dataclass
 class System:
+    """What ``up`` brought up, for the process that called it; its secrets are left out of its repr."""
+
     settings: Settings
-    database_url: str
+    database_url: str = field(repr=False)
     embedded: EmbeddedPostgres | None  # the server ``up`` started: ``down`` stops it (on a local Ray)
-    api_token: str
+    api_token: str = field(repr=False)
     token_generated: bool
     orchestrator: object
 
@@ -59,7 +61,7 @@ def start_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
             await conn.close()
 
     try:
-        url = settings.database_url
+        url = settings.database_url.get_secret_value() if settings.database_url else None
         if not url:
             embedded = EmbeddedPostgres(settings.data_dir / "postgres", settings.pg_port)
             started = None if embedded.running() else embedded

@@ -19,7 +19,7 @@ class Settings(BaseSettings, ActorSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTHUB_", env_file=".env", extra="ignore")
 
     data_dir: Path = Path(".agenthub")
-    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "AGENTHUB_DATABASE_URL"))
+    database_url: SecretStr | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "AGENTHUB_DATABASE_URL"))
     pg_port: int = 54329
     api_token: SecretStr | None = None
     http_host: str = "127.0.0.1"

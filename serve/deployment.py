@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from ray import serve
 
 from actors.observability import configure_logging
@@ -13,8 +13,10 @@ from serve.hub import Hub
 
 
 class IngressConfig(BaseModel):
-    database_url: str
-    api_token: str
+    """The replica's init arguments; the two secrets stay out of its reprs and logs."""
+
+    database_url: SecretStr
+    api_token: SecretStr
     namespace: str = "agenthub"
     reply_timeout_s: float = 10.0
     max_body_bytes: int = 256 * 1024
@@ -41,7 +43,7 @@ class ApiIngress:
         from serve.deps import state
 
         state.ingress = self
-        state.api_token = config.api_token
+        state.api_token = config.api_token.get_secret_value()
         state.max_body_bytes = config.max_body_bytes
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -56,7 +58,7 @@ class ApiIngress:
                 if self._hub is None:
                     c = self.config
                     self._hub = await Hub.open(
-                        c.database_url,
+                        c.database_url.get_secret_value(),
                         namespace=c.namespace,
                         reply_timeout_s=c.reply_timeout_s,
                         max_event_bytes=c.max_event_bytes,

@@ -1,10 +1,18 @@
-"""Secrets never reach the log: integration settings are masked by reference at any depth (storage/secrets.py)."""
+"""Secrets never reach the log or a repr: integration settings are masked by reference at any depth
+(storage/secrets.py); the database password and the API token stay out of the configs that travel to actors."""
 
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
 
+import pytest
+
+from cluster.bootstrap import System, runtime_config
+from cluster.settings import Settings
 from events.hub import AgentSettings, IntegrationConfig
+from serve.deployment import IngressConfig
 from storage.eventlog import EventLog
 from storage.secrets import PREFIX, SecretStore, is_secret_key
 
@@ -52,3 +60,25 @@ async def test_nested_secrets_are_masked_and_kept_by_reference(eventlog: EventLo
     assert await store.get(masked["targets"][0]["signing_key"]) == "sk-1"
     assert [await store.get(r) for r in masked["api_keys"]] == ["k1", "k2"]
     assert settings.integrations[0].settings["bot_token"] == "123:SECRET"  # the caller's copy is untouched
+
+
+def test_the_database_password_and_the_api_token_stay_out_of_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configs every actor and the ingress are built from travel to Ray workers and end up in reprs, error
+    messages and logs; the database URL's password and the API token must not come with them."""
+    url = "postgresql://agenthub:pg-Secret-1@db.internal:5432/agenthub"
+    monkeypatch.setenv("DATABASE_URL", url)
+    settings = Settings(data_dir=tmp_path, api_token="api-Secret-2")
+    config = runtime_config(settings, url)
+    ingress = IngressConfig(database_url=url, api_token="api-Secret-2")
+    system = System(settings, url, None, "api-Secret-2", token_generated=False, orchestrator=None)
+    models = (settings, config, ingress)
+    texts = [repr(system), *map(repr, models), *(str(m.model_dump()) for m in models)]
+    texts += [m.model_dump_json() for m in models]
+    assert [t for t in texts if "Secret-" in t] == []
+    # ... and each still hands the real value to what connects, after the trip to a worker
+    config, ingress = pickle.loads(pickle.dumps((config, ingress)))
+    assert settings.database_url is not None and settings.database_url.get_secret_value() == url
+    assert config.database_url.get_secret_value() == ingress.database_url.get_secret_value() == url
+    assert ingress.api_token.get_secret_value() == "api-Secret-2"

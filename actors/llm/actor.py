@@ -66,7 +66,9 @@ class LLMActor:
         async for attempt in retrying:
             with attempt:
                 if self.store is None:
-                    self.store = await EventLog.connect(self.config.database_url, max_size=2, run_migrations=False)
+                    self.store = await EventLog.connect(
+                        self.config.database_url.get_secret_value(), max_size=2, run_migrations=False
+                    )
                 events = await self.store.read_stream(SCRIPTS_STREAM)
         for e in events:
             try:
