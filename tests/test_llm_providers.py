@@ -516,7 +516,7 @@ def test_keys_stay_secret_in_config_and_providers() -> None:
 
 
 async def test_anthropic_without_a_key_says_so() -> None:
-    router = LLMRouter({"anthropic": AnthropicProvider()}, FAST)
+    router = LLMRouter({"anthropic": AnthropicProvider("anthropic")}, FAST)
     with pytest.raises(ProviderError, match="no API key configured") as err:
         await router.complete(ask("anthropic", "claude-3-5-haiku"))
     assert err.value.attempts == 1

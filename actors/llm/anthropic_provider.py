@@ -2,65 +2,43 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
-
-from pydantic import SecretStr
 
 from actors.llm.base import (
     Completion,
     CompletionRequest,
     ProviderError,
+    SdkProvider,
     StructuredOutputError,
     elapsed_ms,
     parse_structured,
     sdk_error,
-    secret_value,
-    server_key_for,
 )
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
 
 
-class AnthropicProvider:
+class AnthropicProvider(SdkProvider["AsyncAnthropic"]):
     """Claude through ``anthropic.AsyncAnthropic``: system messages go to ``system=``; a schema becomes the one
     tool the model must call, and its input is the structured answer.
 
     The SDK's own retries are off (``max_retries=0``): the router owns the retry policy. The configured key goes
     only to the configured base URL (see ``server_key_for``)."""
 
-    def __init__(
-        self,
-        name: str = "anthropic",
-        api_key: SecretStr | str | None = None,
-        base_url: str | None = None,
-        timeout: float = 60.0,
-    ) -> None:
-        self.name = name
-        key = secret_value(api_key)
-        self._key = SecretStr(key) if key else None
-        self.base_url = base_url
-        self.timeout = timeout
-        self._clients: dict[tuple[str | None, str], AsyncAnthropic] = {}
-
-    def __repr__(self) -> str:
-        return f"AnthropicProvider(name={self.name!r}, base_url={self.base_url!r})"
-
     def _client(self, request: CompletionRequest) -> AsyncAnthropic:
         url = request.base_url or self.base_url
-        key = server_key_for(self.name, self.base_url, secret_value(self._key), request)
+        key = self._key_for(request)
         if key is None and url is None:
             raise ProviderError(f"{self.name}: no API key configured (set AGENTHUB_ANTHROPIC_API_KEY)")
-        key = key or "not-needed"
-        slot = (url, hashlib.sha256(key.encode()).hexdigest())
-        if slot not in self._clients:
-            from anthropic import AsyncAnthropic
+        return self._client_for(url, key or "not-needed")
 
-            self._clients[slot] = AsyncAnthropic(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
-        return self._clients[slot]
+    def _new_client(self, url: str | None, key: str) -> AsyncAnthropic:
+        from anthropic import AsyncAnthropic
+
+        return AsyncAnthropic(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
 
     def _params(self, request: CompletionRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -92,7 +70,7 @@ class AnthropicProvider:
         try:
             resp = await self._client(request).messages.create(**self._params(request))
         except anthropic.AnthropicError as e:
-            raise sdk_error(self.name, e, [secret_value(self._key), secret_value(request.api_key)]) from None
+            raise sdk_error(self.name, e, self._secrets(request)) from None
         text = "".join(getattr(b, "text", "") for b in resp.content if b.type == "text")
         structured = None
         if request.response_schema is not None:

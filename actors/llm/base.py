@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from functools import cached_property, lru_cache
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -187,6 +187,43 @@ def server_key_for(
             "provider for a server that needs none"
         )
     return None
+
+
+Client = TypeVar("Client")
+
+
+class SdkProvider(Generic[Client]):
+    """What the providers on a vendor's SDK share: the server's key kept as a secret, and one SDK client per base
+    URL and key, made on first use and reused (a client holds a connection pool)."""
+
+    def __init__(
+        self, name: str, api_key: SecretStr | str | None = None, base_url: str | None = None, timeout: float = 60.0
+    ) -> None:
+        self.name = name
+        key = secret_value(api_key)
+        self._key = SecretStr(key) if key else None
+        self.base_url = base_url
+        self.timeout = timeout
+        self._clients: dict[tuple[str | None, str], Client] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
+
+    def _key_for(self, request: CompletionRequest) -> str | None:
+        return server_key_for(self.name, self.base_url, secret_value(self._key), request)
+
+    def _secrets(self, request: CompletionRequest) -> list[str | None]:
+        """What an error from the SDK must not repeat."""
+        return [secret_value(self._key), secret_value(request.api_key)]
+
+    def _client_for(self, url: str | None, key: str) -> Client:
+        slot = (url, hashlib.sha256(key.encode()).hexdigest())  # the key itself is not kept beside the client
+        if slot not in self._clients:
+            self._clients[slot] = self._new_client(url, key)
+        return self._clients[slot]
+
+    def _new_client(self, url: str | None, key: str) -> Client:
+        raise NotImplementedError
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:

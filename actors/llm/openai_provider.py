@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import TYPE_CHECKING, Any
-
-from pydantic import SecretStr
 
 from actors.llm.base import (
     Completion,
     CompletionRequest,
     ProviderError,
+    SdkProvider,
     StructuredOutputError,
     elapsed_ms,
     parse_structured,
     sdk_error,
-    secret_value,
-    server_key_for,
 )
 
 if TYPE_CHECKING:
@@ -61,39 +57,20 @@ def _strict_node(node: Any) -> bool:
     return all(_strict_node(n) for n in nested)
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(SdkProvider["AsyncOpenAI"]):
     """OpenAI's chat completions against api.openai.com or any compatible server (vLLM, llama.cpp, Ollama).
 
     The SDK's own retries are off (``max_retries=0``): the router owns the retry policy, so attempts are counted
     and ``retry-after`` is honoured in one place. The configured key goes only to the configured base URL (see
     ``server_key_for``)."""
 
-    def __init__(
-        self,
-        name: str,
-        api_key: SecretStr | str | None,
-        base_url: str | None,
-        timeout: float = 60.0,
-    ) -> None:
-        self.name = name
-        key = secret_value(api_key)
-        self._key = SecretStr(key) if key else None
-        self.base_url = base_url
-        self.timeout = timeout
-        self._clients: dict[tuple[str | None, str], AsyncOpenAI] = {}
-
-    def __repr__(self) -> str:
-        return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
-
     def _client(self, request: CompletionRequest) -> AsyncOpenAI:
-        url = request.base_url or self.base_url
-        key = server_key_for(self.name, self.base_url, secret_value(self._key), request) or "not-needed"
-        slot = (url, hashlib.sha256(key.encode()).hexdigest())
-        if slot not in self._clients:
-            from openai import AsyncOpenAI
+        return self._client_for(request.base_url or self.base_url, self._key_for(request) or "not-needed")
 
-            self._clients[slot] = AsyncOpenAI(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
-        return self._clients[slot]
+    def _new_client(self, url: str | None, key: str) -> AsyncOpenAI:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(api_key=key, base_url=url, timeout=self.timeout, max_retries=0)
 
     def _params(self, request: CompletionRequest) -> dict[str, Any]:
         reasoning = request.model.startswith(_REASONING_PREFIXES)
@@ -124,7 +101,7 @@ class OpenAICompatibleProvider:
         try:
             resp = await self._client(request).chat.completions.create(**self._params(request))
         except openai.OpenAIError as e:
-            raise sdk_error(self.name, e, [secret_value(self._key), secret_value(request.api_key)]) from None
+            raise sdk_error(self.name, e, self._secrets(request)) from None
         if not resp.choices:
             raise ProviderError(f"{self.name}: the response has no choices")
         choice = resp.choices[0]
