@@ -114,6 +114,17 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _with_run(report: TestReport, run: _Run, timeout_s: float) -> None:
+    """What the runner saw, whatever the report parsed says: duration, exit code, output; a timeout is the
+    report's problem."""
+    report.duration_s = run.duration_s
+    report.timed_out = run.timed_out
+    report.exit_code = run.exit_code
+    report.output_tail = run.output
+    if run.timed_out:
+        report.problem = f"timed out after {timeout_s:g}s; the run was interrupted"
+
+
 async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, str]) -> _Run:
     """Run ``cmd`` in its own session and process group; on timeout SIGINT the group, then SIGKILL it after a grace
     period. Whatever is left in the group when the run ends is killed."""
@@ -233,12 +244,8 @@ def _pytest_report(xml: Path, run: _Run, root: Path, timeout_s: float) -> TestRe
     else:
         report = TestReport(problem=f"pytest wrote no JUnit report (exit code {run.exit_code})")
     report.runner = "pytest"
-    report.duration_s = run.duration_s
-    report.timed_out = run.timed_out
-    report.exit_code = run.exit_code
-    report.output_tail = run.output
+    _with_run(report, run, timeout_s)
     if run.timed_out:
-        report.problem = f"timed out after {timeout_s:g}s; the run was interrupted"
         if where := _INTERRUPTED_AT.findall(run.output):
             report.problem += f" at {where[-1].removeprefix(f'{root.resolve()}{os.sep}')}"
     elif run.exit_code == 5 or (report.count == 0 and report.problem is None):
@@ -329,13 +336,8 @@ async def run_jest(root: Path, timeout_s: float = 120, args: list[str] | None = 
             report = parse_jest_json(json.loads(out.read_text(encoding="utf-8")), root)
         except (OSError, ValueError) as e:
             report = TestReport(runner="jest", problem=f"jest wrote no readable JSON report: {e}")
-    report.duration_s = run.duration_s
-    report.timed_out = run.timed_out
-    report.exit_code = run.exit_code
-    report.output_tail = run.output
-    if run.timed_out:
-        report.problem = f"timed out after {timeout_s:g}s; the run was interrupted"
-    elif report.count == 0 and report.problem is None:
+    _with_run(report, run, timeout_s)
+    if not run.timed_out and report.count == 0 and report.problem is None:
         report.problem = "no tests were found"
     return report
 
