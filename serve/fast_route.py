@@ -2,12 +2,11 @@
 
 FastAPI solves an endpoint's parameters anew on every request, inspecting each one's annotation as it goes: for
 the message route (a path parameter, a JSON body, a header, a query parameter and the hub) that was half of
-FastAPI's share of a request: 147 µs in-process for a route of its shape, 71 µs with this class (docs/architecture.md,
-"Speed"). A request
-whose inputs are all plainly valid is read here and the endpoint called with them; any other (a body that does
-not validate, another content type, a header or query value that is not plainly valid) goes to FastAPI's own
-handler, which answers exactly as it always did, its 422s included. The endpoint's signature still declares every
-parameter, so the OpenAPI schema is FastAPI's own."""
+FastAPI's share of a request: 147 µs in-process for a route of its shape, 71 µs with this class
+(docs/architecture.md, "Speed"). A request whose inputs are all plainly valid is read here and the endpoint called
+with them; any other (a body that does not validate, another content type, a header or query value that is not
+plainly valid) goes to FastAPI's own handler, which answers exactly as it always did, its 422s included. The
+endpoint's signature still declares every parameter, so the OpenAPI schema is FastAPI's own."""
 
 from __future__ import annotations
 
