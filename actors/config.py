@@ -23,6 +23,7 @@ class ActorSettings(BaseModel):
     llm_timeout_s: float = 60.0
     llm_max_attempts: int = 4
     llm_cache_ttl_s: float = 3600.0
+    held_back_warn_s: float = 10.0  # one open transaction holding events back this long is reported
 
 
 class RuntimeConfig(ActorSettings):

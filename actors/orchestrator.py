@@ -33,6 +33,7 @@ from actors.agents.runner import RUNNER_PREFIX, AgentRunner, runner_name, runner
 from actors.config import RuntimeConfig
 from actors.deliveries import Delivery, InFlight
 from actors.entity import MAX_CONFLICT_RETRIES
+from actors.held_back import HoldWatch
 from actors.llm.actor import LLMActor
 from actors.observability import configure_logging, export_metrics
 from actors.projections import PROJECTOR, SUBSCRIPTION, Projector
@@ -196,6 +197,8 @@ class OrchestratorImpl:
         self.wake = asyncio.Event()
         self.throttled = False
         self.held_back = False
+        self.holds = HoldWatch(config.held_back_warn_s)
+        metrics.LOG_HELD_BACK.set_function(self.holds.seconds)
         self.timer_wake = asyncio.Event()
         self.timer_failures = 0  # firings failed in a row for a reason that may pass (the retry delay)
         self.routed = 0
@@ -463,7 +466,9 @@ class OrchestratorImpl:
         room = [s for s in live if len(s.pending) < MAX_PENDING]
         self.throttled = len(room) < len(live)  # a delivery that ends wakes the reader, to read for it again
         low = min([self.cursor, *(s.queued for s in room)])
-        batch, _, self.held_back = await self.store.read_committed(low, BATCH)
+        batch, _, held_by = await self.store.read_committed(low, BATCH)
+        self.held_back = held_by is not None
+        await self.holds.seen(held_by, self.store.describe_transaction)
         if batch:
             await self._own(batch)
             for sub in list(self.subs.values()):
@@ -980,6 +985,7 @@ class OrchestratorImpl:
             "cursor": list(self.cursor),
             "routed": self.routed,
             "pending_timers": len(self.pending),
+            "held_back": self.holds.report(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "subscribers": {
                 n: {
@@ -1091,7 +1097,8 @@ class OrchestratorImpl:
         return out
 
     async def ping(self) -> dict[str, Any]:
-        return {"ready": self.ready.is_set(), "subscribers": len(self.subs)}
+        """Alive and ready; ``held_back``: an open transaction holding every delivery back (actors/held_back.py)."""
+        return {"ready": self.ready.is_set(), "subscribers": len(self.subs), "held_back": self.holds.report()}
 
 
 Orchestrator = ray.remote(num_cpus=0, max_restarts=-1)(OrchestratorImpl)

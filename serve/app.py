@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.agents.agent import AgentState, agent_stream
 from actors.agents.conversation import chat_stream
+from actors.held_back import hold_summary
 from events import ANY, NO_STREAM, Meta, NewEvent, RecordedEvent, UnknownEventType
 from events.envelope import validate_stream
 from events.hub import (
@@ -179,8 +180,9 @@ async def healthz(h: HubDep) -> JSONResponse:
     except StoreUnavailable as e:
         checks["database"] = e.public
     try:
-        await asyncio.wait_for(h.orchestrator.ping.remote(), 2)
+        pong = await asyncio.wait_for(h.orchestrator.ping.remote(), 2)
         checks["orchestrator"] = "ok"
+        checks["delivery"] = "ok" if pong.get("held_back") is None else hold_summary(pong["held_back"])
     except Exception as e:
         checks["orchestrator"] = f"unavailable: {type(e).__name__}"
     ok = all(v == "ok" for v in checks.values())

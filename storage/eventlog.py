@@ -81,7 +81,12 @@ class AfterPosition:
 class Committed(NamedTuple):
     events: list[RecordedEvent]
     cursor: Cursor
-    held_back: bool  # committed events wait behind an older, still running transaction: look again soon
+    held_by: int | None  # the oldest transaction still running, when committed events wait behind it
+
+    @property
+    def held_back(self) -> bool:
+        """Committed events wait behind an older, still running transaction: look again soon."""
+        return self.held_by is not None
 
 
 HELD_BACK_RETRY_S = 0.005  # the first look again behind an open transaction, doubled while it stays open ...
@@ -490,10 +495,11 @@ class EventLog:
     async def read_committed(self, after: Cursor, limit: int = 500, types: Sequence[str] | None = None) -> Committed:
         """Events after ``after`` in commit order, only from transactions that can no longer be overtaken.
 
-        Returns the events, the cursor after the rows read, and whether committed events are held back behind an
-        older transaction still running (its commit may send no NOTIFY: a projection's, say, so a subscriber that
-        only waited for one would wait for its poll interval). With ``types``, only events of those types are
-        decoded and returned; the cursor still moves past the others."""
+        Returns the events, the cursor after the rows read, and the id of the oldest transaction still running when
+        committed events are held back behind it (its commit may send no NOTIFY: a projection's, say, so a
+        subscriber that only waited for one would wait for its poll interval; and one that stays open holds every
+        subscriber back, which the orchestrator reports). With ``types``, only events of those types are decoded
+        and returned; the cursor still moves past the others."""
         rows = await self.fetch(
             READ_COMMITTED_SQL,
             after[0],
@@ -501,11 +507,18 @@ class EventLog:
             limit,
             list(types) if types else None,
         )
-        held = bool(rows[0][10])
+        held = None if rows[0][10] is None else int(rows[0][10])
         if rows[0][0] is None:  # nothing visible: the one row only carries the flag
             return Committed([], after, held)
         cursor = (int(rows[-1][1]), int(rows[-1][0]))
         return Committed(_rows_to_events([r for r in rows if r[9]]), cursor, held)
+
+    async def describe_transaction(self, tx: int) -> dict[str, Any] | None:
+        """Who runs transaction ``tx`` (a ``held_by``): a backend's pid, database, user, application, state, age and
+        query, or a prepared transaction's gid; None once it has ended. Another user's query reads
+        ``<insufficient privilege>`` unless the log's role may read all statistics."""
+        rows = await self.fetch(DESCRIBE_TRANSACTION_SQL, tx)
+        return {k: v for k, v in dict(rows[0]).items() if v is not None} if rows else None
 
     async def committed_pages(
         self, after: Cursor, limit: int = 5000, types: Sequence[str] | None = None
@@ -594,13 +607,14 @@ class EventLog:
                 wait = poll_interval
                 if active is None or active():
                     try:
-                        batch, after_batch, held_back = await self.read_committed(cursor, batch_size, types)
+                        got = await self.read_committed(cursor, batch_size, types)
                     except StoreUnavailable as e:
                         log.warning("subscription read failed, retrying", error=str(e))
                         await asyncio.sleep(min(poll_interval, 0.5))
                         continue
-                    if after_batch != cursor:
-                        cursor, held = after_batch, 0
+                    batch = got.events
+                    if got.cursor != cursor:
+                        cursor, held = got.cursor, 0
                         if seen:
                             batch = [e for e in batch if e.tx_id not in seen]
                             # kept until the cursor is past the last of them: a batch may end inside one
@@ -610,7 +624,7 @@ class EventLog:
                         matching = batch if subscription is None else [e for e in batch if subscription.matches(e)]
                         yield matching, cursor
                         continue
-                    if held_back:
+                    if got.held_back:
                         held += 1
                         wait = held_back_wait(held, poll_interval)
                 await wait_at_most(wake, wait)
@@ -681,16 +695,25 @@ class EventLog:
 # the notify lock no longer costs what it did when 0004 took NOTIFY out of the append).
 _WANTED = "($4::text[] IS NULL OR type = ANY($4::text[]))"
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"  # the oldest transaction still running
-# Events after the cursor ($1, $2) below the horizon, at most $3, decoded only when of the types $4; and whether
-# anything at or past the horizon is visible (``held``). ``held`` compares the newest transaction id, read from
-# the end of the commit-order index. Asked as ``EXISTS (... WHERE tx_id >= horizon)``, the planner cannot
-# estimate the horizon and scanned the whole log on every read (docs/architecture.md, "Speed").
+# Events after the cursor ($1, $2) below the horizon, at most $3, decoded only when of the types $4; and the
+# horizon when anything at or past it is visible (``held``, else null). ``held`` compares the newest transaction
+# id, read from the end of the commit-order index. Asked as ``EXISTS (... WHERE tx_id >= horizon)``, the planner
+# cannot estimate the horizon and scanned the whole log on every read (docs/architecture.md, "Speed").
 READ_COMMITTED_SQL = (
-    "SELECT b.*, f.held FROM (SELECT coalesce((SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) >= "
-    f"{_HORIZON}, false) AS held) f LEFT JOIN LATERAL (SELECT position, tx_id, id, stream, version, type, "
-    f"CASE WHEN {_WANTED} THEN data END, CASE WHEN {_WANTED} THEN meta END, recorded_at, {_WANTED} FROM events "
+    "SELECT b.*, f.held FROM (SELECT CASE WHEN (SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) >= h.x "
+    f"THEN h.x END AS held FROM (SELECT {_HORIZON} AS x) h) f LEFT JOIN LATERAL (SELECT position, tx_id, id, "
+    f"stream, version, type, CASE WHEN {_WANTED} THEN data END, CASE WHEN {_WANTED} THEN meta END, recorded_at, "
+    f"{_WANTED} FROM events "
     f"WHERE (tx_id, position) > ($1::xid8, $2) AND tx_id < {_HORIZON} ORDER BY tx_id, position LIMIT $3) b ON true "
     "ORDER BY b.tx_id, b.position"
+)
+# A transaction (xid8) as pg_stat_activity and pg_prepared_xacts show it (both by its 32-bit xid).
+DESCRIBE_TRANSACTION_SQL = (
+    "SELECT pid, datname AS database, usename AS user, application_name AS application, state, "
+    "round(extract(epoch FROM now() - xact_start)::numeric, 1)::float8 AS open_s, left(query, 200) AS query, "
+    "NULL AS prepared_gid FROM pg_stat_activity WHERE backend_xid = xid($1::xid8) "
+    "UNION ALL SELECT NULL, database, owner, NULL, 'prepared', round(extract(epoch FROM now() - prepared)::numeric, "
+    "1)::float8, NULL, gid FROM pg_prepared_xacts WHERE transaction = xid($1::xid8) LIMIT 1"
 )
 APPEND_SQL = (
     "SELECT * FROM agenthub_append($1, $2, $3, $4, $5, $6::text[]::jsonb[], $7::text[]::jsonb[], $8, $9, $10, $11, "

@@ -73,6 +73,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         reply_timeout_s=15.0,
         max_event_bytes=16 * 1024,
         max_restart_attempts=20,
+        held_back_warn_s=2.0,  # test_faults holds a transaction open: reported in seconds, not the default 10
     )
     sys_ = up(settings)
     yield sys_

@@ -270,6 +270,28 @@ async def test_events_held_back_by_a_silent_transaction_arrive_without_waiting_f
     assert not (await eventlog.read_committed(START)).held_back
 
 
+async def test_a_read_names_the_transaction_that_holds_events_back(eventlog: EventLog, db_url: str) -> None:
+    """What the orchestrator reports when a transaction left open stalls every subscriber (actors/held_back.py)."""
+    blocker = await asyncpg.connect(db_url, server_settings={"application_name": "stuck-batch-job"})
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.execute("INSERT INTO secrets (ref, value) VALUES ('holder', 'x')")
+    xid = await blocker.fetchval("SELECT pg_current_xact_id()")
+    await eventlog.append("agent-behind", [started()])
+    got = await eventlog.read_committed(START)
+    assert got.held_by == int(xid) and got.held_back and got.events == []
+    holder = await eventlog.describe_transaction(got.held_by)
+    assert holder is not None
+    assert holder["pid"] == blocker.get_server_pid() and holder["application"] == "stuck-batch-job"
+    assert holder["state"] == "idle in transaction" and holder["query"] == "SELECT pg_current_xact_id()"
+    assert holder["open_s"] >= 0 and "prepared_gid" not in holder
+    await tx.commit()
+    await blocker.close()
+    assert await eventlog.describe_transaction(got.held_by) is None  # ended: nobody to name
+    after = await eventlog.read_committed(START)
+    assert after.held_by is None and [e.stream for e in after.events] == ["agent-behind"]
+
+
 async def test_a_subscriber_misses_no_commit_made_while_it_handles_a_batch(eventlog: EventLog) -> None:
     """A commit while the subscriber handles a batch must still reach it, and a full batch is followed by the next
     read at once (both under a 60 s poll, so neither may rest on polling)."""

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import ray
 
@@ -49,6 +50,47 @@ async def test_agent_killed_with_messages_in_flight_answers_each_once(
     assert status["status"] == "running" and status["restarts"] >= 1
     restarted = [e for e in await hub_log.read_stream(f"agent-{agent_id}") if e.type == "agent.restarted"]
     assert restarted and ("died" in restarted[0].data["reason"] or "heartbeat" in restarted[0].data["reason"])
+
+
+async def test_a_transaction_left_open_stalls_replies_and_healthz_names_it(
+    system: System, http: httpx.AsyncClient
+) -> None:
+    """Trap 1's price, made visible: subscribers never read past a transaction still running, so a session left
+    idle in its transaction holds back every reply. The API still takes messages; ``/healthz`` says what holds
+    them and the gauge counts; when it ends, the held message is answered."""
+    agent_id = await new_agent(http)
+    blocker = await asyncpg.connect(system.database_url, server_settings={"application_name": "report-job"})
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.fetchval("SELECT pg_current_xact_id()")  # takes a transaction id, as any write does
+    try:
+        r = await http.post(
+            f"/api/v1/agents/{agent_id}/messages", params={"timeout": 1}, json={"text": "held", "chat_id": "h"}
+        )
+        assert r.status_code == 202  # recorded; its reply waits behind the open transaction
+
+        async def degraded() -> bool:
+            return (await http.get("/healthz")).status_code == 503
+
+        await eventually(degraded, timeout=15, what="/healthz to report the open transaction")
+        health = (await http.get("/healthz")).json()
+        assert health["checks"]["database"] == "ok" and health["checks"]["orchestrator"] == "ok"
+        delivery = health["checks"]["delivery"]
+        assert delivery.startswith("committed events held back for ") and "replies wait until it ends" in delivery
+        assert f"pid {blocker.get_server_pid()}" in delivery and "'report-job'" in delivery
+        page = (await http.get("/metrics")).text
+        held = [float(x.split()[-1]) for x in page.splitlines() if x.startswith("agenthub_log_held_back_seconds")]
+        assert held and max(held) >= 2.0
+    finally:
+        await tx.commit()
+        await blocker.close()
+
+    async def answered() -> bool:
+        history = (await http.get(f"/api/v1/agents/{agent_id}/chats/h/messages")).json()
+        return any(m["role"] == "assistant" and m["text"].endswith("you said 'held'") for m in history)
+
+    await eventually(answered, timeout=15, what="the held message answered once the transaction ended")
+    assert (await http.get("/healthz")).json()["checks"]["delivery"] == "ok"
 
 
 async def test_orchestrator_killed_resumes_from_checkpoints(

@@ -27,6 +27,7 @@ async def test_every_api_route_needs_the_bearer_token(system: System, http: http
         assert health.status_code == 200 and health.json()["checks"] == {
             "database": "ok",
             "orchestrator": "ok",
+            "delivery": "ok",
         }
     assert (await http.get("/api/v1/agents")).status_code == 200
 

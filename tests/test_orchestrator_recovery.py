@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import ray
+from prometheus_client import REGISTRY
 from ray.exceptions import ActorDiedError
 from structlog.testing import capture_logs
 
@@ -1313,3 +1314,43 @@ async def test_a_drain_while_the_orchestrator_still_waits_for_the_store_ends_it_
     assert not o.ready.is_set()
     assert await asyncio.wait_for(o.drain(timeout=10), 2) == {}
     assert o._main.done()
+
+
+# ---- a transaction left open holds every delivery back: reported, not silent ------------------------------
+
+
+async def test_a_transaction_left_open_is_reported_by_name_until_it_ends(
+    start: Start, actors: Actors, eventlog: EventLog, db_url: str
+) -> None:
+    """A session idle in its transaction keeps every event committed after it from every subscriber (trap 1's
+    price). After ``held_back_warn_s`` the orchestrator names it: a warning, its ping (``/healthz``), its status
+    and the gauge; once it ends, the events go out and the report clears."""
+    o = await start(held_back_warn_s=0.3)
+    await route(o, "s", "work")
+    blocker = await asyncpg.connect(db_url, server_settings={"application_name": "forgotten-psql"})
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.execute("INSERT INTO secrets (ref, value) VALUES ('left-open', 'x')")
+    try:
+        with capture_logs() as logs:
+            wanted = await put(eventlog, "work-1", 2)
+
+            async def reported() -> bool:
+                return (await o.ping())["held_back"] is not None
+
+            await eventually(reported, timeout=5, what="the hold reported")
+            held = (await o.ping())["held_back"]
+            assert held["pid"] == blocker.get_server_pid() and held["application"] == "forgotten-psql"
+            assert held["state"] == "idle in transaction" and held["for_s"] >= 0.3
+            assert (await o.status())["held_back"]["transaction"] == held["transaction"]
+            assert REGISTRY.get_sample_value("agenthub_log_held_back_seconds") >= 0.3
+            assert positions(actors, "s") == []  # nothing delivered past the open transaction
+            warnings = [e for e in logs if e["log_level"] == "warning" and "holds committed events" in e["event"]]
+            assert len(warnings) == 1 and warnings[0]["pid"] == blocker.get_server_pid()
+            await tx.commit()
+            await delivered_to(actors, "s", wanted, timeout=5, what="the events, once the transaction ended")
+        assert (await o.ping())["held_back"] is None
+        assert REGISTRY.get_sample_value("agenthub_log_held_back_seconds") == 0
+        assert any(e["event"] == "committed events no longer held back" for e in logs)
+    finally:
+        await blocker.close()
