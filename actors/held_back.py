@@ -10,18 +10,30 @@ the same one for ``warn_after_s`` is reported: a warning naming it (again every 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from prometheus_client import Gauge
 
 log = structlog.get_logger(__name__)
 
 REPEAT_S = 60.0  # how often a hold that lasts is reported again
 
 Describe = Callable[[int], Awaitable[dict[str, Any] | None]]  # EventLog.describe_transaction
+
+
+@functools.cache
+def held_back_gauge() -> Gauge:
+    """Made by the first watch of a process (the orchestrator's): made at import, it was also exported, at 0, by
+    every process that imports this module (the ingress does)."""
+    return Gauge(
+        "agenthub_log_held_back_seconds",
+        "How long one open transaction has held committed events back from every subscriber (0: nothing held back)",
+    )
 
 
 @dataclass
@@ -37,6 +49,7 @@ class HoldWatch:
         self.warn_after_s = warn_after_s
         self.clock = clock
         self.hold: Hold | None = None
+        held_back_gauge().set_function(self.seconds)
 
     async def seen(self, held_by: int | None, describe: Describe) -> None:
         """Note a read's ``held_by``; report a hold that is due (looked up with ``describe``), and the end of one

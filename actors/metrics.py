@@ -19,7 +19,3 @@ LLM_TOKENS = Counter("agenthub_llm_tokens_total", "LLM tokens used", ["provider"
 LLM_CALLS = Counter("agenthub_llm_provider_calls_total", "Calls that reached an LLM provider", ["provider"])
 ACTOR_RESTARTS = Counter("agenthub_actor_restarts_total", "Actors restarted by the orchestrator", ["actor"])
 ACTIVE_ENTITIES = Gauge("agenthub_active_entities", "Entities activated in memory", ["actor_type"])
-LOG_HELD_BACK = Gauge(
-    "agenthub_log_held_back_seconds",
-    "How long one open transaction has held committed events back from every subscriber (0: nothing held back)",
-)

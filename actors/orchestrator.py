@@ -198,7 +198,6 @@ class OrchestratorImpl:
         self.throttled = False
         self.held_back = False
         self.holds = HoldWatch(config.held_back_warn_s)
-        metrics.LOG_HELD_BACK.set_function(self.holds.seconds)
         self.timer_wake = asyncio.Event()
         self.timer_failures = 0  # firings failed in a row for a reason that may pass (the retry delay)
         self.routed = 0

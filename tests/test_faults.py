@@ -80,7 +80,7 @@ async def test_a_transaction_left_open_stalls_replies_and_healthz_names_it(
         assert f"pid {blocker.get_server_pid()}" in delivery and "'report-job'" in delivery
         page = (await http.get("/metrics")).text
         held = [float(x.split()[-1]) for x in page.splitlines() if x.startswith("agenthub_log_held_back_seconds")]
-        assert held and max(held) >= 2.0
+        assert len(held) == 1 and held[0] >= 2.0  # one sample: the orchestrator's, not one per actor at 0
     finally:
         await tx.commit()
         await blocker.close()
