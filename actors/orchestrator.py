@@ -196,7 +196,6 @@ class OrchestratorImpl:
         self.cursor: Cursor = START
         self.wake = asyncio.Event()
         self.throttled = False
-        self.held_back = False
         self.holds = HoldWatch(config.held_back_warn_s)
         self.timer_wake = asyncio.Event()
         self.timer_failures = 0  # firings failed in a row for a reason that may pass (the retry delay)
@@ -452,10 +451,11 @@ class OrchestratorImpl:
                 continue
             # A short batch was everything visible: wait for the next commit's NOTIFY (one that came meanwhile
             # has set ``wake`` already) instead of asking again at once. A backlog waits for a delivery to end.
-            held = held + 1 if self.held_back and not batch else 0
+            held_back = self.holds.hold is not None  # as the last read found it
+            held = held + 1 if held_back and not batch else 0
             if len(batch) < BATCH or any(s.dead for s in list(self.subs.values())):
                 poll = self.config.poll_interval_s
-                wait = held_back_wait(held, poll) if self.held_back else poll
+                wait = held_back_wait(held, poll) if held_back else poll
                 await wait_at_most(self.wake, wait)
 
     async def _route_once(self) -> list[RecordedEvent]:
@@ -466,7 +466,6 @@ class OrchestratorImpl:
         self.throttled = len(room) < len(live)  # a delivery that ends wakes the reader, to read for it again
         low = min([self.cursor, *(s.queued for s in room)])
         batch, _, held_by = await self.store.read_committed(low, BATCH)
-        self.held_back = held_by is not None
         await self.holds.seen(held_by, self.store.describe_transaction)
         if batch:
             await self._own(batch)
