@@ -69,6 +69,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
     asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many connections
     asyncpg.exceptions.OperatorInterventionError,  # query cancelled; server shutting down, crashed or starting up
+    # A pooled connection the server ended while it sat idle (a restart, pg_terminate_backend): its farewell error
+    # puts asyncpg's protocol in the middle of an operation before the socket's close is seen, and a query sent in
+    # that moment fails here, before anything is sent ("cannot switch to state ..."). Once taken for a bug, it
+    # answered a message being handled as failed, or, when that answer failed the same way, left it unanswered.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -6,8 +6,10 @@ import asyncio
 import json
 import math
 import pickle
+import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +489,47 @@ async def test_an_outage_expires_the_pooled_connections(eventlog: EventLog) -> N
             raise ConnectionResetError("connection lost")  # as a dropped connection surfaces
     async with eventlog.connection() as c:  # a fresh connection, not the pooled one of before the outage
         assert await c.fetchval("SELECT pg_backend_pid()") != before
+
+
+async def test_a_pooled_connection_the_server_ended_is_an_outage_and_is_replaced(db_url: str) -> None:
+    """The server ends an idle pooled connection (a restart, ``pg_terminate_backend``) and the process reads its
+    farewell error one loop turn before the socket's close: a query sent in between fails inside asyncpg
+    (``InternalClientError``, "another operation is in progress"). That is an outage to retry, and the next call
+    gets a new connection. Taken for a handler's bug, it answered a message being handled as failed, or left it
+    unanswered when the failure's own record failed the same way: the chaos run (bench/chaos.py) found it."""
+    log = await EventLog.connect(db_url, max_size=1, run_migrations=False)  # one connection: the one ended
+    kinds: Counter[str] = Counter()
+
+    def end_backend(pid: int) -> None:
+        """Ends it, waiting until it is gone, while this test's loop is blocked: its farewell and the socket's close
+        both wait unread, as when a server stops under a busy process."""
+
+        async def terminate() -> None:
+            admin = await asyncpg.connect(db_url)
+            try:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+            finally:
+                await admin.close()
+
+        thread = threading.Thread(target=asyncio.run, args=(terminate(),))
+        thread.start()
+        thread.join()
+
+    try:
+        for _ in range(10):
+            pid = await log.fetchval("SELECT pg_backend_pid()")
+            end_backend(pid)
+            await asyncio.sleep(0)  # the loop reads the farewell error; the close is read one turn later
+            await asyncio.sleep(0)
+            try:
+                await log.fetchval("SELECT 1")
+                kinds["ok"] += 1  # the close was read first: the pool opened a new connection
+            except StoreUnavailable as e:
+                kinds[type(e.__cause__).__name__] += 1
+            assert await log.fetchval("SELECT pg_backend_pid()") != pid  # the pool opened a new connection
+    finally:
+        await log.close()
+    assert kinds["InternalClientError"] > 0, kinds  # the way that was taken for a bug did come up
 
 
 def test_an_unreachable_database_is_told_to_clients_without_its_address() -> None:

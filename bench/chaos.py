@@ -1,0 +1,329 @@
+"""Exactly once under random faults: clients talk to agents over HTTP while a seeded random schedule kills the
+agents' runners, the orchestrator, the projector and the ingress replica, and stops Postgres and starts it again.
+
+Why: each fault has its own test (tests/test_faults.py, tests/test_outage_database.py), one at a time on a quiet
+system. Here they land at random moments under load, one after another, and the whole run is then held to what
+the log promises: every message a client was told was recorded is in the log once; every message has exactly one
+reply, caused by it, whose turn number shows the agent's chat state lost and repeated nothing; every reply a
+client got matches the log; the chat-history and token-usage projections equal what the log says. Clients behave
+as the API asks: each message carries an ``Idempotency-Key`` and is sent again with it after a 5xx or a dropped
+connection, until it is recorded. A soak, not a timing goal: it prints what it did and fails when a promise broke.
+Run from the repository root (not while another Ray job is using this machine):
+
+    python -m bench.chaos [--seconds 120] [--seed 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import ray
+
+from bench.common import Row, parser, print_table, quiet_logs, running_system
+from cluster.bootstrap import APP_NAME
+from storage.eventlog import EventLog
+
+if TYPE_CHECKING:
+    from cluster.bootstrap import System
+
+TOKEN = "chaos-token"
+FAULTS = ("runner", "orchestrator", "projector", "ingress", "database")
+PER_CHAT = 30  # a chat's messages before its client opens the next: the turn number stays under the history window
+RETRYABLE = frozenset({500, 502, 503, 504})
+
+
+@dataclass
+class Sent:
+    """One message as its client saw it: what it sent and what the API said in the end."""
+
+    client: int
+    chat: str
+    turn: int
+    text: str
+    event_id: str = ""
+    outcome: str = ""  # "replied" (200), "accepted" (202), "failed" (the agent's own failure, 502)
+    response: str = ""
+    tries: int = 0
+
+
+@dataclass
+class Run:
+    """What a run did, and every broken promise found after it."""
+
+    agents: list[str]
+    sent: list[Sent] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
+    longest_wait_s: float = 0.0  # the longest any one message took to be recorded, retries included
+    settle_s: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[Row]:
+        outcomes = Counter(s.outcome for s in self.sent)
+        return [
+            Row("messages recorded", str(len(self.sent))),
+            Row("  answered at once (200)", str(outcomes["replied"])),
+            Row("  recorded, reply later (202)", str(outcomes["accepted"])),
+            Row("  failed by the agent (502)", str(outcomes["failed"])),
+            Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent))),
+            Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
+            *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
+            Row("settled after the load", f"{self.settle_s:.1f} s"),
+            Row("broken promises", str(len(self.violations)), "0", "ok" if not self.violations else "FAILED"),
+        ]
+
+
+def expected_reply(s: Sent) -> str:
+    """The scripted provider's answer (actors/llm/scripted.py) ends with the turn: the chat's user messages."""
+    return f"turn {s.turn}: you said {s.text!r}"
+
+
+class Chaos:
+    def __init__(self, system: System, http: httpx.AsyncClient, seed: int) -> None:
+        self.system = system
+        self.http = http
+        self.rng = random.Random(seed)
+        self.tag = f"s{seed}"  # in chat ids and texts: runs on the same agents keep apart
+        self.ns = system.settings.ray_namespace
+        self.run: Run = Run(agents=[])
+        self.loading = True
+        self.started = time.monotonic()
+        self.say: Callable[[str], None] | None = None  # a live line per fault
+
+    async def create_agents(self, n: int) -> None:
+        for _ in range(n):
+            r = await self.http.post("/api/v1/agents", json={"name": "chaos agent", "settings": {}})
+            r.raise_for_status()
+            agent_id = r.json()["id"]
+            (await self.http.post(f"/api/v1/agents/{agent_id}/start")).raise_for_status()
+            self.run.agents.append(agent_id)
+
+    # ---- clients ----
+
+    async def client(self, i: int) -> None:
+        """One chat at a time, each message sent until it is recorded; the next once the last was."""
+        agent_id = self.run.agents[i % len(self.run.agents)]
+        k = 0
+        while self.loading:
+            chat, text = f"{self.tag}c{i}-{k // PER_CHAT}", f"{self.tag} client {i} message {k}"
+            s = Sent(client=i, chat=chat, turn=k % PER_CHAT + 1, text=text)
+            if not await self.send(agent_id, s, key=f"{self.tag}-{i}-{k}"):
+                return
+            self.run.sent.append(s)
+            k += 1
+
+    async def send(self, agent_id: str, s: Sent, key: str) -> bool:
+        started = time.monotonic()
+        body = {"text": s.text, "chat_id": s.chat}
+        while True:
+            s.tries += 1
+            try:
+                r = await self.http.post(
+                    f"/api/v1/agents/{agent_id}/messages",
+                    json=body,
+                    headers={"Idempotency-Key": key},
+                    params={"timeout": 5},
+                )
+            except httpx.TransportError:  # the replica died under the request, or HAProxy dropped it
+                await asyncio.sleep(0.2)
+                continue
+            detail = r.json().get("detail", "") if r.headers.get("content-type") == "application/json" else ""
+            if r.status_code in RETRYABLE and not str(detail).startswith("agent failed to reply"):
+                await asyncio.sleep(0.2)
+                continue
+            break
+        self.run.longest_wait_s = max(self.run.longest_wait_s, time.monotonic() - started)
+        if r.status_code == 200:
+            s.event_id, s.outcome, s.response = r.json()["event_id"], "replied", r.json()["response"]
+        elif r.status_code == 202:
+            s.event_id, s.outcome = r.json()["event_id"], "accepted"
+        elif r.status_code == 502:
+            s.outcome = "failed"
+        else:
+            self.run.violations.append(f"{s.text}: answered {r.status_code} {r.text[:200]}")
+            return False
+        return True
+
+    # ---- faults ----
+
+    async def faults(self, every: tuple[float, float]) -> None:
+        while self.loading:
+            await asyncio.sleep(self.rng.uniform(*every))
+            if self.loading:
+                kind = self.rng.choice(FAULTS)
+                hit = await self.inject(kind)
+                (self.run.faults if hit else self.run.missed)[kind] += 1
+                if self.say is not None:
+                    at = time.monotonic() - self.started
+                    what = kind if hit else f"{kind} (not there: still restarting)"
+                    self.say(f"[{at:6.1f} s] {len(self.run.sent):6d} recorded, fault: {what}")
+
+    async def inject(self, kind: str) -> bool:
+        """One fault; False when its target was not there to hit (an actor still being restarted)."""
+        if kind == "database":
+            assert self.system.embedded is not None, "the database fault needs the embedded Postgres"
+            await asyncio.to_thread(self.system.embedded.stop)
+            await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+            await asyncio.to_thread(self.system.embedded.start)
+            return True
+        namespace, restart = self.ns, False
+        if kind == "runner":
+            name = f"agent:{self.rng.choice(self.run.agents)}"
+        elif kind == "orchestrator":
+            name, restart = "orchestrator", True  # Ray restarts it; it restarts the others
+        elif kind == "projector":
+            name = "projector"
+        else:  # Serve replaces its replica
+            name, namespace = await asyncio.to_thread(self.replica_name), "serve"
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=namespace)
+        except ValueError:
+            return False
+        ray.kill(handle, no_restart=not restart)
+        return True
+
+    @staticmethod
+    def replica_name() -> str:
+        prefix = f"SERVE_REPLICA::{APP_NAME}#api#"  # Serve's replica ids (ReplicaID.to_full_id_str)
+        return next((a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)), "")
+
+    # ---- the promises ----
+
+    async def settle(self, timeout: float) -> None:
+        """Wait until every recorded message has its reply and the projections have caught up, then check."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            violations = await self.check()
+            if not violations or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        self.run.settle_s = time.monotonic() - started
+        self.run.violations += violations
+
+    async def check(self) -> list[str]:
+        try:
+            health = await self.http.get("/healthz")
+            if health.status_code != 200:
+                return [f"/healthz: {health.status_code} {health.text[:300]}"]
+            log = await EventLog.connect(self.system.database_url, run_migrations=False)
+        except (httpx.TransportError, OSError) as e:
+            return [f"not reachable: {e!r}"]
+        try:
+            problems: list[str] = []
+            for agent_id in self.run.agents:
+                problems += await self.check_agent(log, agent_id)
+            return problems
+        finally:
+            await log.close()
+
+    async def check_agent(self, log: EventLog, agent_id: str) -> list[str]:
+        sent = {s.text: s for s in self.run.sent if self.run.agents[s.client % len(self.run.agents)] == agent_id}
+        every = await log.read_where("stream LIKE $1", f"chat-{agent_id}/%")  # usage counts earlier runs' too
+        events = [e for e in every if e.stream.startswith(f"chat-{agent_id}/{self.tag}c")]
+        messages = [e for e in events if e.type == "chat.message_received"]
+        by_text = Counter(e.data["text"] for e in messages)
+        problems = [f"{t!r} recorded {n} times" for t, n in by_text.items() if n > 1]
+        problems += [f"{t!r} in the log, never sent" for t in by_text if t not in sent]
+        problems += [f"{t!r} acknowledged, not in the log" for t in sent if t not in by_text]
+        replies: dict[str, list[Any]] = {}
+        for e in events:
+            if e.type in ("chat.reply_sent", "chat.reply_failed"):
+                replies.setdefault(str(e.meta.causation_id), []).append(e)
+        for m in messages:
+            s, answers = sent.get(m.data["text"]), replies.get(str(m.id), [])
+            if len(answers) != 1:
+                problems.append(f"{m.data['text']!r}: {len(answers)} replies")
+                continue
+            reply = answers[0]
+            if s is None:
+                continue
+            if s.event_id and s.event_id != str(m.id):
+                problems.append(f"{s.text!r}: acknowledged as {s.event_id}, recorded as {m.id}")
+            if reply.type == "chat.reply_sent":
+                if not reply.data["response"].endswith(expected_reply(s)):
+                    problems.append(f"{s.text!r}: replied {reply.data['response']!r}, not turn {s.turn}")
+                if s.outcome == "replied" and s.response != reply.data["response"]:
+                    problems.append(f"{s.text!r}: the client got {s.response!r}, the log has another reply")
+            elif s.outcome == "replied":
+                problems.append(f"{s.text!r}: the client got a reply, the log has a failure")
+        return problems + await self.check_projections(agent_id, events, every)
+
+    async def check_projections(self, agent_id: str, events: list[Any], every: list[Any]) -> list[str]:
+        problems = []
+        for chat in sorted({e.data["chat_id"] for e in events if e.type == "chat.message_received"}):
+            expected = [
+                ("user", e.data["text"]) if e.type == "chat.message_received" else ("assistant", e.data["response"])
+                for e in events
+                if e.data.get("chat_id") == chat and e.type in ("chat.message_received", "chat.reply_sent")
+            ]
+            r = await self.http.get(f"/api/v1/agents/{agent_id}/chats/{chat}/messages", params={"limit": 1000})
+            if [(m["role"], m["text"]) for m in r.json()] != expected:
+                problems.append(f"chat {chat}: the history projection differs from the log")
+        completions = [e.data for e in every if e.type == "llm.completed"]
+        usage = (await self.http.get(f"/api/v1/agents/{agent_id}/usage")).json()
+        calls = sum(m["calls"] for m in usage["models"])
+        if calls != len(completions) or usage["total_tokens"] != sum(c["total_tokens"] for c in completions):
+            problems.append(
+                f"agent {agent_id}: usage {calls} calls, {usage['total_tokens']} tokens; the log "
+                f"{len(completions)} completions, {sum(c['total_tokens'] for c in completions)} tokens"
+            )
+        status = (await self.http.get(f"/api/v1/agents/{agent_id}")).json()["status"]
+        if status != "running":
+            problems.append(f"agent {agent_id} is {status}")
+        return problems
+
+
+async def chaos(
+    system: System,
+    *,
+    seconds: float,
+    seed: int,
+    clients: int = 6,
+    agents: int | list[str] = 2,
+    every: tuple[float, float] = (2.0, 4.0),
+    settle_timeout: float = 120.0,
+    say: Callable[[str], None] | None = None,
+) -> Run:
+    """Load for ``seconds`` with faults on a schedule drawn from ``seed``; then let it settle and check."""
+    headers = {"Authorization": f"Bearer {system.api_token}"}
+    async with httpx.AsyncClient(base_url=system.api_url, headers=headers, timeout=60) as http:
+        c = Chaos(system, http, seed)
+        c.say = say
+        if isinstance(agents, list):  # agents of an earlier run, with another seed
+            c.run.agents = agents
+        else:
+            await c.create_agents(agents)
+        load = [asyncio.create_task(c.client(i)) for i in range(clients)]
+        injector = asyncio.create_task(c.faults(every))
+        await asyncio.sleep(seconds)
+        c.loading = False
+        await asyncio.gather(injector, *load)  # each client finishes the message it was sending
+        await c.settle(settle_timeout)
+        return c.run
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--seconds", type=float, default=120.0, help="how long the load and the faults last")
+    p.add_argument("--seed", type=int, default=1, help="draws the faults' kinds and moments")
+    args = p.parse_args()
+    quiet_logs()
+    with running_system(TOKEN) as (system, _):
+        run = asyncio.run(chaos(system, seconds=20.0 if args.quick else args.seconds, seed=args.seed, say=print))
+    print_table(f"exactly once under random faults (seed {args.seed})", run.rows())
+    for v in run.violations:
+        print("  broken:", v)
+    if run.violations:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
