@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo team-demo test lint bench bench-quick up
+.PHONY: setup demo team-demo test lint bench bench-quick chaos up
 
 setup: $(VENV)/.installed
 
@@ -40,3 +40,10 @@ bench-quick: setup
 	$(BIN)/python -m bench.bench_routing --quick
 	$(BIN)/python -m bench.bench_http --quick
 	$(BIN)/python -m bench.bench_team --quick
+	$(BIN)/python -m bench.chaos --quick
+
+# A soak: clients over HTTP while actors are killed and Postgres is restarted at random; fails on a broken promise
+CHAOS_SECONDS ?= 120
+CHAOS_SEED ?= 1
+chaos: setup
+	$(BIN)/python -m bench.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED)

@@ -75,7 +75,7 @@ class Run:
             Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent))),
             Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
             *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
-            Row("settled after the load", f"{self.settle_s:.1f} s"),
+            Row("settled and checked after the load", f"{self.settle_s:.1f} s"),
             Row("broken promises", str(len(self.violations)), "0", "ok" if not self.violations else "FAILED"),
         ]
 
@@ -86,7 +86,9 @@ def expected_reply(s: Sent) -> str:
 
 
 class Chaos:
-    def __init__(self, system: System, http: httpx.AsyncClient, seed: int) -> None:
+    def __init__(
+        self, system: System, http: httpx.AsyncClient, seed: int, say: Callable[[str], None] | None = None
+    ) -> None:
         self.system = system
         self.http = http
         self.rng = random.Random(seed)
@@ -95,7 +97,7 @@ class Chaos:
         self.run: Run = Run(agents=[])
         self.loading = True
         self.started = time.monotonic()
-        self.say: Callable[[str], None] | None = None  # a live line per fault
+        self.say = say  # a live line per fault
 
     async def create_agents(self, n: int) -> None:
         for _ in range(n):
@@ -295,8 +297,7 @@ async def chaos(
     """Load for ``seconds`` with faults on a schedule drawn from ``seed``; then let it settle and check."""
     headers = {"Authorization": f"Bearer {system.api_token}"}
     async with httpx.AsyncClient(base_url=system.api_url, headers=headers, timeout=60) as http:
-        c = Chaos(system, http, seed)
-        c.say = say
+        c = Chaos(system, http, seed, say)
         if isinstance(agents, list):  # agents of an earlier run, with another seed
             c.run.agents = agents
         else:
