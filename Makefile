@@ -43,7 +43,6 @@ bench-quick: setup
 	$(BIN)/python -m bench.chaos --quick
 
 # A soak: clients over HTTP while actors are killed and Postgres is restarted at random; fails on a broken promise
-CHAOS_SECONDS ?= 120
-CHAOS_SEED ?= 1
+# (options: make chaos CHAOS_ARGS="--seconds 300 --seed 3"; python -m bench.chaos --help)
 chaos: setup
-	$(BIN)/python -m bench.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED)
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)

@@ -1,5 +1,7 @@
-"""Exactly once under random faults: clients talk to agents over HTTP while a seeded random schedule kills the
-agents' runners, the orchestrator, the projector and the ingress replica, and stops Postgres and starts it again.
+"""Exactly once under random faults: clients talk to agents over HTTP while actors die and Postgres restarts.
+
+A schedule drawn from a seed kills the agents' runners, the orchestrator, the projector and the ingress replica,
+and stops Postgres and starts it again.
 
 Why: each fault has its own test (tests/test_faults.py, tests/test_outage_database.py), one at a time on a quiet
 system. Here they land at random moments under load, one after another, and the whole run is then held to what
@@ -10,16 +12,20 @@ as the API asks: each message carries an ``Idempotency-Key`` and is sent again w
 connection, until it is recorded. A soak, not a timing goal: it prints what it did and fails when a promise broke.
 Run from the repository root (not while another Ray job is using this machine):
 
-    python -m bench.chaos [--seconds 120] [--seed 1] [--quick]
+    python -m bench.chaos [--seconds 120] [--seed 1] [--runs 1] [--every 2 4] [--faults runner,...] [--quick]
+
+``--runs 40 --seconds 6 --every 0.7 1.5 --faults runner,orchestrator,projector,database`` is how it found a
+message left unanswered after a Postgres restart (README, "Chaos").
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +34,7 @@ import ray
 
 from bench.common import Row, parser, print_table, quiet_logs, running_system
 from cluster.bootstrap import APP_NAME
+from storage.errors import StoreUnavailable
 from storage.eventlog import EventLog
 
 if TYPE_CHECKING:
@@ -87,11 +94,17 @@ def expected_reply(s: Sent) -> str:
 
 class Chaos:
     def __init__(
-        self, system: System, http: httpx.AsyncClient, seed: int, say: Callable[[str], None] | None = None
+        self,
+        system: System,
+        http: httpx.AsyncClient,
+        seed: int,
+        kinds: Sequence[str] = FAULTS,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.system = system
         self.http = http
         self.rng = random.Random(seed)
+        self.kinds = tuple(kinds)
         self.tag = f"s{seed}"  # in chat ids and texts: runs on the same agents keep apart
         self.ns = system.settings.ray_namespace
         self.run: Run = Run(agents=[])
@@ -159,7 +172,7 @@ class Chaos:
         while self.loading:
             await asyncio.sleep(self.rng.uniform(*every))
             if self.loading:
-                kind = self.rng.choice(FAULTS)
+                kind = self.rng.choice(self.kinds)
                 hit = await self.inject(kind)
                 (self.run.faults if hit else self.run.missed)[kind] += 1
                 if self.say is not None:
@@ -216,15 +229,12 @@ class Chaos:
             if health.status_code != 200:
                 return [f"/healthz: {health.status_code} {health.text[:300]}"]
             log = await EventLog.connect(self.system.database_url, run_migrations=False)
-        except (httpx.TransportError, OSError) as e:
-            return [f"not reachable: {e!r}"]
-        try:
-            problems: list[str] = []
-            for agent_id in self.run.agents:
-                problems += await self.check_agent(log, agent_id)
-            return problems
-        finally:
-            await log.close()
+            try:
+                return [p for agent_id in self.run.agents for p in await self.check_agent(log, agent_id)]
+            finally:
+                await log.close()
+        except (httpx.TransportError, StoreUnavailable, ValueError) as e:  # still recovering (ValueError: not JSON)
+            return [f"not answering yet: {e!r}"]
 
     async def check_agent(self, log: EventLog, agent_id: str) -> list[str]:
         sent = {s.text: s for s in self.run.sent if self.run.agents[s.client % len(self.run.agents)] == agent_id}
@@ -291,14 +301,15 @@ async def chaos(
     clients: int = 6,
     agents: int | list[str] = 2,
     every: tuple[float, float] = (2.0, 4.0),
+    kinds: Sequence[str] = FAULTS,
     settle_timeout: float = 120.0,
     say: Callable[[str], None] | None = None,
 ) -> Run:
     """Load for ``seconds`` with faults on a schedule drawn from ``seed``; then let it settle and check."""
     headers = {"Authorization": f"Bearer {system.api_token}"}
     async with httpx.AsyncClient(base_url=system.api_url, headers=headers, timeout=60) as http:
-        c = Chaos(system, http, seed, say)
-        if isinstance(agents, list):  # agents of an earlier run, with another seed
+        c = Chaos(system, http, seed, kinds, say)
+        if isinstance(agents, list):  # an earlier run's (``--runs``): its chats and keys carry another seed
             c.run.agents = agents
         else:
             await c.create_agents(agents)
@@ -311,15 +322,75 @@ async def chaos(
         return c.run
 
 
+def combined(runs: list[Run]) -> Run:
+    """Several runs on one system as one, for the table."""
+    total = Run(agents=runs[0].agents)
+    for r in runs:
+        total.sent += r.sent
+        total.faults.update(r.faults)
+        total.missed.update(r.missed)
+        total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
+        total.settle_s = max(total.settle_s, r.settle_s)
+        total.violations += r.violations
+    return total
+
+
+async def soak(system: System, args: argparse.Namespace) -> list[Run]:
+    """``--runs`` runs in a row on the same agents, each checked once settled: a message left behind shows at
+    the end of a run, where the next messages cannot carry it along."""
+    runs: list[Run] = []
+    agents: int | list[str] = 2
+    for i in range(args.runs):
+        seconds = 20.0 if args.quick else args.seconds
+        every = (args.every[0], args.every[1])
+        run = await chaos(
+            system,
+            seconds=seconds,
+            seed=args.seed + i,
+            agents=agents,
+            every=every,
+            kinds=args.faults,
+            say=print if args.runs == 1 else None,
+        )
+        agents = run.agents
+        runs.append(run)
+        if args.runs > 1:
+            print(
+                f"run {i + 1}/{args.runs} (seed {args.seed + i}): {len(run.sent)} messages, faults "
+                f"{dict(run.faults)}, broken promises {len(run.violations)}",
+                flush=True,
+            )
+        if run.violations:
+            break
+    return runs
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--seconds", type=float, default=120.0, help="how long the load and the faults last")
-    p.add_argument("--seed", type=int, default=1, help="draws the faults' kinds and moments")
+    p.add_argument("--seconds", type=float, default=120.0, help="how long the load and the faults last, per run")
+    p.add_argument("--seed", type=int, default=1, help="draws the faults' kinds and moments (run i: seed + i)")
+    p.add_argument("--runs", type=int, default=1, help="runs in a row on one system, each checked once settled")
+    p.add_argument(
+        "--every",
+        type=float,
+        nargs=2,
+        default=[2.0, 4.0],
+        metavar=("MIN", "MAX"),
+        help="seconds between faults, drawn between these",
+    )
+    p.add_argument(
+        "--faults",
+        type=lambda v: v.split(","),
+        default=list(FAULTS),
+        help=f"kinds of fault, comma-separated, of {','.join(FAULTS)}",
+    )
     args = p.parse_args()
+    if unknown := set(args.faults) - set(FAULTS):
+        p.error(f"unknown faults: {', '.join(sorted(unknown))}")
     quiet_logs()
     with running_system(TOKEN) as (system, _):
-        run = asyncio.run(chaos(system, seconds=20.0 if args.quick else args.seconds, seed=args.seed, say=print))
-    print_table(f"exactly once under random faults (seed {args.seed})", run.rows())
+        run = combined(asyncio.run(soak(system, args)))
+    print_table(f"exactly once under random faults (seed {args.seed}, {args.runs} run(s))", run.rows())
     for v in run.violations:
         print("  broken:", v)
     if run.violations:
