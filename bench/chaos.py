@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import ray
 
+from actors.agents.runner import runner_name
+from actors.projections import PROJECTOR
 from bench.common import Row, parser, print_table, quiet_logs, running_system
 from cluster.bootstrap import APP_NAME
 from storage.errors import StoreUnavailable
@@ -156,7 +158,8 @@ class Chaos:
             break
         self.run.longest_wait_s = max(self.run.longest_wait_s, time.monotonic() - started)
         if r.status_code == 200:
-            s.event_id, s.outcome, s.response = r.json()["event_id"], "replied", r.json()["response"]
+            answer = r.json()
+            s.event_id, s.outcome, s.response = answer["event_id"], "replied", answer["response"]
         elif r.status_code == 202:
             s.event_id, s.outcome = r.json()["event_id"], "accepted"
         elif r.status_code == 502:
@@ -190,11 +193,11 @@ class Chaos:
             return True
         namespace, restart = self.ns, False
         if kind == "runner":
-            name = f"agent:{self.rng.choice(self.run.agents)}"
+            name = runner_name(self.rng.choice(self.run.agents))
         elif kind == "orchestrator":
             name, restart = "orchestrator", True  # Ray restarts it; it restarts the others
         elif kind == "projector":
-            name = "projector"
+            name = PROJECTOR
         else:  # Serve replaces its replica
             name, namespace = await asyncio.to_thread(self.replica_name), "serve"
         try:
