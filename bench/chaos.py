@@ -52,7 +52,7 @@ RETRYABLE = frozenset({500, 502, 503, 504})
 class Sent:
     """One message as its client saw it: what it sent and what the API said in the end."""
 
-    client: int
+    agent_id: str
     chat: str
     turn: int
     text: str
@@ -130,7 +130,7 @@ class Chaos:
         k = 0
         while self.loading:
             chat, text = f"{self.tag}c{i}-{k // PER_CHAT}", f"{self.tag} client {i} message {k}"
-            s = Sent(client=i, chat=chat, turn=k % PER_CHAT + 1, text=text)
+            s = Sent(agent_id=agent_id, chat=chat, turn=k % PER_CHAT + 1, text=text)
             if not await self.send(agent_id, s, key=f"{self.tag}-{i}-{k}"):
                 return
             self.run.sent.append(s)
@@ -240,7 +240,7 @@ class Chaos:
             return [f"not answering yet: {e!r}"]
 
     async def check_agent(self, log: EventLog, agent_id: str) -> list[str]:
-        sent = {s.text: s for s in self.run.sent if self.run.agents[s.client % len(self.run.agents)] == agent_id}
+        sent = {s.text: s for s in self.run.sent if s.agent_id == agent_id}
         every = await log.read_where("stream LIKE $1", f"chat-{agent_id}/%")  # usage counts earlier runs' too
         events = [e for e in every if e.stream.startswith(f"chat-{agent_id}/{self.tag}c")]
         messages = [e for e in events if e.type == "chat.message_received"]
@@ -343,9 +343,9 @@ async def soak(system: System, args: argparse.Namespace) -> list[Run]:
     the end of a run, where the next messages cannot carry it along."""
     runs: list[Run] = []
     agents: int | list[str] = 2
+    seconds = 20.0 if args.quick else args.seconds
+    every = (args.every[0], args.every[1])
     for i in range(args.runs):
-        seconds = 20.0 if args.quick else args.seconds
-        every = (args.every[0], args.every[1])
         run = await chaos(
             system,
             seconds=seconds,
