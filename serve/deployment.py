@@ -27,6 +27,7 @@ class IngressConfig(BaseModel):
     name="api",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=256,
+    health_check_period_s=1,  # a dead replica is noticed at the next check: with one replica, HTTP waits for it
     logging_config={"enable_access_log": False, "log_level": "WARNING"},  # per-request logs cost CPU per message
 )
 @serve.ingress()

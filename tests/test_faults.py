@@ -120,6 +120,40 @@ async def test_orchestrator_killed_resumes_from_checkpoints(
     assert len(messages) == 2 and all(replies[m] == 1 for m in messages)
 
 
+async def test_a_killed_ingress_replica_is_replaced_and_a_client_that_sends_again_is_answered_once(
+    system: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    """Serve notices the dead replica at its next health check (every second, `serve/deployment.py`) and starts
+    another; meanwhile HAProxy holds a request for its fallback proxy or drops it. A client that sends again with
+    its ``Idempotency-Key``, as the API asks, gets its reply, and the message is recorded once."""
+    agent_id = await new_agent(http)
+    prefix = "SERVE_REPLICA::agenthub#api#"
+    replica = next(a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix))
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    dropped = 0
+    async with httpx.AsyncClient(base_url=system.api_url, headers=http.headers, timeout=60) as client:
+        for _ in range(20):
+            try:
+                r = await client.post(
+                    f"/api/v1/agents/{agent_id}/messages",
+                    params={"timeout": 30},
+                    headers={"Idempotency-Key": "meanwhile-1"},
+                    json={"text": "meanwhile", "chat_id": "i"},
+                )
+            except httpx.TransportError:  # the connection the replica held, or one HAProxy dropped at a reload
+                dropped += 1
+                await asyncio.sleep(0.5)
+                continue
+            if r.status_code != 503:
+                break
+            await asyncio.sleep(0.5)
+    assert r.status_code == 200 and r.json()["response"].endswith("turn 1: you said 'meanwhile'"), (dropped, r.text)
+    replicas = [a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)]
+    assert replicas and replica not in replicas
+    messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/i")
+    assert len(messages) == 1 and replies[messages[0]] == 1
+
+
 async def test_durable_timer_fires_once_across_an_orchestrator_restart(
     system: System, http: httpx.AsyncClient, hub_log: EventLog
 ) -> None:
