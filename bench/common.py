@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def running_system(api_token: str) -> Iterator[tuple[System, float]]:
     """The whole system on a private data dir and Postgres, on free ports (HTTP on 8100); yields it with the
     seconds it took to start, and takes it down at the end."""
     from cluster.bootstrap import down, up
+    from cluster.cli import exit_by_signal
     from cluster.settings import Settings
 
     for var in ("DATABASE_URL", "AGENTHUB_DATABASE_URL"):  # always a private, throwaway database
@@ -183,6 +185,9 @@ def running_system(api_token: str) -> Iterator[tuple[System, float]]:
             api_token=api_token,
         )
         system = up(settings)
+        # After Ray's start, which puts its own handler on SIGTERM: a benchmark stopped by `timeout` or CI takes
+        # its system down as on Ctrl-C, instead of dying at once and leaving Postgres and HAProxy running.
+        signal.signal(signal.SIGTERM, exit_by_signal)
         try:
             yield system, time.perf_counter() - t0
         finally:

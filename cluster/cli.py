@@ -83,10 +83,11 @@ def _exit_on_sigterm() -> None:
     """SIGTERM (a service manager's stop, ``kill``) ends the command through its exit handlers, as Ctrl-C does:
     by default it kills the process outright, and a Postgres the command started runs on."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGTERM, exit_by_signal)
 
 
-def _terminated(signum: int, _frame: object) -> None:
+def exit_by_signal(signum: int, _frame: object) -> None:
+    """A signal handler that ends the process as ``sys.exit`` does, so ``finally`` blocks and exit handlers run."""
     raise SystemExit(128 + signum)
 
 

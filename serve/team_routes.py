@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.roles import ROLES, VOTERS
 from actors.agents.team.services import fold_run
 from actors.agents.team.task import TERMINAL, TaskState, evolve_task
-from events import NO_STREAM, NewEvent
+from events import NO_STREAM, NewEvent, registry
 from events.team import DecisionRequested, RunStarted, TaskCancelled, TaskCreated
 from serve.deps import HubDep
+from serve.fast_route import KEY_MAX
 from serve.hub import Hub
 from storage.errors import WrongExpectedVersion
 
 PRIORITIES = {"high": 1, "medium": 5, "low": 10}
 TEAM_READY_TIMEOUT_S = 30.0
+IdempotencyKey = Annotated[str | None, Header(max_length=KEY_MAX)]
 
 
 class RunIn(BaseModel):
@@ -75,6 +77,26 @@ class DecisionIn(BaseModel):
     voters: list[str] = Field(default_factory=lambda: list(VOTERS))
 
 
+async def create(h: Hub, stream: str, event: NewEvent, key: str | None, id_field: str) -> dict[str, Any]:
+    """Append what creates a run, task or decision (a new stream; its id is drawn at random), under the client's
+    ``Idempotency-Key``: a retry after an unknown outcome (a 503, a dropped connection) gets the data recorded the
+    first time, its id included, instead of creating a second one. The key is scoped by the event's type; used
+    before for another request, it is a 422. Returns the recorded event's data."""
+    scoped = None if key is None else f"create:{event.type}:{key}"
+    res = await h.store.append(stream, [event], NO_STREAM, idempotency_key=scoped)
+    asked = registry.validate(event.type, event.data, event.meta.schema_version)
+    if not res.replayed:
+        return asked
+    original = await h.original_of(res.positions[0])
+    if original.type != event.type or {**original.data, id_field: None} != {**asked, id_field: None}:
+        raise HTTPException(
+            422,
+            f"Idempotency-Key {key!r} was already used for a different request ({original.data.get(id_field)}); "
+            "use a new key for a new one",
+        )
+    return original.data
+
+
 async def team_ready(h: Hub) -> None:
     """The role actors and the CEO loop are registered. The registration is durable (events), so one success
     per replica is enough: this is not a Ray round trip per task."""
@@ -93,12 +115,12 @@ def build_router() -> APIRouter:
         return cfg.model_dump()
 
     @router.post("/runs", status_code=201)
-    async def create_run(body: RunIn, h: HubDep) -> dict[str, Any]:
+    async def create_run(body: RunIn, h: HubDep, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
         await team_ready(h)
         run_id = "run_" + secrets.token_hex(5)
         ev = NewEvent.of(RunStarted(run_id=run_id, **body.model_dump()), actor="api")
-        await h.store.append(f"run-{run_id}", [ev], NO_STREAM)
-        return {"run_id": run_id, **body.model_dump()}
+        recorded = await create(h, f"run-{run_id}", ev, idempotency_key, "run_id")
+        return {"run_id": recorded["run_id"], **body.model_dump()}
 
     @router.get("/runs/{run_id}")
     async def get_run(run_id: str, h: HubDep) -> dict[str, Any]:
@@ -110,7 +132,9 @@ def build_router() -> APIRouter:
         return {**cfg, "status": row[0]["status"] if row else "starting", "tasks": {r["status"]: r["n"] for r in tasks}}
 
     @router.post("/runs/{run_id}/tasks", status_code=201)
-    async def create_task(run_id: str, body: TaskIn, h: HubDep) -> dict[str, Any]:
+    async def create_task(
+        run_id: str, body: TaskIn, h: HubDep, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
         await run_or_404(h, run_id)
         await team_ready(h)
         role = body.role or ("qa" if body.kind == "implement" else "developer")
@@ -121,8 +145,14 @@ def build_router() -> APIRouter:
         task_id = f"{run_id}.{secrets.token_hex(4)}"
         data = body.model_dump(exclude={"role"})
         ev = NewEvent.of(TaskCreated(task_id=task_id, run_id=run_id, role=role, **data), actor="api")
-        await h.store.append(f"task-{task_id}", [ev], NO_STREAM)
-        return {"task_id": task_id, "run_id": run_id, "role": role, "priority": body.priority, "status": "pending"}
+        recorded = await create(h, f"task-{task_id}", ev, idempotency_key, "task_id")
+        return {
+            "task_id": recorded["task_id"],
+            "run_id": run_id,
+            "role": role,
+            "priority": body.priority,
+            "status": "pending",
+        }
 
     @router.get("/tasks")
     async def list_tasks(
@@ -218,7 +248,9 @@ def build_router() -> APIRouter:
         }
 
     @router.post("/runs/{run_id}/decisions", status_code=202)
-    async def request_decision(run_id: str, body: DecisionIn, h: HubDep) -> dict[str, Any]:
+    async def request_decision(
+        run_id: str, body: DecisionIn, h: HubDep, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
         await run_or_404(h, run_id)
         unknown = set(body.voters) - set(ROLES)
         if unknown or not body.voters:
@@ -229,8 +261,8 @@ def build_router() -> APIRouter:
             DecisionRequested(decision_id=decision_id, run_id=run_id, question=body.question, voters=body.voters),
             actor="api",
         )
-        await h.store.append(f"decision-{decision_id}", [ev], NO_STREAM)
-        return {"decision_id": decision_id, "status": "requested"}
+        recorded = await create(h, f"decision-{decision_id}", ev, idempotency_key, "decision_id")
+        return {"decision_id": recorded["decision_id"], "status": "requested"}
 
     @router.get("/decisions/{decision_id}")
     async def get_decision(decision_id: str, h: HubDep) -> dict[str, Any]:

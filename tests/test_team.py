@@ -134,6 +134,47 @@ async def test_priority_queue_and_http_validation(team: System, http: httpx.Asyn
     assert listed[0]["task_id"] == high and listed[0]["priority"] == 1  # listed by priority
 
 
+async def test_a_create_sent_again_with_its_idempotency_key_creates_nothing_more(
+    team: System, http: httpx.AsyncClient, hub_log: EventLog
+) -> None:
+    """A client whose create got a 503 or lost its connection cannot know whether it was recorded: sent again
+    with the same ``Idempotency-Key``, it gets the run, task or decision recorded the first time."""
+    body = {"goal": "keyed", "provider": "scripted:team", "max_generated_tasks": 0}
+    runs = [await http.post("/api/v1/runs", json=body, headers={"Idempotency-Key": "run-k1"}) for _ in range(2)]
+    assert [r.status_code for r in runs] == [201, 201] and runs[0].json() == runs[1].json()
+    run_id = runs[0].json()["run_id"]
+    other = await http.post("/api/v1/runs", json={**body, "goal": "other"}, headers={"Idempotency-Key": "run-k1"})
+    assert other.status_code == 422 and "already used" in other.json()["detail"]
+
+    task = {"title": "keyed task", "role": "legal"}
+    tasks = [
+        await http.post(f"/api/v1/runs/{run_id}/tasks", json=task, headers={"Idempotency-Key": "task-k1"})
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in tasks] == [201, 201] and tasks[0].json()["task_id"] == tasks[1].json()["task_id"]
+    unkeyed = await new_task(http, run_id, **task)  # without a key, the same body is a new task
+    assert unkeyed != tasks[0].json()["task_id"]
+    other = await http.post(
+        f"/api/v1/runs/{run_id}/tasks", json={**task, "title": "another"}, headers={"Idempotency-Key": "task-k1"}
+    )
+    assert other.status_code == 422 and tasks[0].json()["task_id"] in other.json()["detail"]
+
+    question = {"question": "ship it?", "voters": ["cfo", "risk"]}
+    decisions = [
+        await http.post(f"/api/v1/runs/{run_id}/decisions", json=question, headers={"Idempotency-Key": "dec-k1"})
+        for _ in range(2)
+    ]
+    assert decisions[0].json()["decision_id"] == decisions[1].json()["decision_id"]
+
+    created = await hub_log.read_where("type = 'task.created' AND data->>'run_id' = $1", run_id)
+    assert sorted(e.data["task_id"] for e in created) == sorted([tasks[0].json()["task_id"], unkeyed])
+    started = await hub_log.read_where("type = 'run.started' AND data->>'goal' = 'keyed'")
+    assert [e.data["run_id"] for e in started] == [run_id]
+    asked = await hub_log.read_where("type = 'decision.requested' AND data->>'run_id' = $1", run_id)
+    assert len(asked) == 1
+    await task_done(http, tasks[0].json()["task_id"])  # and the one task is worked once
+
+
 async def test_task_past_its_timeout_is_escalated(team: System, http: httpx.AsyncClient, hub_log: EventLog) -> None:
     run_id = await new_run(http, provider=await slow_provider(team))  # no answer within the task's timeout
     task_id = await new_task(http, run_id, title="stuck", role="security", timeout_s=1)
