@@ -1,16 +1,19 @@
-"""Exactly once under random faults: clients talk to agents over HTTP while actors die and Postgres restarts.
+"""Exactly once under random faults: clients talk to agents and give the team tasks over HTTP while actors die
+and Postgres restarts.
 
-A schedule drawn from a seed kills the agents' runners, the orchestrator, the projector and the ingress replica,
-and stops Postgres and starts it again.
+A schedule drawn from a seed kills the agents' runners, the team's role actors, the ``llm`` actor, the
+orchestrator, the projector and the ingress replica, and stops Postgres and starts it again.
 
 Why: each fault has its own test (tests/test_faults.py, tests/test_outage_database.py), one at a time on a quiet
 system. Here they land at random moments under load, one after another, and the whole run is then held to what
 the log promises: every message a client was told was recorded is in the log once; every message has exactly one
 reply, caused by it, whose turn number shows the agent's chat state lost and repeated nothing; every reply a
-client got matches the log; the chat-history and token-usage projections equal what the log says. Clients behave
-as the API asks: each message carries an ``Idempotency-Key`` and is sent again with it after a 5xx or a dropped
-connection, until it is recorded. A soak, not a timing goal: it prints what it did and fails when a promise broke.
-Run from the repository root (not while another Ray job is using this machine):
+client got matches the log; the chat-history and token-usage projections equal what the log says. Every task a
+client was told was created is in the log once and is completed, once, with no step recorded twice; the team's
+read models and usage equal the log. Clients behave as the API asks: each message and task carries an
+``Idempotency-Key`` and is sent again with it after a 5xx or a dropped connection, until it is recorded. A soak,
+not a timing goal: it prints what it did and fails when a promise broke. Run from the repository root (not while
+another Ray job is using this machine):
 
     python -m bench.chaos [--seconds 120] [--seed 1] [--runs 1] [--every 2 4] [--faults runner,...] [--quick]
 
@@ -33,6 +36,9 @@ import httpx
 import ray
 
 from actors.agents.runner import runner_name
+from actors.agents.team.actors import ensure_team
+from actors.agents.team.history import replay_run, run_events
+from actors.agents.team.script import TEAM_SCRIPT
 from actors.projections import PROJECTOR
 from bench.common import Row, parser, print_table, quiet_logs, running_system
 from cluster.bootstrap import APP_NAME
@@ -43,7 +49,8 @@ if TYPE_CHECKING:
     from cluster.bootstrap import System
 
 TOKEN = "chaos-token"
-FAULTS = ("runner", "orchestrator", "projector", "ingress", "database")
+FAULTS = ("runner", "role", "llm", "orchestrator", "projector", "ingress", "database")
+ROLES = ("cfo", "legal", "product", "risk", "security")  # the team's roles whose tasks need no git workspace
 PER_CHAT = 30  # a chat's messages before its client opens the next: the turn number stays under the history window
 RETRYABLE = frozenset({500, 502, 503, 504})
 
@@ -68,9 +75,12 @@ class Run:
 
     agents: list[str]
     sent: list[Sent] = field(default_factory=list)
+    team_run: str = ""
+    tasks: dict[str, str] = field(default_factory=dict)  # each created task's title -> its id, as the API said
     faults: Counter[str] = field(default_factory=Counter)
     missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
     longest_wait_s: float = 0.0  # the longest any one message took to be recorded, retries included
+    task_tries: int = 0  # task creates sent again
     settle_s: float = 0.0
     violations: list[str] = field(default_factory=list)
 
@@ -81,12 +91,18 @@ class Run:
             Row("  answered at once (200)", str(outcomes["replied"])),
             Row("  recorded, reply later (202)", str(outcomes["accepted"])),
             Row("  failed by the agent (502)", str(outcomes["failed"])),
-            Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent))),
+            Row("team tasks created", str(len(self.tasks))),
+            Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent) + self.task_tries)),
             Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
             *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
             Row("settled and checked after the load", f"{self.settle_s:.1f} s"),
             Row("broken promises", str(len(self.violations)), "0", "ok" if not self.violations else "FAILED"),
         ]
+
+
+def step_of(e: Any) -> object:
+    """What tells apart the events of one type that one handling of a task records."""
+    return e.data.get("attempt") if e.type == "task.attempted" else e.data.get("request_hash")
 
 
 def expected_reply(s: Sent) -> str:
@@ -137,26 +153,8 @@ class Chaos:
             k += 1
 
     async def send(self, agent_id: str, s: Sent, key: str) -> bool:
-        started = time.monotonic()
         body = {"text": s.text, "chat_id": s.chat}
-        while True:
-            s.tries += 1
-            try:
-                r = await self.http.post(
-                    f"/api/v1/agents/{agent_id}/messages",
-                    json=body,
-                    headers={"Idempotency-Key": key},
-                    params={"timeout": 5},
-                )
-            except httpx.TransportError:  # the replica died under the request, or HAProxy dropped it
-                await asyncio.sleep(0.2)
-                continue
-            detail = r.json().get("detail", "") if r.headers.get("content-type") == "application/json" else ""
-            if r.status_code in RETRYABLE and not str(detail).startswith("agent failed to reply"):
-                await asyncio.sleep(0.2)
-                continue
-            break
-        self.run.longest_wait_s = max(self.run.longest_wait_s, time.monotonic() - started)
+        r, s.tries = await self.post(f"/api/v1/agents/{agent_id}/messages", body, key, timeout=5)
         if r.status_code == 200:
             answer = r.json()
             s.event_id, s.outcome, s.response = answer["event_id"], "replied", answer["response"]
@@ -169,13 +167,61 @@ class Chaos:
             return False
         return True
 
+    async def post(self, path: str, body: dict[str, Any], key: str, **params: Any) -> tuple[httpx.Response, int]:
+        """POST with ``key`` until the answer is neither a 5xx nor a dropped connection (a 502 that the agent failed
+        to reply is an answer); returns it and the number of tries."""
+        started, tries = time.monotonic(), 0
+        while True:
+            tries += 1
+            try:
+                r = await self.http.post(path, json=body, headers={"Idempotency-Key": key}, params=params)
+            except httpx.TransportError:  # the replica died under the request, or HAProxy dropped it
+                await asyncio.sleep(0.2)
+                continue
+            detail = r.json().get("detail", "") if r.headers.get("content-type") == "application/json" else ""
+            if r.status_code in RETRYABLE and not str(detail).startswith("agent failed to reply"):
+                await asyncio.sleep(0.2)
+                continue
+            self.run.longest_wait_s = max(self.run.longest_wait_s, time.monotonic() - started)
+            return r, tries
+
+    async def start_team(self) -> None:
+        """The team's roles registered, its scripted model set, and a run of this seed to give tasks to."""
+        await ensure_team(self.system.orchestrator)
+        await ray.get_actor("llm", namespace=self.ns).set_script.remote("team", TEAM_SCRIPT)
+        body = {"goal": f"chaos {self.tag}", "provider": "scripted:team", "max_generated_tasks": 0}
+        r, _ = await self.post("/api/v1/runs", body, f"{self.tag}-run")
+        r.raise_for_status()
+        self.run.team_run = r.json()["run_id"]
+
+    async def team_client(self) -> None:
+        """Tasks for the team's roles, one after another, each sent until it is created."""
+        k = 0
+        while self.loading:
+            title = f"{self.tag} task {k}"
+            body = {"title": title, "role": ROLES[k % len(ROLES)]}
+            r, tries = await self.post(f"/api/v1/runs/{self.run.team_run}/tasks", body, f"{self.tag}-task-{k}")
+            self.run.task_tries += tries - 1
+            if r.status_code != 201:
+                self.run.violations.append(f"{title}: answered {r.status_code} {r.text[:200]}")
+                return
+            self.run.tasks[title] = r.json()["task_id"]
+            k += 1
+            await asyncio.sleep(0.05)
+
     # ---- faults ----
 
     async def faults(self, every: tuple[float, float]) -> None:
+        """Kinds are dealt from a shuffled deck, dealt again when empty: every kind lands within any run of
+        ``len(kinds)`` faults, where independent draws left some out of a short run."""
+        deck: list[str] = []
         while self.loading:
             await asyncio.sleep(self.rng.uniform(*every))
             if self.loading:
-                kind = self.rng.choice(self.kinds)
+                if not deck:
+                    deck = list(self.kinds)
+                    self.rng.shuffle(deck)
+                kind = deck.pop()
                 hit = await self.inject(kind)
                 (self.run.faults if hit else self.run.missed)[kind] += 1
                 if self.say is not None:
@@ -194,6 +240,10 @@ class Chaos:
         namespace, restart = self.ns, False
         if kind == "runner":
             name = runner_name(self.rng.choice(self.run.agents))
+        elif kind == "role":  # the orchestrator starts it again
+            name = f"role:{self.rng.choice(ROLES)}"
+        elif kind == "llm":
+            name, restart = "llm", True  # Ray restarts it, with its scripts; a call in flight is retried there
         elif kind == "orchestrator":
             name, restart = "orchestrator", True  # Ray restarts it; it restarts the others
         elif kind == "projector":
@@ -233,7 +283,8 @@ class Chaos:
                 return [f"/healthz: {health.status_code} {health.text[:300]}"]
             log = await EventLog.connect(self.system.database_url, run_migrations=False)
             try:
-                return [p for agent_id in self.run.agents for p in await self.check_agent(log, agent_id)]
+                problems = [p for agent_id in self.run.agents for p in await self.check_agent(log, agent_id)]
+                return problems + (await self.check_team(log) if self.run.team_run else [])
             finally:
                 await log.close()
         except (httpx.TransportError, StoreUnavailable, ValueError) as e:  # still recovering (ValueError: not JSON)
@@ -295,6 +346,41 @@ class Chaos:
             problems.append(f"agent {agent_id} is {status}")
         return problems
 
+    async def check_team(self, log: EventLog) -> list[str]:
+        """Each created task once in the log, completed once, no step recorded twice; the read models and usage
+        as the log says."""
+        run_id = self.run.team_run
+        events = await run_events(log, run_id)
+        tasks: dict[str, list[Any]] = {}
+        for e in events:
+            if e.category == "task":
+                tasks.setdefault(e.stream_id, []).append(e)
+        titles = Counter(e.data["title"] for e in events if e.type == "task.created")
+        problems = [f"task {t!r} created {n} times" for t, n in titles.items() if n > 1]
+        problems += [f"task {t!r} acknowledged, not in the log" for t in self.run.tasks if t not in titles]
+        for task_id, steps in tasks.items():
+            ends = [e for e in steps if e.type in ("task.completed", "task.failed", "task.cancelled")]
+            if [e.type for e in ends] != ["task.completed"]:
+                why = [e.data.get("reason") or e.data.get("result") for e in ends]
+                problems.append(f"task {task_id}: ends {[e.type for e in ends]} {why}")
+            # One handling may record several completions and attempts; the same one twice is a step repeated.
+            twice = Counter((e.type, e.meta.causation_id, step_of(e)) for e in steps)
+            problems += [f"task {task_id}: {t} {k} recorded {n} times" for (t, _, k), n in twice.items() if n > 1]
+        replay = await replay_run(log, run_id)
+        problems += [f"run {run_id}: {m}" for m in replay.mismatches]
+        counts = (await self.http.get(f"/api/v1/runs/{run_id}")).json()["tasks"]
+        if counts != {"completed": len(tasks)}:
+            problems.append(f"run {run_id}: the read model counts {counts}, the log {len(tasks)} tasks")
+        completions = [e.data for e in events if e.type == "llm.completed"]
+        usage = (await self.http.get(f"/api/v1/runs/{run_id}/usage")).json()
+        tokens = sum(c["prompt_tokens"] + c["completion_tokens"] for c in completions)
+        if (usage["calls"], usage["tokens"]) != (len(completions), tokens):
+            problems.append(
+                f"run {run_id}: usage {usage['calls']} calls, {usage['tokens']} tokens; the log "
+                f"{len(completions)} completions, {tokens} tokens"
+            )
+        return problems
+
 
 async def chaos(
     system: System,
@@ -316,7 +402,9 @@ async def chaos(
             c.run.agents = agents
         else:
             await c.create_agents(agents)
+        await c.start_team()
         load = [asyncio.create_task(c.client(i)) for i in range(clients)]
+        load.append(asyncio.create_task(c.team_client()))
         injector = asyncio.create_task(c.faults(every))
         await asyncio.sleep(seconds)
         c.loading = False
@@ -330,6 +418,8 @@ def combined(runs: list[Run]) -> Run:
     total = Run(agents=runs[0].agents)
     for r in runs:
         total.sent += r.sent
+        total.tasks.update(r.tasks)
+        total.task_tries += r.task_tries
         total.faults.update(r.faults)
         total.missed.update(r.missed)
         total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
