@@ -115,6 +115,25 @@ def check_reachable(address: str | None, timeout: float = 3.0) -> None:
         raise ClusterUnreachable(f"nothing answers at {address} ({e})") from None
 
 
+class HttpPortInUse(OSError):
+    """The HTTP port a local system would serve on is taken."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before a local Ray starts Serve on ``host:port``: HAProxy that cannot bind it crashes, and Serve retries it
+    with a traceback in an actor's log, while ``up`` waits. One left by a system whose Ray was killed (its parent
+    actor gone) keeps the port until it is stopped."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no listener
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise HttpPortInUse(
+                f"{host}:{port} is in use ({e.strerror}): another agenthub, or an HAProxy left running by one that "
+                "was killed (`pgrep -af haproxy`); stop it, or choose another port (--port, AGENTHUB_HTTP_PORT)"
+            ) from None
+
+
 def start_ray(settings: Settings) -> None:
     """A local Ray (workers inherit this process's environment, SERVE_ENV included) or a running cluster."""
     if ray.is_initialized():
@@ -143,6 +162,8 @@ def up(settings: Settings) -> System:
     """Bring everything up (idempotent: reuses a running orchestrator and Serve app). A failure or a Ctrl-C part-way
     stops the Ray and the embedded Postgres this call started, which would otherwise run on."""
     check_reachable(settings.ray_address)  # before a database is started for a cluster that is not there
+    if not settings.ray_address and not ray.is_initialized():
+        check_port_free(settings.http_host, settings.http_port)
     # Postgres before Ray: its port (54329 by default) is in the ephemeral range, where Ray's processes bind theirs
     url, embedded = start_database(settings)
     ray_was_up = ray.is_initialized()

@@ -45,13 +45,17 @@ def _settings(address: str | None = None, port: int | None = None, drain_timeout
 
 @contextlib.contextmanager
 def _cluster_required(address: str | None) -> Iterator[None]:
-    """A Ray address nothing answers at: one clear line and exit status 1, not a traceback."""
-    from cluster.bootstrap import ClusterUnreachable
+    """A Ray address nothing answers at, or a local system's HTTP port taken: one clear line and exit status 1,
+    not a traceback."""
+    from cluster.bootstrap import ClusterUnreachable, HttpPortInUse
 
     try:
         yield
     except ClusterUnreachable as e:
         console.print(f"[red]no Ray cluster at {address}:[/] {e}")
+        raise typer.Exit(1) from None
+    except HttpPortInUse as e:
+        console.print(f"[red]cannot serve HTTP:[/] {e}")
         raise typer.Exit(1) from None
 
 

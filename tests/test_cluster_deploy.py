@@ -227,6 +227,26 @@ def test_an_address_nothing_answers_at_is_a_clear_error_at_once(command: str, tm
     assert not (tmp_path / "postgres").exists()
 
 
+@pytest.mark.parametrize("command", ["up", "demo", "team demo"])
+def test_a_taken_http_port_is_a_clear_error_at_once(command: str, tmp_path: Path) -> None:
+    """HAProxy that cannot bind the port crashes inside Serve, which retries it while the command waits (an HAProxy
+    left by a killed system holds the port so). The CLI says so in a line before it starts anything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env |= {"AGENTHUB_DATA_DIR": str(tmp_path), "AGENTHUB_PG_PORT": str(free_port())}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        args = [str(BIN / "agenthub"), *command.split(), "--port", str(port)]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot serve HTTP: 127.0.0.1:{port} is in use" in " ".join(done.stdout.split())
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "postgres").exists()
+
+
 @pytest.mark.parametrize("phase", ["database", "ray"])
 def test_a_ctrl_c_during_bring_up_stops_what_it_started(phase: str, tmp_path: Path) -> None:
     """``pg_ctl`` detaches the embedded server: `up` interrupted after starting it (while migrating, or starting Ray)
