@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 TOKEN = "chaos-token"
 FAULTS = ("runner", "role", "llm", "orchestrator", "projector", "ingress", "database")
 ROLES = ("cfo", "legal", "product", "risk", "security")  # the team's roles whose tasks need no git workspace
+DECISION_EVERY = 20  # tasks per decision asked of the V-team
 PER_CHAT = 30  # a chat's messages before its client opens the next: the turn number stays under the history window
 RETRYABLE = frozenset({500, 502, 503, 504})
 
@@ -77,6 +78,7 @@ class Run:
     sent: list[Sent] = field(default_factory=list)
     team_run: str = ""
     tasks: dict[str, str] = field(default_factory=dict)  # each created task's title -> its id, as the API said
+    decisions: list[str] = field(default_factory=list)  # the decisions asked for, as the API named them
     faults: Counter[str] = field(default_factory=Counter)
     missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
     longest_wait_s: float = 0.0  # the longest any one message took to be recorded, retries included
@@ -92,6 +94,7 @@ class Run:
             Row("  recorded, reply later (202)", str(outcomes["accepted"])),
             Row("  failed by the agent (502)", str(outcomes["failed"])),
             Row("team tasks created", str(len(self.tasks))),
+            Row("V-team decisions asked", str(len(self.decisions))),
             Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent) + self.task_tries)),
             Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
             *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
@@ -206,6 +209,15 @@ class Chaos:
                 self.run.violations.append(f"{title}: answered {r.status_code} {r.text[:200]}")
                 return
             self.run.tasks[title] = r.json()["task_id"]
+            if k % DECISION_EVERY == 0:  # now and then the V-team votes, while its members are killed too
+                question = {"question": f"{self.tag} decision {k // DECISION_EVERY}?"}
+                path, key = f"/api/v1/runs/{self.run.team_run}/decisions", f"{self.tag}-decision-{k}"
+                r, tries = await self.post(path, question, key)
+                self.run.task_tries += tries - 1
+                if r.status_code != 202:
+                    self.run.violations.append(f"{question['question']}: answered {r.status_code} {r.text[:200]}")
+                    return
+                self.run.decisions.append(r.json()["decision_id"])
             k += 1
             await asyncio.sleep(0.05)
 
@@ -366,6 +378,7 @@ class Chaos:
             # One handling may record several completions and attempts; the same one twice is a step repeated.
             twice = Counter((e.type, e.meta.causation_id, step_of(e)) for e in steps)
             problems += [f"task {task_id}: {t} {k} recorded {n} times" for (t, _, k), n in twice.items() if n > 1]
+        problems += self.check_decisions(events)
         replay = await replay_run(log, run_id)
         problems += [f"run {run_id}: {m}" for m in replay.mismatches]
         counts = (await self.http.get(f"/api/v1/runs/{run_id}")).json()["tasks"]
@@ -379,6 +392,25 @@ class Chaos:
                 f"run {run_id}: usage {usage['calls']} calls, {usage['tokens']} tokens; the log "
                 f"{len(completions)} completions, {tokens} tokens"
             )
+        return problems
+
+    def check_decisions(self, events: list[Any]) -> list[str]:
+        """Each decision asked for ends once; each voter is heard once (a verdict, or a failure when its actor was
+        killed under the call: the CEO then decides without it), and the decision's votes are the verdicts."""
+        problems = []
+        for decision_id in self.run.decisions:
+            steps = [e for e in events if e.stream == f"decision-{decision_id}"]
+            ends = [e for e in steps if e.type in ("decision.made", "decision.failed")]
+            heard = Counter(e.data["role"] for e in steps if e.type in ("decision.verdict", "decision.voter_failed"))
+            asked = [e.data["voters"] for e in steps if e.type == "decision.requested"]
+            if len(ends) != 1 or len(asked) != 1:
+                problems.append(f"decision {decision_id}: asked {len(asked)} times, ends {[e.type for e in ends]}")
+                continue
+            if heard != Counter(asked[0]):
+                problems.append(f"decision {decision_id}: voters {asked[0]}, heard {dict(heard)}")
+            verdicts = {e.data["role"]: e.data["verdict"] for e in steps if e.type == "decision.verdict"}
+            if ends[0].type == "decision.made" and ends[0].data["votes"] != verdicts:
+                problems.append(f"decision {decision_id}: votes {ends[0].data['votes']}, verdicts {verdicts}")
         return problems
 
 
@@ -419,6 +451,7 @@ def combined(runs: list[Run]) -> Run:
     for r in runs:
         total.sent += r.sent
         total.tasks.update(r.tasks)
+        total.decisions += r.decisions
         total.task_tries += r.task_tries
         total.faults.update(r.faults)
         total.missed.update(r.missed)
