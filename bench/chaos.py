@@ -9,11 +9,12 @@ system. Here they land at random moments under load, one after another, and the 
 the log promises: every message a client was told was recorded is in the log once; every message has exactly one
 reply, caused by it, whose turn number shows the agent's chat state lost and repeated nothing; every reply a
 client got matches the log; the chat-history and token-usage projections equal what the log says. Every task a
-client was told was created is in the log once and is completed, once, with no step recorded twice; the team's
-read models and usage equal the log. Clients behave as the API asks: each message and task carries an
-``Idempotency-Key`` and is sent again with it after a 5xx or a dropped connection, until it is recorded. A soak,
-not a timing goal: it prints what it did and fails when a promise broke. Run from the repository root (not while
-another Ray job is using this machine):
+client was told was created is in the log once and is completed, once, with no step recorded twice; each
+decision asked of the V-team ends once, with each voter heard once; the team's read models and usage equal the
+log. Clients behave as the API asks: each message, task and decision carries an ``Idempotency-Key`` and is sent
+again with it after a 5xx or a dropped connection, until it is recorded. A soak, not a timing goal: it prints what
+it did and fails when a promise broke. Run from the repository root (not while another Ray job is using this
+machine):
 
     python -m bench.chaos [--seconds 120] [--seed 1] [--runs 1] [--every 2 4] [--faults runner,...] [--quick]
 
@@ -81,8 +82,8 @@ class Run:
     decisions: list[str] = field(default_factory=list)  # the decisions asked for, as the API named them
     faults: Counter[str] = field(default_factory=Counter)
     missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
-    longest_wait_s: float = 0.0  # the longest any one message took to be recorded, retries included
-    task_tries: int = 0  # task creates sent again
+    longest_wait_s: float = 0.0  # the longest any one message or create took to be recorded, retries included
+    creates_again: int = 0  # task and decision creates sent again
     settle_s: float = 0.0
     violations: list[str] = field(default_factory=list)
 
@@ -95,7 +96,7 @@ class Run:
             Row("  failed by the agent (502)", str(outcomes["failed"])),
             Row("team tasks created", str(len(self.tasks))),
             Row("V-team decisions asked", str(len(self.decisions))),
-            Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent) + self.task_tries)),
+            Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent) + self.creates_again)),
             Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
             *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
             Row("settled and checked after the load", f"{self.settle_s:.1f} s"),
@@ -204,7 +205,7 @@ class Chaos:
             title = f"{self.tag} task {k}"
             body = {"title": title, "role": ROLES[k % len(ROLES)]}
             r, tries = await self.post(f"/api/v1/runs/{self.run.team_run}/tasks", body, f"{self.tag}-task-{k}")
-            self.run.task_tries += tries - 1
+            self.run.creates_again += tries - 1
             if r.status_code != 201:
                 self.run.violations.append(f"{title}: answered {r.status_code} {r.text[:200]}")
                 return
@@ -213,7 +214,7 @@ class Chaos:
                 question = {"question": f"{self.tag} decision {k // DECISION_EVERY}?"}
                 path, key = f"/api/v1/runs/{self.run.team_run}/decisions", f"{self.tag}-decision-{k}"
                 r, tries = await self.post(path, question, key)
-                self.run.task_tries += tries - 1
+                self.run.creates_again += tries - 1
                 if r.status_code != 202:
                     self.run.violations.append(f"{question['question']}: answered {r.status_code} {r.text[:200]}")
                     return
@@ -359,8 +360,8 @@ class Chaos:
         return problems
 
     async def check_team(self, log: EventLog) -> list[str]:
-        """Each created task once in the log, completed once, no step recorded twice; the read models and usage
-        as the log says."""
+        """Each created task once in the log, completed once, no step recorded twice; the decisions (below); the
+        read models and usage as the log says."""
         run_id = self.run.team_run
         events = await run_events(log, run_id)
         tasks: dict[str, list[Any]] = {}
@@ -452,7 +453,7 @@ def combined(runs: list[Run]) -> Run:
         total.sent += r.sent
         total.tasks.update(r.tasks)
         total.decisions += r.decisions
-        total.task_tries += r.task_tries
+        total.creates_again += r.creates_again
         total.faults.update(r.faults)
         total.missed.update(r.missed)
         total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
