@@ -1,20 +1,21 @@
 """Exactly once under random faults: clients talk to agents and give the team tasks over HTTP while actors die
 and Postgres restarts.
 
-A schedule drawn from a seed kills the agents' runners, the team's role actors, the ``llm`` actor, the
-orchestrator, the projector and the ingress replica, and stops Postgres and starts it again.
+A schedule drawn from a seed kills the agents' runners, the team's role actors (QA, the developer and the tech lead
+among them, during git commits and pytest runs), the ``llm`` actor, the orchestrator, the projector and the ingress
+replica, and stops Postgres and starts it again.
 
 Why: each fault has its own test (tests/test_faults.py, tests/test_outage_database.py), one at a time on a quiet
-system. Here they land at random moments under load, one after another, and the whole run is then held to what
-the log promises: every message a client was told was recorded is in the log once; every message has exactly one
-reply, caused by it, whose turn number shows the agent's chat state lost and repeated nothing; every reply a
-client got matches the log; the chat-history and token-usage projections equal what the log says. Every task a
-client was told was created is in the log once and is completed, once, with no step recorded twice; each
-decision asked of the V-team ends once, with each voter heard once; the team's read models and usage equal the
-log. Clients behave as the API asks: each message, task and decision carries an ``Idempotency-Key`` and is sent
-again with it after a 5xx or a dropped connection, until it is recorded. A soak, not a timing goal: it prints what
-it did and fails when a promise broke. Run from the repository root (not while another Ray job is using this
-machine):
+system. Here they land at random moments under load, one after another, and the whole run is then held to what the
+log promises: every message a client was told was recorded is in the log once; every message has exactly one reply,
+caused by it, whose turn number shows the agent's chat state lost and repeated nothing; every reply a client got
+matches the log; the chat-history and token-usage projections equal what the log says. Every task a client was told
+was created is in the log once and is completed, once, with no step recorded twice; each decision asked of the
+V-team ends once, with each voter heard once; each TDD task's merge is recorded once and is the one merge commit on
+its repository's main; the team's read models and usage equal the log. Clients behave as the API asks: each message,
+task and decision carries an ``Idempotency-Key`` and is sent again with it after a 5xx or a dropped connection,
+until it is recorded. A soak, not a timing goal: it prints what it did and fails when a promise broke. Run from the
+repository root (not while another Ray job is using this machine):
 
     python -m bench.chaos [--seconds 120] [--seed 1] [--runs 1] [--every 2 4] [--faults runner,...] [--quick]
 
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import ray
+from git import Repo
 
 from actors.agents.runner import runner_name
 from actors.agents.team.actors import ensure_team
@@ -53,6 +55,9 @@ TOKEN = "chaos-token"
 FAULTS = ("runner", "role", "llm", "orchestrator", "projector", "ingress", "database")
 ROLES = ("cfo", "legal", "product", "risk", "security")  # the team's roles whose tasks need no git workspace
 DECISION_EVERY = 20  # tasks per decision asked of the V-team
+IMPLEMENT_EVERY = 40  # tasks per TDD task (the scripted model's: tests/test_team.py runs the same one)
+IMPLEMENT = {"title": "Implement slugify", "kind": "implement", "description": "slugify(text) in slugify_util.py"}
+KILLED_ROLES = (*ROLES, "qa", "developer", "tech_lead")
 PER_CHAT = 30  # a chat's messages before its client opens the next: the turn number stays under the history window
 RETRYABLE = frozenset({500, 502, 503, 504})
 
@@ -80,6 +85,7 @@ class Run:
     team_run: str = ""
     tasks: dict[str, str] = field(default_factory=dict)  # each created task's title -> its id, as the API said
     decisions: list[str] = field(default_factory=list)  # the decisions asked for, as the API named them
+    implements: dict[str, str] = field(default_factory=dict)  # TDD runs: run id -> its task's id
     faults: Counter[str] = field(default_factory=Counter)
     missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
     longest_wait_s: float = 0.0  # the longest any one message or create took to be recorded, retries included
@@ -96,6 +102,7 @@ class Run:
             Row("  failed by the agent (502)", str(outcomes["failed"])),
             Row("team tasks created", str(len(self.tasks))),
             Row("V-team decisions asked", str(len(self.decisions))),
+            Row("TDD tasks (each in a git repository of its own)", str(len(self.implements))),
             Row("requests sent again (5xx, dropped)", str(sum(s.tries - 1 for s in self.sent) + self.creates_again)),
             Row("longest wait to be recorded", f"{self.longest_wait_s:.1f} s"),
             *(Row(f"fault: {kind}", f"{self.faults[kind]} ({self.missed[kind]} missed)") for kind in FAULTS),
@@ -105,8 +112,13 @@ class Run:
 
 
 def step_of(e: Any) -> object:
-    """What tells apart the events of one type that one handling of a task records."""
-    return e.data.get("attempt") if e.type == "task.attempted" else e.data.get("request_hash")
+    """What tells apart the events of one type that one handling of a task records (the developer's attempts are
+    one handling: each writes its own files)."""
+    if e.type == "task.attempted":
+        return e.data["attempt"]
+    if e.type == "task.files_written":
+        return e.data["role"], tuple(sorted(e.data["files"].items()))
+    return e.data.get("request_hash")
 
 
 def expected_reply(s: Sent) -> str:
@@ -198,29 +210,49 @@ class Chaos:
         r.raise_for_status()
         self.run.team_run = r.json()["run_id"]
 
+    async def create(self, path: str, body: dict[str, Any], key: str, expect: int = 201) -> dict[str, Any] | None:
+        """A create sent until recorded; its answer, or None (and a broken promise) when it was refused."""
+        r, tries = await self.post(path, body, key)
+        self.run.creates_again += tries - 1
+        if r.status_code != expect:
+            self.run.violations.append(f"POST {path} {body}: answered {r.status_code} {r.text[:200]}")
+            return None
+        answer: dict[str, Any] = r.json()
+        return answer
+
     async def team_client(self) -> None:
-        """Tasks for the team's roles, one after another, each sent until it is created."""
+        """Tasks for the team's roles, one after another, each sent until it is created; now and then a decision
+        for the V-team, and a TDD task in a run of its own."""
         k = 0
         while self.loading:
             title = f"{self.tag} task {k}"
             body = {"title": title, "role": ROLES[k % len(ROLES)]}
-            r, tries = await self.post(f"/api/v1/runs/{self.run.team_run}/tasks", body, f"{self.tag}-task-{k}")
-            self.run.creates_again += tries - 1
-            if r.status_code != 201:
-                self.run.violations.append(f"{title}: answered {r.status_code} {r.text[:200]}")
+            if not (task := await self.create(f"/api/v1/runs/{self.run.team_run}/tasks", body, f"{self.tag}-task-{k}")):
                 return
-            self.run.tasks[title] = r.json()["task_id"]
-            if k % DECISION_EVERY == 0:  # now and then the V-team votes, while its members are killed too
+            self.run.tasks[title] = task["task_id"]
+            if k % DECISION_EVERY == 0:  # its voters are killed too
                 question = {"question": f"{self.tag} decision {k // DECISION_EVERY}?"}
                 path, key = f"/api/v1/runs/{self.run.team_run}/decisions", f"{self.tag}-decision-{k}"
-                r, tries = await self.post(path, question, key)
-                self.run.creates_again += tries - 1
-                if r.status_code != 202:
-                    self.run.violations.append(f"{question['question']}: answered {r.status_code} {r.text[:200]}")
+                if not (decision := await self.create(path, question, key, expect=202)):
                     return
-                self.run.decisions.append(r.json()["decision_id"])
+                self.run.decisions.append(decision["decision_id"])
+            if k % IMPLEMENT_EVERY == IMPLEMENT_EVERY // 2 and not await self.implement(k):
+                return
             k += 1
             await asyncio.sleep(0.05)
+
+    async def implement(self, k: int) -> bool:
+        """QA writes tests, the developer makes them pass, the tech lead merges: git commits and pytest runs, side
+        effects outside the log. In a run of its own, since each run has its own repository and the scripted model
+        writes the same files every time."""
+        body = {"goal": f"chaos {self.tag} implement {k}", "provider": "scripted:team", "max_generated_tasks": 0}
+        if not (run := await self.create("/api/v1/runs", body, f"{self.tag}-implement-run-{k}")):
+            return False
+        path, key = f"/api/v1/runs/{run['run_id']}/tasks", f"{self.tag}-implement-{k}"
+        if not (task := await self.create(path, IMPLEMENT, key)):
+            return False
+        self.run.implements[run["run_id"]] = task["task_id"]
+        return True
 
     # ---- faults ----
 
@@ -254,7 +286,7 @@ class Chaos:
         if kind == "runner":
             name = runner_name(self.rng.choice(self.run.agents))
         elif kind == "role":  # the orchestrator starts it again
-            name = f"role:{self.rng.choice(ROLES)}"
+            name = f"role:{self.rng.choice(KILLED_ROLES)}"
         elif kind == "llm":
             name, restart = "llm", True  # Ray restarts it, with its scripts; a call in flight is retried there
         elif kind == "orchestrator":
@@ -360,17 +392,25 @@ class Chaos:
         return problems
 
     async def check_team(self, log: EventLog) -> list[str]:
-        """Each created task once in the log, completed once, no step recorded twice; the decisions (below); the
-        read models and usage as the log says."""
-        run_id = self.run.team_run
+        """The run the tasks went to, with its decisions (below), then each TDD run and its repository."""
+        events, problems = await self.check_run(log, self.run.team_run, set(self.run.tasks))
+        problems += self.check_decisions(events)
+        for run_id in self.run.implements:
+            events, more = await self.check_run(log, run_id, {IMPLEMENT["title"]})
+            problems += more + self.check_merge(run_id, events)
+        return problems
+
+    async def check_run(self, log: EventLog, run_id: str, titles: set[str]) -> tuple[list[Any], list[str]]:
+        """Each created task once in the log, completed once, no step recorded twice; the read models and usage
+        as the log says. Returns the run's events and the problems."""
         events = await run_events(log, run_id)
         tasks: dict[str, list[Any]] = {}
         for e in events:
             if e.category == "task":
                 tasks.setdefault(e.stream_id, []).append(e)
-        titles = Counter(e.data["title"] for e in events if e.type == "task.created")
-        problems = [f"task {t!r} created {n} times" for t, n in titles.items() if n > 1]
-        problems += [f"task {t!r} acknowledged, not in the log" for t in self.run.tasks if t not in titles]
+        created = Counter(e.data["title"] for e in events if e.type == "task.created")
+        problems = [f"run {run_id}: task {t!r} created {n} times" for t, n in created.items() if n > 1]
+        problems += [f"run {run_id}: task {t!r} acknowledged, not in the log" for t in titles if t not in created]
         for task_id, steps in tasks.items():
             ends = [e for e in steps if e.type in ("task.completed", "task.failed", "task.cancelled")]
             if [e.type for e in ends] != ["task.completed"]:
@@ -379,7 +419,6 @@ class Chaos:
             # One handling may record several completions and attempts; the same one twice is a step repeated.
             twice = Counter((e.type, e.meta.causation_id, step_of(e)) for e in steps)
             problems += [f"task {task_id}: {t} {k} recorded {n} times" for (t, _, k), n in twice.items() if n > 1]
-        problems += self.check_decisions(events)
         replay = await replay_run(log, run_id)
         problems += [f"run {run_id}: {m}" for m in replay.mismatches]
         counts = (await self.http.get(f"/api/v1/runs/{run_id}")).json()["tasks"]
@@ -393,7 +432,17 @@ class Chaos:
                 f"run {run_id}: usage {usage['calls']} calls, {usage['tokens']} tokens; the log "
                 f"{len(completions)} completions, {tokens} tokens"
             )
-        return problems
+        return events, problems
+
+    def check_merge(self, run_id: str, events: list[Any]) -> list[str]:
+        """The side effect matches the log: one merge recorded, and the run's repository has that one merge on
+        main, at its head."""
+        merged = [e.data["commit"] for e in events if e.type == "task.merged"]
+        repo = Repo(self.system.settings.data_dir.resolve() / "workspaces" / run_id)
+        merges = [c.hexsha for c in repo.iter_commits("main") if len(c.parents) > 1]
+        if len(merged) != 1 or merges != merged:
+            return [f"run {run_id}: merges recorded {merged}, merge commits on main {merges}"]
+        return []
 
     def check_decisions(self, events: list[Any]) -> list[str]:
         """Each decision asked for ends once; each voter is heard once (a verdict, or a failure when its actor was
@@ -453,6 +502,7 @@ def combined(runs: list[Run]) -> Run:
         total.sent += r.sent
         total.tasks.update(r.tasks)
         total.decisions += r.decisions
+        total.implements.update(r.implements)
         total.creates_again += r.creates_again
         total.faults.update(r.faults)
         total.missed.update(r.missed)

@@ -1,5 +1,6 @@
 """Every fault at once, at random moments under load (bench/chaos.py): nothing acknowledged is lost, nothing is
-answered or done twice, the agents' chat state, the team's tasks and the projections agree with the log."""
+answered or done twice, the agents' chat state, the team's tasks, decisions and merges and the projections agree
+with the log."""
 
 from __future__ import annotations
 
@@ -12,4 +13,4 @@ async def test_random_faults_under_load_lose_and_repeat_nothing(system: System) 
     assert not run.violations, run.violations
     assert set(run.faults) == set(FAULTS), run.faults  # the seed draws each kind; each one hit its target
     assert len(run.sent) > 200 and sum(s.tries - 1 for s in run.sent) > 0  # under load, and some were sent again
-    assert len(run.tasks) > 50  # the team worked meanwhile
+    assert len(run.tasks) > 50 and run.implements  # the team worked meanwhile, TDD tasks in git included
