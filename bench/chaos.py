@@ -393,16 +393,17 @@ class Chaos:
 
     async def check_team(self, log: EventLog) -> list[str]:
         """The run the tasks went to, with its decisions (below), then each TDD run and its repository."""
-        events, problems = await self.check_run(log, self.run.team_run, set(self.run.tasks))
+        events, problems = await self.check_run(log, self.run.team_run, self.run.tasks)
         problems += self.check_decisions(events)
-        for run_id in self.run.implements:
-            events, more = await self.check_run(log, run_id, {IMPLEMENT["title"]})
+        for run_id, task_id in self.run.implements.items():
+            events, more = await self.check_run(log, run_id, {IMPLEMENT["title"]: task_id})
             problems += more + self.check_merge(run_id, events)
         return problems
 
-    async def check_run(self, log: EventLog, run_id: str, titles: set[str]) -> tuple[list[Any], list[str]]:
-        """Each created task once in the log, completed once, no step recorded twice; the read models and usage
-        as the log says. Returns the run's events and the problems."""
+    async def check_run(self, log: EventLog, run_id: str, acked: dict[str, str]) -> tuple[list[Any], list[str]]:
+        """Each task created (``acked``: title -> the id the API answered) once in the log, under that id, and
+        completed once, no step recorded twice; the read models and usage as the log says. Returns the run's
+        events and the problems."""
         events = await run_events(log, run_id)
         tasks: dict[str, list[Any]] = {}
         for e in events:
@@ -410,7 +411,11 @@ class Chaos:
                 tasks.setdefault(e.stream_id, []).append(e)
         created = Counter(e.data["title"] for e in events if e.type == "task.created")
         problems = [f"run {run_id}: task {t!r} created {n} times" for t, n in created.items() if n > 1]
-        problems += [f"run {run_id}: task {t!r} acknowledged, not in the log" for t in titles if t not in created]
+        problems += [f"run {run_id}: task {t!r} acknowledged, not in the log" for t in acked if t not in created]
+        logged = {e.data["title"]: e.data["task_id"] for e in events if e.type == "task.created"}
+        problems += [
+            f"task {t!r}: created as {i}, logged as {logged[t]}" for t, i in acked.items() if logged.get(t, i) != i
+        ]
         for task_id, steps in tasks.items():
             ends = [e for e in steps if e.type in ("task.completed", "task.failed", "task.cancelled")]
             if [e.type for e in ends] != ["task.completed"]:
