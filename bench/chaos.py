@@ -271,17 +271,18 @@ class Chaos:
                 (self.run.faults if hit else self.run.missed)[kind] += 1
                 if self.say is not None:
                     at = time.monotonic() - self.started
-                    what = kind if hit else f"{kind} (not there: still restarting)"
+                    what = f"{kind} ({hit})" if hit else f"{kind} (not there: still restarting)"
                     self.say(f"[{at:6.1f} s] {len(self.run.sent):6d} recorded, fault: {what}")
 
-    async def inject(self, kind: str) -> bool:
-        """One fault; False when its target was not there to hit (an actor still being restarted)."""
+    async def inject(self, kind: str) -> str:
+        """One fault; what it hit (an actor's name, or the database), or "" when its target was not there to hit
+        (an actor still being restarted)."""
         if kind == "database":
             assert self.system.embedded is not None, "the database fault needs the embedded Postgres"
             await asyncio.to_thread(self.system.embedded.stop)
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
             await asyncio.to_thread(self.system.embedded.start)
-            return True
+            return "database"
         namespace, restart = self.ns, False
         if kind == "runner":
             name = runner_name(self.rng.choice(self.run.agents))
@@ -298,9 +299,9 @@ class Chaos:
         try:
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=namespace)
         except ValueError:
-            return False
+            return ""
         ray.kill(handle, no_restart=not restart)
-        return True
+        return name
 
     @staticmethod
     def replica_name() -> str:
