@@ -32,12 +32,18 @@ LIST_ACTORS = (
 )
 
 
+def bare_env() -> dict[str, str]:
+    """This process's environment without Ray's, agenthub's and ``DATABASE_URL``: a command sees only what the test
+    gives it, not the settings of the run around it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A one-node Ray cluster; its address and the environment a client of it needs."""
     tmp_path = tmp_path_factory.mktemp("deploy")
     address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env = bare_env()
     env |= {
         "RAY_AUTH_MODE": "token",  # Ray 2.60 clusters may require it; an explicit address never picks it up itself
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
@@ -210,7 +216,7 @@ def test_a_local_up_starts_its_own_ray_beside_a_ray_start_cluster(cluster: tuple
 def test_an_address_nothing_answers_at_is_a_clear_error_at_once(command: str, tmp_path: Path) -> None:
     """Ray retries such an address for minutes; the CLI says so in a line, and ``up`` starts no Postgres for it.
     The demos take the address from the environment only (they had no clear error: a traceback)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env = bare_env()
     env |= {"AGENTHUB_DATA_DIR": str(tmp_path), "AGENTHUB_PG_PORT": str(free_port())}
     address = f"127.0.0.1:{free_port()}"
     args = command.split()
@@ -231,7 +237,7 @@ def test_an_address_nothing_answers_at_is_a_clear_error_at_once(command: str, tm
 def test_a_taken_http_port_is_a_clear_error_at_once(command: str, tmp_path: Path) -> None:
     """HAProxy that cannot bind the port crashes inside Serve, which retries it while the command waits (an HAProxy
     left by a killed system holds the port so). The CLI says so in a line before it starts anything."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env = bare_env()
     env |= {"AGENTHUB_DATA_DIR": str(tmp_path), "AGENTHUB_PG_PORT": str(free_port())}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -251,7 +257,7 @@ def test_a_taken_http_port_is_a_clear_error_at_once(command: str, tmp_path: Path
 def test_a_ctrl_c_during_bring_up_stops_what_it_started(phase: str, tmp_path: Path) -> None:
     """``pg_ctl`` detaches the embedded server: `up` interrupted after starting it (while migrating, or starting Ray)
     left it running. Interrupted while starting Ray, it leaves no Ray process behind either."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AGENTHUB_")) and k != "DATABASE_URL"}
+    env = bare_env()
     pg = EmbeddedPostgres(tmp_path / "data" / "postgres", free_port())
     pg.start()
     pg.stop()  # initialised beforehand: the interrupt is to come after the server started, not during initdb
