@@ -111,6 +111,12 @@ class Run:
         ]
 
 
+def replica_names() -> list[str]:
+    """The ingress replicas' actor names (Serve's replica ids, ``ReplicaID.to_full_id_str``), in namespace "serve"."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#api#"
+    return [a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)]
+
+
 def step_of(e: Any) -> object:
     """What tells apart the events of one type that one handling of a task records (the developer's attempts are
     one handling: each writes its own files)."""
@@ -295,18 +301,13 @@ class Chaos:
         elif kind == "projector":
             name = PROJECTOR
         else:  # Serve replaces its replica
-            name, namespace = await asyncio.to_thread(self.replica_name), "serve"
+            name, namespace = next(iter(await asyncio.to_thread(replica_names)), ""), "serve"
         try:
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=namespace)
         except ValueError:
             return ""
         ray.kill(handle, no_restart=not restart)
         return name
-
-    @staticmethod
-    def replica_name() -> str:
-        prefix = f"SERVE_REPLICA::{APP_NAME}#api#"  # Serve's replica ids (ReplicaID.to_full_id_str)
-        return next((a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)), "")
 
     # ---- the promises ----
 

@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import ray
 
+from bench.chaos import replica_names
 from cluster.bootstrap import System, drain
 from storage.eventlog import EventLog
 from tests.conftest import eventually, new_agent
@@ -133,8 +134,7 @@ async def test_a_killed_ingress_replica_is_replaced_and_a_client_that_sends_agai
     another; meanwhile HAProxy holds a request for its fallback proxy or drops it. A client that sends again with
     its ``Idempotency-Key``, as the API asks, gets its reply, and the message is recorded once."""
     agent_id = await new_agent(http)
-    prefix = "SERVE_REPLICA::agenthub#api#"
-    replica = next(a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix))
+    (replica,) = replica_names()
     ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
     dropped = 0
     async with httpx.AsyncClient(base_url=system.api_url, headers=http.headers, timeout=60) as client:
@@ -154,7 +154,7 @@ async def test_a_killed_ingress_replica_is_replaced_and_a_client_that_sends_agai
                 break
             await asyncio.sleep(0.5)
     assert r.status_code == 200 and r.json()["response"].endswith("turn 1: you said 'meanwhile'"), (dropped, r.text)
-    replicas = [a["name"] for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)]
+    replicas = replica_names()
     assert replicas and replica not in replicas
     messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/i")
     assert len(messages) == 1 and replies[messages[0]] == 1
