@@ -425,7 +425,14 @@ class Chaos:
                 problems.append(f"task {task_id}: ends {[e.type for e in ends]} {why}")
             # One handling may record several completions and attempts; the same one twice is a step repeated.
             twice = Counter((e.type, e.meta.causation_id, step_of(e)) for e in steps)
-            problems += [f"task {task_id}: {t} {k} recorded {n} times" for (t, _, k), n in twice.items() if n > 1]
+            if repeated := [f"{t} {k} recorded {n} times" for (t, _, k), n in twice.items() if n > 1]:
+                # what each attempt said of itself: a repeat after a failed attempt names why it failed
+                tried = [
+                    (e.data["attempt"], e.data["valid"], e.data["issues"][:2])
+                    for e in steps
+                    if e.type == "task.attempted"
+                ]
+                problems += [f"task {task_id}: {r}; attempts (number, valid, issues): {tried}" for r in repeated]
         replay = await replay_run(log, run_id)
         problems += [f"run {run_id}: {m}" for m in replay.mismatches]
         counts = (await self.http.get(f"/api/v1/runs/{run_id}")).json()["tasks"]
