@@ -28,6 +28,7 @@ from actors.tools import (
     OptionLikeRevisionError,
     OutlineError,
     PathEscapeError,
+    RunKilledError,
     UndoConflictError,
     Workspace,
     outline,
@@ -513,6 +514,21 @@ async def test_pytest_collection_error_is_a_report(tmp_path: Path) -> None:
     assert report.exit_code == 2 and report.problem and "collection" in report.problem
     [failure] = report.failures
     assert failure.kind == "error" and "test_broken" in failure.name and "SyntaxError" in failure.traceback
+
+
+async def test_a_run_killed_from_outside_gives_no_report(tmp_path: Path) -> None:
+    """Ray kills an actor's children before the actor's process ends, and the actor's code runs on for a moment:
+    a report of such a run ("no tests ran") was recorded as a failed attempt. A SIGKILL the runner did not send
+    is no verdict on the code: it raises. A run that crashes by another signal is still the tests' outcome."""
+    kill = (
+        "import os, signal\n\ndef test_passes():\n    pass\n\ndef test_x():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    with pytest.raises(RunKilledError, match=r"killed \(SIGKILL\) from outside"):
+        await run_pytest(project(tmp_path / "killed", {"test_killed.py": kill}), timeout_s=60)
+    abort = "import os\n\ndef test_x():\n    os.abort()\n"
+    report = await run_pytest(project(tmp_path / "aborted", {"test_aborted.py": abort}), timeout_s=60)
+    assert report.exit_code == -signal.SIGABRT and not report.ok and report.count == 0
+    assert report.problem == f"pytest wrote no JUnit report (exit code {-signal.SIGABRT})"
 
 
 @pytest.mark.parametrize("sigint", ["default", "ignored"])

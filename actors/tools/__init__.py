@@ -24,7 +24,7 @@ from actors.tools.git_workspace import (
     OptionLikeRevisionError,
     init_or_clone,
 )
-from actors.tools.test_runner import TestFailure, TestReport, run_jest, run_pytest, run_tests
+from actors.tools.test_runner import RunKilledError, TestFailure, TestReport, run_jest, run_pytest, run_tests
 
 __all__ = [
     "AlreadyMergedError",
@@ -42,6 +42,7 @@ __all__ = [
     "OutlineError",
     "OutlineItem",
     "PathEscapeError",
+    "RunKilledError",
     "TestFailure",
     "TestReport",
     "UndoConflictError",

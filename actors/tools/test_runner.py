@@ -3,7 +3,8 @@
 Results come from the runners' machine-readable reports (JUnit XML, jest's JSON), never from scraping the console,
 so an agent gets counts and each failure's name, message and traceback. Every run is bounded by a timeout: on
 expiry the process group gets SIGINT (pytest then still writes its report of what ran) and, after a grace period,
-SIGKILL. Problems that stop a run (collection errors, no tests, a missing runner) come back as a report too.
+SIGKILL. Problems that stop a run (collection errors, no tests, a missing runner) come back as a report too; a run
+killed from outside (``RunKilledError``) gives no report at all.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def as_child(cmd: Sequence[str]) -> list[str]:
 
 
 _PY_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
+
+
+class RunKilledError(RuntimeError):
+    """The run ended by a SIGKILL this runner did not send: its verdict is unknown, so there is no report.
+
+    Ray kills an actor's child processes before the actor's own process exits (``ray.kill``, a node draining), and
+    the actor's code runs on for a moment: a run read as "no tests ran" was recorded as a failed attempt by a role
+    being killed, and the role started again in its place made the next attempt (the chaos soak saw it as the same
+    files written twice by one step). The OOM killer ends a run the same way. Raised, it is a failure of the
+    machine, not of the code under test: the step is tried again, or dies with its process."""
 
 
 class TestFailure(BaseModel):
@@ -168,6 +179,8 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
             await asyncio.wait_for(asyncio.shield(reader), 2.0)
         reader.cancel()
     output = _ANSI.sub("", tail.decode("utf-8", "replace"))[-OUTPUT_TAIL_CHARS:]
+    if proc.returncode == -signal.SIGKILL and not timed_out:
+        raise RunKilledError(f"the test run was killed (SIGKILL) from outside after {time.monotonic() - start:.1f}s")
     return _Run(exit_code=proc.returncode, timed_out=timed_out, output=output, duration_s=time.monotonic() - start)
 
 
