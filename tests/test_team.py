@@ -8,13 +8,14 @@ import os
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import ray
 from git import Repo
 
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.history import fork_run, replay_run
-from actors.agents.team.script import TEAM_SCRIPT
+from actors.agents.team.script import SLUG_TESTS, TEAM_SCRIPT
 from actors.llm.actor import LLMActor, complete_via
 from actors.llm.providers import ChatMessage, CompletionRequest, ProviderError, ScriptRule
 from actors.tools import run_pytest
@@ -94,6 +95,44 @@ async def test_tdd_flow_writes_tests_first_fixes_and_merges(team: System, http: 
     repo.git.checkout("main")
     report = await run_pytest(repo.working_dir, timeout_s=60)
     assert report.ok and report.passed == 3  # the written tests really pass on main
+
+
+async def test_a_developer_killed_while_its_tests_run_records_no_verdict_on_that_run(
+    team: System, http: httpx.AsyncClient
+) -> None:
+    """Ray kills an actor's children (pytest) before the actor, whose code runs on for a moment: the killed run
+    read as "no tests ran" was recorded as a failed attempt, and the developer started in its place made the next
+    one (the chaos soak saw one step write the same files twice)."""
+    ns = team.settings.ray_namespace
+    llm = ray.get_actor("llm", namespace=ns)
+    slow = SLUG_TESTS + "\n\ndef test_takes_a_while():\n    import time\n\n    time.sleep(3)\n"
+    tests_rule = ScriptRule(pattern=r"PHASE=tests", structured={"files": {"tests/test_slugify.py": slow}})
+    provider = await llm.set_script.remote("slow-tests", [tests_rule, *TEAM_SCRIPT])
+    run_id = await new_run(http, provider=provider)
+    task_id = await new_task(http, run_id, title="Implement slugify", kind="implement")
+    workspace = str(team.settings.data_dir.resolve() / "workspaces" / run_id)
+
+    def pytest_running() -> bool:
+        for p in psutil.process_iter(["cmdline", "cwd"]):
+            if p.info["cwd"] == workspace and "pytest" in (p.info["cmdline"] or []):
+                return True
+        return False
+
+    async def tests_run() -> bool:
+        return await asyncio.to_thread(pytest_running)
+
+    await eventually(tests_run, timeout=60, what="the developer's first pytest run")
+    developer = ray.get_actor("role:developer", namespace=ns)
+    pid = await developer.__ray_call__.remote(lambda actor: os.getpid())
+    ray.kill(developer, no_restart=True)  # the orchestrator starts it again
+
+    await task_done(http, task_id, timeout=120)
+    attempts = [e["data"] for e in await timeline(http, task_id) if e["type"] == "task.attempted"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert attempts[0]["tests"] == {"passed": 2, "failed": 2, "errors": 0, "count": 4, "timed_out": False}
+    assert attempts[1]["valid"] and attempts[1]["tests"]["passed"] == 4
+    new = ray.get_actor("role:developer", namespace=ns)
+    assert await new.__ray_call__.remote(lambda actor: os.getpid()) != pid
 
 
 async def test_self_validation_retries_then_peer_review_and_memory(team: System, http: httpx.AsyncClient) -> None:
