@@ -113,10 +113,8 @@ async def test_a_developer_killed_while_its_tests_run_records_no_verdict_on_that
     workspace = str(team.settings.data_dir.resolve() / "workspaces" / run_id)
 
     def pytest_running() -> bool:
-        for p in psutil.process_iter(["cmdline", "cwd"]):
-            if p.info["cwd"] == workspace and "pytest" in (p.info["cmdline"] or []):
-                return True
-        return False
+        procs = psutil.process_iter(["cmdline", "cwd"])
+        return any(p.info["cwd"] == workspace and "pytest" in (p.info["cmdline"] or []) for p in procs)
 
     async def tests_run() -> bool:
         return await asyncio.to_thread(pytest_running)

@@ -179,9 +179,10 @@ async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, s
             await asyncio.wait_for(asyncio.shield(reader), 2.0)
         reader.cancel()
     output = _ANSI.sub("", tail.decode("utf-8", "replace"))[-OUTPUT_TAIL_CHARS:]
+    duration = time.monotonic() - start
     if proc.returncode == -signal.SIGKILL and not timed_out:
-        raise RunKilledError(f"the test run was killed (SIGKILL) from outside after {time.monotonic() - start:.1f}s")
-    return _Run(exit_code=proc.returncode, timed_out=timed_out, output=output, duration_s=time.monotonic() - start)
+        raise RunKilledError(f"the test run was killed (SIGKILL) from outside after {duration:.1f}s")
+    return _Run(exit_code=proc.returncode, timed_out=timed_out, output=output, duration_s=duration)
 
 
 # ---- pytest ----
