@@ -643,7 +643,7 @@ def jest_modules(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """node_modules with jest 29, installed once (kept in the pytest cache between runs when it is enabled)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("jest test skipped: node/npm are not installed on this machine")
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
     base = cache.mkdir("agenthub-jest29") if cache is not None else tmp_path_factory.mktemp("jest29")
     with (base / "install.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions share the cache: one installs, the others wait
