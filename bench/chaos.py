@@ -89,6 +89,7 @@ class Run:
     faults: Counter[str] = field(default_factory=Counter)
     missed: Counter[str] = field(default_factory=Counter)  # drawn while its target was still being restarted
     longest_wait_s: float = 0.0  # the longest any one message or create took to be recorded, retries included
+    longest_wait: str = ""  # that request and its tries: what to look at in the faults' lines and the logs
     creates_again: int = 0  # task and decision creates sent again
     settle_s: float = 0.0
     violations: list[str] = field(default_factory=list)
@@ -192,19 +193,26 @@ class Chaos:
     async def post(self, path: str, body: dict[str, Any], key: str, **params: Any) -> tuple[httpx.Response, int]:
         """POST with ``key`` until the answer is neither a 5xx nor a dropped connection (a 502 that the agent failed
         to reply is an answer); returns it and the number of tries."""
-        started, tries = time.monotonic(), 0
+        started, tries, outcomes = time.monotonic(), 0, []
         while True:
             tries += 1
             try:
                 r = await self.http.post(path, json=body, headers={"Idempotency-Key": key}, params=params)
-            except httpx.TransportError:  # the replica died under the request, or HAProxy dropped it
+            except httpx.TransportError as e:  # the replica died under the request, or HAProxy dropped it
+                outcomes.append(f"{type(e).__name__} at {time.monotonic() - self.started:.1f} s")
                 await asyncio.sleep(0.2)
                 continue
+            outcomes.append(f"{r.status_code} at {time.monotonic() - self.started:.1f} s")
             detail = r.json().get("detail", "") if r.headers.get("content-type") == "application/json" else ""
             if r.status_code in RETRYABLE and not str(detail).startswith("agent failed to reply"):
                 await asyncio.sleep(0.2)
                 continue
-            self.run.longest_wait_s = max(self.run.longest_wait_s, time.monotonic() - started)
+            if (waited := time.monotonic() - started) > self.run.longest_wait_s:
+                self.run.longest_wait_s = waited
+                shown = outcomes if len(outcomes) <= 6 else [*outcomes[:3], "...", *outcomes[-3:]]
+                self.run.longest_wait = (
+                    f"POST {path} sent at {started - self.started:.1f} s, {tries} tries: {', '.join(shown)}"
+                )
             return r, tries
 
     async def start_team(self) -> None:
@@ -520,7 +528,8 @@ def combined(runs: list[Run]) -> Run:
         total.creates_again += r.creates_again
         total.faults.update(r.faults)
         total.missed.update(r.missed)
-        total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
+        if r.longest_wait_s > total.longest_wait_s:
+            total.longest_wait_s, total.longest_wait = r.longest_wait_s, r.longest_wait
         total.settle_s = max(total.settle_s, r.settle_s)
         total.violations += r.violations
     return total
@@ -548,7 +557,7 @@ async def soak(system: System, args: argparse.Namespace) -> list[Run]:
         if args.runs > 1:
             print(
                 f"run {i + 1}/{args.runs} (seed {args.seed + i}): {len(run.sent)} messages, faults "
-                f"{dict(run.faults)}, broken promises {len(run.violations)}",
+                f"{dict(run.faults)}, longest wait {run.longest_wait_s:.1f} s, broken promises {len(run.violations)}",
                 flush=True,
             )
         if run.violations:
@@ -582,6 +591,7 @@ def main() -> None:
     with running_system(TOKEN) as (system, _):
         run = combined(asyncio.run(soak(system, args)))
     print_table(f"exactly once under random faults (seed {args.seed}, {args.runs} run(s))", run.rows())
+    print(f"  the longest wait (times from its run's start): {run.longest_wait}")
     for v in run.violations:
         print("  broken:", v)
     if run.violations:

@@ -4,6 +4,8 @@ with the log."""
 
 from __future__ import annotations
 
+import re
+
 from bench.chaos import FAULTS, chaos
 from cluster.bootstrap import System
 
@@ -14,3 +16,9 @@ async def test_random_faults_under_load_lose_and_repeat_nothing(system: System) 
     assert set(run.faults) == set(FAULTS), run.faults  # the seed draws each kind; each one hit its target
     assert len(run.sent) > 200 and sum(s.tries - 1 for s in run.sent) > 0  # under load, and some were sent again
     assert len(run.tasks) > 50 and run.implements  # the team worked meanwhile, TDD tasks in git included
+    # the slowest request is named with its tries, the last the answer that recorded it (times from the run's start)
+    slowest = re.fullmatch(r"POST /api/v1/\S+ sent at [\d.]+ s, (\d+) tries: (.*)", run.longest_wait)
+    assert slowest, run.longest_wait
+    outcomes = slowest[2].split(", ")
+    assert int(slowest[1]) == len(outcomes) or (int(slowest[1]) > 6 and len(outcomes) == 7), run.longest_wait
+    assert outcomes[-1].split()[0] in {"200", "201", "202"}, run.longest_wait
