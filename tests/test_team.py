@@ -142,12 +142,14 @@ async def test_self_validation_retries_then_peer_review_and_memory(team: System,
     assert state["approved_by"] == "tech_lead" and "prices per day" in state["result"]
 
     async def remembered() -> bool:
+        """The note and the task's activity both projected. The note is appended with `task.completed`, in the same
+        transaction but at the position before it (streams are written in name order: `memory-` before `task-`),
+        so a delivery to the projector can end between the two: seeing one does not mean the other is there."""
         mem = (await http.get("/api/v1/roles/cfo/memory")).json()
-        return any(m["key"] == "Price list for July" for m in mem["memory"])
+        done = {"task.attempted", "task.completed"} <= {a["type"] for a in mem["activity"] if a["task_id"] == task_id}
+        return done and any(m["key"] == "Price list for July" for m in mem["memory"])
 
-    await eventually(remembered, what="the cfo's memory")
-    activity = (await http.get("/api/v1/roles/cfo/memory")).json()["activity"]
-    assert {"task.attempted", "task.completed"} <= {a["type"] for a in activity if a["task_id"] == task_id}
+    await eventually(remembered, what="the cfo's memory and the task's activity")
 
 
 async def test_priority_queue_and_http_validation(team: System, http: httpx.AsyncClient) -> None:
