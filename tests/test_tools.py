@@ -594,37 +594,52 @@ async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(t
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_a_run_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A role actor killed mid-run (SIGKILL: no cleanup of its own) left its pytest running on, its timeout gone
-    with the actor."""
-    pid_file = tmp_path / "pid"
-    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    with the actor; what the tests started in the background outlives even that, until the next run ends it."""
+    from actors.tools.test_runner import kill_orphans
+
+    pid_file, bg_file = tmp_path / "pid", tmp_path / "bg"
+    child = (
+        "import os, subprocess, time; "
+        f"bg = subprocess.Popen(['sleep', '120']); open({str(bg_file)!r}, 'w').write(str(bg.pid)); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
     starter = (  # stands in for the role actor: starts a run with a long timeout
         "import asyncio, sys; from pathlib import Path; from actors.tools.test_runner import _run; "
         f"asyncio.run(_run([sys.executable, '-c', {child!r}], Path({str(tmp_path)!r}), 600, {{}}))"
     )
     actor = subprocess.Popen([sys.executable, "-c", starter], cwd=Path(__file__).parents[1])
+    pid = background = 0
     try:
         for _ in range(300):
             if pid_file.exists() and pid_file.read_text():
                 break
             time.sleep(0.05)
-        pid = int(pid_file.read_text())
+        pid, background = int(pid_file.read_text()), int(bg_file.read_text())
         assert not _gone(pid)
+        assert not {pid, background} & set(kill_orphans()), "a live runner's run is not an orphan"
+        assert not _gone(pid) and not _gone(background)
         actor.kill()
         actor.wait(10)
         for _ in range(100):
             if _gone(pid):
                 break
             time.sleep(0.05)
-        try:
-            assert _gone(pid), "the run outlived the process that started it"
-        finally:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        assert _gone(pid), "the run outlived the process that started it"
+        assert not _gone(background), "PR_SET_PDEATHSIG is not inherited: the background sleep is still there"
+        assert background in kill_orphans()  # what the next run does first
+        for _ in range(100):
+            if _gone(background):
+                break
+            time.sleep(0.05)
+        assert _gone(background), "the orphan outlived the sweep"
     finally:
         actor.kill()
+        for leftover in (pid, background):
+            if leftover and not _gone(leftover):
+                os.kill(leftover, signal.SIGKILL)
 
 
 async def test_pytest_without_tests(tmp_path: Path) -> None:

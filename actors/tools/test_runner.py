@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import structlog
 from pydantic import BaseModel
+
+log = structlog.get_logger(__name__)
 
 OUTPUT_TAIL_CHARS = 8000
 GRACE_S = 3.0
@@ -52,6 +55,63 @@ if sys.platform == "linux":
         sys.exit("the process that started this command is gone")
 os.execvp(sys.argv[2], sys.argv[2:])
 """
+
+
+# Every process of a run carries its runner's identity in this variable (pid and start time: a pid alone may be
+# reused). PR_SET_PDEATHSIG ends the run's own process when its runner dies, but not what the tests started in the
+# background (it is not inherited across fork), and the group kill at the end of a run never comes when the runner
+# was SIGKILLed: the next run on the machine finds those by this mark and ends them (``kill_orphans``).
+_OWNER_VAR = "AGENTHUB_TEST_RUN_OWNER"
+
+
+def _started(pid: int) -> str | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/PID/stat``, field 22); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_mark() -> str:
+    return f"{os.getpid()}:{_started(os.getpid())}"
+
+
+def _owner_of(environ: bytes) -> str | None:
+    """The run owner named in a process's ``/proc/PID/environ``, if it carries one."""
+    key = f"\0{_OWNER_VAR}=".encode()
+    at = (b"\0" + environ).find(key)
+    if at < 0:
+        return None
+    value = environ[at + len(key) - 1 :].split(b"\0", 1)[0]
+    return value.decode("ascii", "replace")
+
+
+def kill_orphans() -> list[int]:
+    """SIGKILL every process of a test run whose runner is gone (Linux; elsewhere nothing to read): what a killed
+    role's tests left running. A process that cleared its environment, or another user's, is not seen."""
+    if sys.platform != "linux":
+        return []
+    alive: dict[str, bool] = {}
+    killed: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            owner = _owner_of(Path(entry.path, "environ").read_bytes())
+        except OSError:  # gone, or not ours to read
+            continue
+        if owner is None:
+            continue
+        if owner not in alive:
+            pid, _, started = owner.partition(":")
+            alive[owner] = pid.isdigit() and _started(int(pid)) == started
+        if not alive[owner]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    if killed:
+        log.warning("test_run.orphans_killed", pids=killed)
+    return killed
 
 
 def as_child(cmd: Sequence[str]) -> list[str]:
@@ -138,12 +198,13 @@ def _with_run(report: TestReport, run: _Run, timeout_s: float) -> None:
 
 async def _run(cmd: Sequence[str], cwd: Path, timeout_s: float, env: dict[str, str]) -> _Run:
     """Run ``cmd`` in its own session and process group; on timeout SIGINT the group, then SIGKILL it after a grace
-    period. Whatever is left in the group when the run ends is killed."""
+    period. Whatever is left in the group when the run ends is killed, and first what runs of dead runners left."""
+    await asyncio.to_thread(kill_orphans)
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *as_child(cmd),
         cwd=cwd,
-        env=env,
+        env={**env, _OWNER_VAR: _owner_mark()},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
