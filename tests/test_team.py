@@ -142,9 +142,10 @@ async def test_self_validation_retries_then_peer_review_and_memory(team: System,
     assert state["approved_by"] == "tech_lead" and "prices per day" in state["result"]
 
     async def remembered() -> bool:
-        """The note and the task's activity both projected. The note is appended with `task.completed`, in the same
-        transaction but at the position before it (streams are written in name order: `memory-` before `task-`),
-        so a delivery to the projector can end between the two: seeing one does not mean the other is there."""
+        """The note and the task's activity both projected. The note is a spawn of the step that records
+        `task.completed`, and an entity host appends a step's spawns first (each keyed by the message, so a step
+        decided again spawns nothing twice), then the step's own events: a delivery to the projector can end
+        between the two, so seeing one does not mean the other is there."""
         mem = (await http.get("/api/v1/roles/cfo/memory")).json()
         done = {"task.attempted", "task.completed"} <= {a["type"] for a in mem["activity"] if a["task_id"] == task_id}
         return done and any(m["key"] == "Price list for July" for m in mem["memory"])
