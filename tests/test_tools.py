@@ -574,6 +574,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _gone_soon(pid: int) -> bool:
+    """``_gone`` within 5 s: SIGKILL is delivered at once, but not necessarily before we look."""
+    for _ in range(100):
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return _gone(pid)
+
+
 async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(tmp_path: Path) -> None:
     """A run that ends normally still kills its process group: a server or a ``sleep`` a test left behind."""
     from actors.tools.test_runner import _child_env, _run
@@ -583,12 +592,8 @@ async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(t
     run = await _run(["sh", "-c", script], tmp_path, 30, _child_env())
     assert run.exit_code == 0 and not run.timed_out
     pid = int(pid_file.read_text())
-    for _ in range(100):  # SIGKILL is delivered at once, but not necessarily before we look
-        if _gone(pid):
-            break
-        await asyncio.sleep(0.05)
     try:
-        assert _gone(pid), "the background sleep outlived the run"
+        assert await asyncio.to_thread(_gone_soon, pid), "the background sleep outlived the run"
     finally:
         if not _gone(pid):
             os.kill(pid, signal.SIGKILL)
@@ -623,18 +628,10 @@ def test_a_run_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         assert not _gone(pid) and not _gone(background)
         actor.kill()
         actor.wait(10)
-        for _ in range(100):
-            if _gone(pid):
-                break
-            time.sleep(0.05)
-        assert _gone(pid), "the run outlived the process that started it"
+        assert _gone_soon(pid), "the run outlived the process that started it"
         assert not _gone(background), "PR_SET_PDEATHSIG is not inherited: the background sleep is still there"
         assert background in kill_orphans()  # what the next run does first
-        for _ in range(100):
-            if _gone(background):
-                break
-            time.sleep(0.05)
-        assert _gone(background), "the orphan outlived the sweep"
+        assert _gone_soon(background), "the orphan outlived the sweep"
     finally:
         actor.kill()
         for leftover in (pid, background):
