@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import time
 from collections import Counter
@@ -149,9 +150,19 @@ class Chaos:
         self.tag = f"s{seed}"  # in chat ids and texts: runs on the same agents keep apart
         self.ns = system.settings.ray_namespace
         self.run: Run = Run(agents=[])
-        self.loading = True
         self.started = time.monotonic()
+        self.until = math.inf  # the load's end (``chaos`` sets it), and what it must have recorded by then
+        self.at_least = (0, 0)
         self.say = say  # a live line per fault
+
+    @property
+    def loading(self) -> bool:
+        """Until the time is up, and on until ``at_least`` messages and team tasks were recorded (a slow machine
+        gets a longer run, not a lighter one), unless a promise was broken: a client stopped there."""
+        if time.monotonic() < self.until:
+            return True
+        short = len(self.run.sent) < self.at_least[0] or len(self.run.tasks) < self.at_least[1]
+        return short and not self.run.violations
 
     async def create_agents(self, n: int) -> None:
         for _ in range(n):
@@ -497,8 +508,10 @@ async def chaos(
     kinds: Sequence[str] = FAULTS,
     settle_timeout: float = 120.0,
     say: Callable[[str], None] | None = None,
+    at_least: tuple[int, int] = (0, 0),
 ) -> Run:
-    """Load for ``seconds`` with faults on a schedule drawn from ``seed``; then let it settle and check."""
+    """Load for ``seconds`` (and on until ``at_least`` messages and team tasks were recorded) with faults on a
+    schedule drawn from ``seed``; then let it settle and check."""
     headers = {"Authorization": f"Bearer {system.api_token}"}
     async with httpx.AsyncClient(base_url=system.api_url, headers=headers, timeout=60) as http:
         c = Chaos(system, http, seed, kinds, say)
@@ -507,11 +520,10 @@ async def chaos(
         else:
             await c.create_agents(agents)
         await c.start_team()
+        c.until, c.at_least = time.monotonic() + seconds, at_least
         load = [asyncio.create_task(c.client(i)) for i in range(clients)]
         load.append(asyncio.create_task(c.team_client()))
         injector = asyncio.create_task(c.faults(every))
-        await asyncio.sleep(seconds)
-        c.loading = False
         await asyncio.gather(injector, *load)  # each client finishes the message it was sending
         await c.settle(settle_timeout)
         return c.run
