@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from typing import Any
 
 import httpx
@@ -131,6 +133,36 @@ async def test_a_developer_killed_while_its_tests_run_records_no_verdict_on_that
     assert attempts[1]["valid"] and attempts[1]["tests"]["passed"] == 4
     new = ray.get_actor("role:developer", namespace=ns)
     assert await new.__ray_call__.remote(lambda actor: os.getpid()) != pid
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a run's processes are found through /proc")
+async def test_a_role_started_again_ends_what_its_killed_predecessors_tests_left_running(team: System) -> None:
+    """A killed role's pytest dies with it, what its tests started in the background does not: the role started
+    in its place ends that, instead of leaving it to the next test run on the machine, which may be hours away."""
+    from actors.tools.test_runner import _OWNER_VAR
+
+    ns = team.settings.ray_namespace
+    legal = ray.get_actor("role:legal", namespace=ns)
+    pid = await legal.__ray_call__.remote(lambda actor: os.getpid())
+    # marked as a run of a runner that is gone (no such pid), as a killed role's background process is
+    orphan = await asyncio.create_subprocess_exec("sleep", "120", env={**os.environ, _OWNER_VAR: "999999999:0"})
+    try:
+        ray.kill(legal, no_restart=True)  # the orchestrator starts it again
+
+        async def started_again() -> bool:
+            try:
+                new = ray.get_actor("role:legal", namespace=ns)
+                return bool(await new.__ray_call__.remote(lambda actor: os.getpid()) != pid)
+            except (ValueError, ray.exceptions.RayActorError):
+                return False
+
+        await eventually(started_again, timeout=60, what="legal started again")
+
+        assert await asyncio.wait_for(orphan.wait(), 10) == -signal.SIGKILL
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+            await orphan.wait()
 
 
 async def test_self_validation_retries_then_peer_review_and_memory(team: System, http: httpx.AsyncClient) -> None:

@@ -24,7 +24,15 @@ from actors.tools.git_workspace import (
     OptionLikeRevisionError,
     init_or_clone,
 )
-from actors.tools.test_runner import RunKilledError, TestFailure, TestReport, run_jest, run_pytest, run_tests
+from actors.tools.test_runner import (
+    RunKilledError,
+    TestFailure,
+    TestReport,
+    kill_orphans,
+    run_jest,
+    run_pytest,
+    run_tests,
+)
 
 __all__ = [
     "AlreadyMergedError",
@@ -49,6 +57,7 @@ __all__ = [
     "Workspace",
     "WorkspaceError",
     "init_or_clone",
+    "kill_orphans",
     "outline",
     "outline_file",
     "run_jest",

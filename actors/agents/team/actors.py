@@ -22,6 +22,7 @@ from actors.llm.actor import complete_via
 from actors.llm.providers import Completion, CompletionRequest
 from actors.projections import PROJECTOR
 from actors.subscriber import EntityActor
+from actors.tools import kill_orphans
 from events import NewEvent, RecordedEvent, Subscription
 from events.team import DecisionVerdict
 from storage.errors import StoreUnavailable
@@ -128,6 +129,9 @@ class RoleActorImpl(TeamActor):
         super().__init__(config, f"role:{name}")
 
     async def setup(self) -> None:
+        # A role started again after a SIGKILL first ends what its predecessor's tests left in the background,
+        # instead of leaving that to the next test run on the machine, which may be long in coming.
+        await asyncio.to_thread(kill_orphans)
         await super().setup()
         self.hosts["task"] = EntityHost(Task(self.name, self.services), self.store, max_active=200)
         await self._requeue_from_log()
