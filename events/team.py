@@ -63,7 +63,7 @@ class RunCompleted(EventData):
 @event_type("ceo.checked")
 class CeoChecked(EventData):
     """One tick of the CEO loop: what it saw and how many tasks it made; ``error`` when asking the LLM for new
-    tasks failed (the loop ticks on and asks again at the next tick)."""
+    tasks failed, or the tick's handling kept failing (the loop ticks on and tries again at the next tick)."""
 
     run_id: str
     active: int

@@ -13,7 +13,7 @@ import pytest
 from tenacity import stop_after_attempt, wait_none
 
 from actors.agents import team
-from actors.agents.team.actors import RoleActorImpl
+from actors.agents.team.actors import CeoLoopActorImpl, RoleActorImpl
 from actors.agents.team.decision import Decision, DecisionState, evolve_decision
 from actors.agents.team.history import RUN_EVENTS, fork_run, run_events
 from actors.agents.team.queue import TaskQueue
@@ -25,7 +25,7 @@ from actors.llm.base import Completion, CompletionRequest, ProviderError
 from actors.llm.budget import spent_usd
 from events import NewEvent, RecordedEvent
 from events.hub import AgentStarted, LLMCompleted
-from events.system import TimerScheduled
+from events.system import TimerFired, TimerScheduled
 from events.team import (
     DecisionRequested,
     DecisionVerdict,
@@ -183,6 +183,43 @@ async def test_a_failed_llm_call_does_not_stop_the_ceo_loop(tmp_path: Path) -> N
     assert s.status == "completed"
 
 
+async def test_a_ceo_tick_that_keeps_failing_is_a_failed_tick_and_the_loop_goes_on(
+    tmp_path: Path, eventlog: EventLog
+) -> None:
+    """A tick whose handling raised something no answer caused (here the LLM client's own bug) is tried again, then
+    recorded as a failed tick with the next one scheduled. It used to fail on the first try and be skipped: the
+    tick scheduled no next one, and the run stayed running with nothing left to wake it."""
+    calls: list[str] = []
+
+    async def broken(request: CompletionRequest) -> Completion:
+        calls.append(request.last_user_message())
+        raise RuntimeError("the client's own bug")
+
+    svc = TeamServices(eventlog, broken, tmp_path)
+    actor = object.__new__(CeoLoopActorImpl)
+    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
+    actor.hosts = {"run": EntityHost(Run(svc), eventlog)}
+    await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g", strategy=["grow"]))])
+    for tick in range(1, MAX_FAILED_TICKS + 1):
+        last = (await eventlog.read_stream("run-r1"))[-1]
+        await actor._handle_one(last)  # the run's start, then each failed tick, schedules the next tick
+        fired = TimerFired(timer_id=f"ceo:r1:{tick}", scheduled_position=last.position, payload={"tick": tick})
+        appended = await eventlog.append("run-r1", [NewEvent.of(fired)])
+        (trigger,) = await eventlog.read_stream("run-r1", appended.versions[0])
+        await actor._handle_one(trigger)
+        assert len(calls) == 3 * tick and actor.failures == tick  # three tries each, then recorded
+        checked = (await eventlog.read_stream("run-r1"))[-2:]
+        assert checked[0].type == "ceo.checked" and checked[0].meta.causation_id == trigger.id
+        assert checked[0].data["error"] == "tick failed: RuntimeError: the client's own bug"
+        if tick < MAX_FAILED_TICKS:
+            assert checked[1].type == "timer.scheduled" and checked[1].data["payload"]["tick"] == tick + 1
+        else:
+            assert checked[1].type == "run.completed" and "stopped after 3 failed ticks" in checked[1].data["summary"]
+    before = len(await eventlog.read_stream("run-r1"))
+    await actor.hosts["run"].record_crash(trigger, RuntimeError("again"))  # a completed run: nothing more
+    assert len(await eventlog.read_stream("run-r1")) == before
+
+
 async def test_the_ceo_loop_counts_tasks_from_the_log_not_the_read_model(tmp_path: Path, eventlog: EventLog) -> None:
     """The projector has projected none of these (it is not running here): a tick counts them all the same, so
     it neither makes more work while the last tick's tasks are pending nor completes the run under them."""
@@ -309,6 +346,7 @@ class FlakyHost:
         self.failures = failures
         self.calls = 0
         self.active: dict[str, Any] = {}
+        self.entity = Task("cfo", services(Path()))  # says which task a message is for
 
     async def handle(self, trigger: RecordedEvent) -> list[RecordedEvent]:
         self.calls += 1
@@ -322,7 +360,7 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
     """The routed event was acknowledged already: the step is retried, and after the retries it waits in the
     queue again instead of waiting for its timeout."""
     actor = object.__new__(RoleActorImpl)
-    actor.name, actor.queue, actor.current, actor.failures = "cfo", TaskQueue(), None, 0
+    actor.name, actor.subscriber, actor.queue, actor.current, actor.failures = "cfo", "role:cfo", TaskQueue(), None, 0
     actor.store_retry_wait, actor.store_retry_stop, actor.store_retry_pause_s = wait_none(), stop_after_attempt(3), 0
     host = FlakyHost(failures)
     actor.hosts = {"task": host}  # type: ignore[dict-item]
@@ -336,6 +374,18 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
     finally:
         worker.cancel()
     assert host.calls == failures + 1 and len(actor.queue) == 0
+
+
+async def test_a_ceo_loop_step_leaves_a_store_outage_to_the_orchestrator() -> None:
+    """The CEO loop, unlike a role, acknowledges nothing before it is done: an outage propagates at once and the
+    orchestrator delivers the event again, where retrying here would hold the delivery for up to a minute."""
+    actor = object.__new__(CeoLoopActorImpl)
+    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
+    host = FlakyHost(1)
+    actor.hosts = {"task": host}  # type: ignore[dict-item]
+    with pytest.raises(StoreUnavailable):
+        await actor._handle_one(message("timer.fired", task_id="r1.t1"))
+    assert host.calls == 1 and actor.failures == 0
 
 
 async def test_a_step_that_keeps_failing_fails_its_task_at_once(tmp_path: Path, eventlog: EventLog) -> None:
@@ -355,7 +405,7 @@ async def test_a_step_that_keeps_failing_fails_its_task_at_once(tmp_path: Path, 
     (trigger,) = await eventlog.read_stream("task-r1.t1", started.versions[0])
 
     actor = object.__new__(RoleActorImpl)
-    actor.name, actor.queue, actor.current, actor.failures = "cfo", TaskQueue(), None, 0
+    actor.name, actor.subscriber, actor.queue, actor.current, actor.failures = "cfo", "role:cfo", TaskQueue(), None, 0
     actor.store_retry_wait, actor.store_retry_stop, actor.step_attempts = wait_none(), stop_after_attempt(3), 3
     actor.hosts = {"task": EntityHost(Task("cfo", svc), eventlog)}
     await actor.handle(trigger)

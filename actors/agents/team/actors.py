@@ -8,7 +8,14 @@ from typing import Any
 
 import ray
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from actors.agents.team.decision import Decision
 from actors.agents.team.queue import TaskQueue
@@ -100,12 +107,48 @@ async def ensure_team(orchestrator: Any) -> None:
 
 
 class TeamActor(EntityActor):
+    store_retry_wait: Any = wait_exponential(multiplier=0.5, max=8)
+    store_retry_stop: Any = stop_after_delay(60)
+    step_attempts = 3
+
     async def setup(self) -> None:
         self.llm = ray.get_actor("llm", namespace=self.config.namespace)
         self.services = TeamServices(self.store, self._complete, self.config.data_dir / "workspaces")
 
     async def _complete(self, request: CompletionRequest) -> Completion:
         return await complete_via(self.llm, request)
+
+    async def _step(self, host: EntityHost[Any], key: str, trigger: RecordedEvent) -> None:
+        """One step of an entity, retried while the store is unavailable (until ``store_retry_stop``), and
+        ``step_attempts`` times in all on any other error (reloaded from the log each time: an append whose answer
+        was lost may have committed)."""
+
+        def before_retry(state: RetryCallState) -> None:
+            host.active.pop(key, None)
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "step failed; retrying",
+                actor=self.subscriber,
+                entity=key,
+                tries=state.attempt_number,
+                error=repr(error),
+            )
+
+        def stop(state: RetryCallState) -> bool:
+            if state.outcome is not None and isinstance(state.outcome.exception(), StoreUnavailable):
+                return bool(self.store_retry_stop(state))
+            return state.attempt_number >= self.step_attempts
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=self.store_retry_wait,
+            stop=stop,
+            reraise=True,
+            before_sleep=before_retry,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await host.handle(trigger)
 
 
 class RoleActorImpl(TeamActor):
@@ -117,10 +160,7 @@ class RoleActorImpl(TeamActor):
     goes back into the queue. A step that raises anything else is tried ``step_attempts`` times in all, then
     its task is failed with the error (``Task.crashed``)."""
 
-    store_retry_wait: Any = wait_exponential(multiplier=0.5, max=8)
-    store_retry_stop: Any = stop_after_delay(60)
     store_retry_pause_s = 1.0
-    step_attempts = 3
 
     def __init__(self, config: RuntimeConfig, name: str) -> None:
         self.name = name
@@ -185,37 +225,6 @@ class RoleActorImpl(TeamActor):
             finally:
                 self.current = None
 
-    async def _step(self, host: EntityHost[Any], task_id: str, trigger: RecordedEvent) -> None:
-        """One step of a task, retried while the store is unavailable, and ``step_attempts`` times in all on any
-        other error (reloaded from the log each time: an append whose answer was lost may have committed)."""
-
-        def before_retry(state: RetryCallState) -> None:
-            host.active.pop(task_id, None)
-            error = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "task step failed; retrying",
-                role=self.name,
-                task=task_id,
-                tries=state.attempt_number,
-                error=repr(error),
-            )
-
-        def stop(state: RetryCallState) -> bool:
-            if state.outcome is not None and isinstance(state.outcome.exception(), StoreUnavailable):
-                return bool(self.store_retry_stop(state))
-            return state.attempt_number >= self.step_attempts
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Exception),
-            wait=self.store_retry_wait,
-            stop=stop,
-            reraise=True,
-            before_sleep=before_retry,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await host.handle(trigger)
-
     async def verdict(self, decision_id: str, run_id: str, question: str) -> list[dict[str, Any]]:
         """This role's criteria and verdict on a group decision, with the LLM answer behind it."""
         await self._ready
@@ -252,6 +261,11 @@ class RoleActorImpl(TeamActor):
 
 
 class CeoLoopActorImpl(TeamActor):
+    """Run ticks, task timeouts and group decisions. A step is tried ``step_attempts`` times, as a role's is, before
+    it is recorded as a crash; a store outage is not retried here: the orchestrator delivers the event again."""
+
+    store_retry_stop: Any = stop_after_attempt(1)
+
     def __init__(self, config: RuntimeConfig) -> None:
         super().__init__(config, CEO_LOOP)
 
@@ -268,7 +282,7 @@ class CeoLoopActorImpl(TeamActor):
     async def handle(self, event: RecordedEvent) -> None:
         host = self.hosts.get(event.category)
         if host is not None:
-            await host.handle(event)
+            await self._step(host, host.entity.key_of(event), event)
 
 
 RoleActor = ray.remote(num_cpus=0, max_restarts=0)(RoleActorImpl)

@@ -2,8 +2,9 @@
 CEO turns its strategy into new tasks, never more than ``max_generated_tasks`` in a run, so a runaway loop
 cannot flood the queues. When it is idle and has nothing more to make, the run is completed.
 
-A failed LLM call does not stop the loop: the tick is recorded with its error and the next tick is scheduled;
-after ``MAX_FAILED_TICKS`` failures in a row the run is completed with the last error in its summary."""
+A failed LLM call does not stop the loop, nor does a tick whose handling kept failing on something else (a bug, the
+machine): the tick is recorded with its error and the next tick is scheduled; after ``MAX_FAILED_TICKS`` failures
+in a row the run is completed with the last error in its summary."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
-from actors.agents.team.services import PAID, Completed, TeamServices, fold_run
+from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices, fold_run
+from actors.agents.team.task import CRASH_REASON_CHARS
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
-from actors.llm.budget import BudgetExceededError
+from actors.llm.budget import BudgetExceededError, paid_without_text
 from actors.team_projection import TASK_STATUS
 from events import NewEvent, RecordedEvent
 from events.system import TimerScheduled
@@ -92,11 +94,7 @@ class Run(Entity[RunState]):
         run = await self.services.run(s.run_id)
         if message.type in ("run.started", "run.forked"):
             return [self.tick_timer(s, run.ceo_interval_s)] if s.scheduled == 0 else []
-        if (
-            message.type != "timer.fired"
-            or message.data["payload"].get("tick") != s.scheduled
-            or s.ticks >= s.scheduled
-        ):
+        if not _current_tick(s, message):
             return []  # not the current tick, or already handled
         active, pending, done = await self.task_counts(s.run_id)
         if active or pending:
@@ -123,12 +121,7 @@ class Run(Entity[RunState]):
             except BudgetExceededError as e:
                 return [NewEvent.of(BudgetExceeded(run_id=s.run_id, spent_usd=e.spent, budget_usd=e.budget))]
             except ProviderError as e:  # retries are spent; record the tick and try again at the next one
-                error = f"LLM call failed: {e}"
-                failed = NewEvent.of(CeoChecked(run_id=s.run_id, active=0, pending=0, generated=0, error=error))
-                if s.failed_ticks + 1 >= MAX_FAILED_TICKS:
-                    summary = f"{len(done)} tasks done; stopped after {MAX_FAILED_TICKS} failed ticks: {error}"
-                    return [failed, NewEvent.of(RunCompleted(run_id=s.run_id, summary=summary[:2000]))]
-                return [failed, self.tick_timer(s, run.ceo_interval_s)]
+                return self.failed_tick(s, f"LLM call failed: {e}", run.ceo_interval_s, f"{len(done)} tasks done; ")
             if ev:
                 return ev
             assert answer is not None
@@ -160,6 +153,32 @@ class Run(Entity[RunState]):
         ]
         return [checked, self.tick_timer(s, run.ceo_interval_s), *spawns]
 
+    def failed_tick(self, s: RunState, error: str, interval: float, done: str = "") -> list[NewEvent]:
+        """The tick recorded with ``error``; the next one scheduled, or the run completed after too many."""
+        failed = NewEvent.of(CeoChecked(run_id=s.run_id, active=0, pending=0, generated=0, error=error))
+        if s.failed_ticks + 1 >= MAX_FAILED_TICKS:
+            summary = f"{done}stopped after {MAX_FAILED_TICKS} failed ticks: {error}"
+            return [failed, NewEvent.of(RunCompleted(run_id=s.run_id, summary=summary[:2000]))]
+        return [failed, self.tick_timer(s, interval)]
+
+    def crashed(
+        self, s: RunState, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
+        """A tick (or a run's start) whose handling kept failing on something no answer caused is a failed tick:
+        skipped, it scheduled no next tick, and the run stayed running with nothing left to wake it. What its last
+        decision paid for is kept, without the text."""
+        paid = paid_without_text(decided)
+        if s.status != "running":
+            return paid
+        cfg = self.services.cached_run(s.run_id)  # not cached: reading it may be what failed
+        interval = cfg.ceo_interval_s if cfg else RunConfig.model_fields["ceo_interval_s"].default
+        if message.type in ("run.started", "run.forked"):
+            return [*paid, self.tick_timer(s, interval)] if s.scheduled == 0 else paid
+        if not _current_tick(s, message):
+            return paid
+        why = f"tick failed: {type(error).__name__}: {error}".replace("\x00", "")[:CRASH_REASON_CHARS]
+        return [*paid, *self.failed_tick(s, why, interval)]
+
     async def task_counts(self, run_id: str) -> tuple[int, int, list[str]]:
         """Active and pending tasks, and the titles of those completed, from the log: the read model trails it
         (the projector's batches), and a tick counted from it saw none of the tasks the tick before had just
@@ -169,6 +188,11 @@ class Run(Entity[RunState]):
         active = sum(1 for st, _ in status if st in ("in_progress", "review"))
         pending = sum(1 for st, _ in status if st == "pending")
         return active, pending, [title for st, title in status if st == "completed"]
+
+
+def _current_tick(s: RunState, message: RecordedEvent) -> bool:
+    """Whether ``message`` fires the tick scheduled last, not yet handled."""
+    return message.type == "timer.fired" and message.data["payload"].get("tick") == s.scheduled > s.ticks
 
 
 def _priority(v: object) -> int:

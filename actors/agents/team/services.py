@@ -80,6 +80,10 @@ class TeamServices:
             self._runs[run_id] = cfg
         return self._runs[run_id]
 
+    def cached_run(self, run_id: str) -> RunConfig | None:
+        """The run's config if it was folded already; for what cannot wait on the log (``Run.crashed``)."""
+        return self._runs.get(run_id)
+
     async def ask(
         self,
         completions: dict[str, Completed],
