@@ -336,6 +336,36 @@ async def test_a_failed_ceo_call_fails_the_decision(tmp_path: Path) -> None:
     assert await decision.decide(s, message("decision.requested"), Context("decision-d1")) == []
 
 
+async def test_a_decision_whose_step_keeps_failing_fails_instead_of_staying_open(
+    tmp_path: Path, eventlog: EventLog
+) -> None:
+    """The CEO's call raised something no answer caused (the LLM client's own bug): tried three times, then the
+    decision is recorded as failed with the error. It was skipped, and the decision stayed open for ever."""
+    calls: list[str] = []
+
+    async def broken(request: CompletionRequest) -> Completion:
+        calls.append(request.last_user_message())
+        raise RuntimeError("the client's own bug")
+
+    svc = TeamServices(eventlog, broken, tmp_path)
+    actor = object.__new__(CeoLoopActorImpl)
+    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
+    actor.hosts = {"decision": EntityHost(Decision(svc, None), eventlog)}  # type: ignore[arg-type]
+    await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g"))])
+    ids = {"decision_id": "d1", "run_id": "r1"}
+    verdict = DecisionVerdict(**ids, role="cfo", criteria=["c"], verdict="approve", rationale="ok")
+    asked = NewEvent.of(DecisionRequested(**ids, question="?", voters=["cfo"]))
+    await eventlog.append("decision-d1", [asked, NewEvent.of(verdict)])
+    trigger = (await eventlog.read_stream("decision-d1"))[-1]
+    await actor._handle_one(trigger)
+    events = await eventlog.read_stream("decision-d1")
+    assert len(calls) == 3 and actor.failures == 1
+    assert [e.type for e in events] == ["decision.requested", "decision.verdict", "decision.failed"]
+    assert events[-1].data["reason"] == "step failed: RuntimeError: the client's own bug"
+    await actor.hosts["decision"].record_crash(trigger, RuntimeError("again"))  # failed already: nothing more
+    assert len(await eventlog.read_stream("decision-d1")) == 3
+
+
 # ---- a role actor's worker ----
 
 

@@ -4,7 +4,8 @@ LLM answers behind them, and the decision are events of stream ``decision-<id>``
 
 A voter that fails (its LLM call, its actor) is recorded as ``decision.voter_failed`` beside the verdicts the
 others gave (and paid for), and the CEO decides from those; when the CEO's own call fails, or nobody voted, the
-decision is recorded as ``decision.failed``."""
+decision is recorded as ``decision.failed``, as it is when a step keeps failing on anything else (a bug, the
+machine)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, role
-from actors.agents.team.services import PAID, Completed, TeamServices
+from actors.agents.team.services import PAID, Completed, TeamServices, crash_reason
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
-from actors.llm.budget import BudgetExceededError
+from actors.llm.budget import BudgetExceededError, paid_without_text
 from events import NewEvent, RecordedEvent
 from events.team import BudgetExceeded, DecisionFailed, DecisionMade, DecisionVoterFailed
 
@@ -139,3 +140,15 @@ class Decision(Entity[DecisionState]):
                 )
             )
         ]
+
+    def crashed(
+        self, s: DecisionState, message: RecordedEvent, ctx: Context, error: Exception, decided: list[NewEvent]
+    ) -> list[NewEvent]:
+        """A step that kept failing on something no answer caused (a bug, the machine) fails the decision now,
+        with what its last decision paid for (text removed): skipped, it left the decision open for ever, and
+        whoever asked for it waiting."""
+        paid = paid_without_text(decided)
+        if not s.decision_id or s.decision is not None or s.failure is not None:
+            return paid
+        reason = crash_reason("step failed", error, self.services.workspaces)
+        return [*paid, NewEvent.of(DecisionFailed(**self.ids(s), reason=reason))]

@@ -13,8 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import CEO, ROLES, TASKS_SCHEMA, role
-from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices, fold_run
-from actors.agents.team.task import CRASH_REASON_CHARS
+from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices, crash_reason, fold_run
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError, paid_without_text
@@ -176,8 +175,7 @@ class Run(Entity[RunState]):
             return [*paid, self.tick_timer(s, interval)] if s.scheduled == 0 else paid
         if not _current_tick(s, message):
             return paid
-        why = f"tick failed: {type(error).__name__}: {error}".replace("\x00", "")[:CRASH_REASON_CHARS]
-        return [*paid, *self.failed_tick(s, why, interval)]
+        return [*paid, *self.failed_tick(s, crash_reason("tick failed", error, self.services.workspaces), interval)]
 
     async def task_counts(self, run_id: str) -> tuple[int, int, list[str]]:
         """Active and pending tasks, and the titles of those completed, from the log: the read model trails it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,23 @@ T = TypeVar("T")
 # A team entity's completion is recorded as its own step (``TeamServices.ask``): one that loses a version conflict
 # (the task was cancelled or handed on meanwhile) is still recorded, since it was paid for (``Entity.conflict_keeps``)
 PAID = frozenset({"llm.completed"})
+CRASH_REASON_CHARS = 500
+
+
+def crash_reason(what: str, error: Exception, workspaces: Path) -> str:
+    """``what: Type: message``, for the reason of a step that kept failing: the paths of an OS error under
+    ``workspaces`` made relative (the run's workspace and the file), NUL left out (the log refuses it), cut to
+    ``CRASH_REASON_CHARS``."""
+    why = f"{what}: {type(error).__name__}: {error}".replace("\x00", "")
+    return relative(why, workspaces)[:CRASH_REASON_CHARS]
+
+
+def relative(text: str, root: Path) -> str:
+    """``text`` with paths under ``root`` relative to it, and ``root`` itself as ``.``; a sibling named like it
+    (``root-fork``) is left alone."""
+    escaped = re.escape(str(root))
+    inside = re.sub(escaped + "/", "", text)
+    return re.sub(escaped + r"(?![\w.\-])", ".", inside)
 
 
 class RunConfig(BaseModel):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import posixpath
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from actors.agents.team.roles import FILES_SCHEMA, REVIEW_SCHEMA, VALIDATION_SCHEMA, role
-from actors.agents.team.services import PAID, Completed, RunConfig, TeamServices
+from actors.agents.team.services import (
+    CRASH_REASON_CHARS,
+    PAID,
+    Completed,
+    RunConfig,
+    TeamServices,
+    crash_reason,
+    relative,
+)
 from actors.entity import Context, Entity, Spawn
 from actors.llm.base import ProviderError
 from actors.llm.budget import BudgetExceededError, paid_without_text
@@ -45,7 +52,6 @@ from events.team import (
 from storage.errors import StoreError
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
-CRASH_REASON_CHARS = 500
 ATTEMPTS_PER_APPROACH = 3
 APPROACHES = 2
 PASS_SCORE = 7.0
@@ -223,9 +229,7 @@ class Task(Entity[TaskState]):
         paid = paid_without_text(decided)
         if s.status in TERMINAL or self.me not in (s.acting(), CEO_LOOP):
             return paid  # handed on meanwhile (escalated at its timeout): the task is another role's now
-        why = f"step failed at {self.me}: {type(error).__name__}: {error}".replace("\x00", "")
-        why = _relative(why, self.services.workspaces)  # an OS error's path: the run's workspace and the file
-        reason = why[:CRASH_REASON_CHARS]
+        reason = crash_reason(f"step failed at {self.me}", error, self.services.workspaces)
         return [*paid, NewEvent.of(TaskFailed(**s.ids(), role=self.me, reason=reason))]
 
     def refused(
@@ -240,7 +244,7 @@ class Task(Entity[TaskState]):
     def told(self, error: Exception, run: RunConfig) -> str:
         """An error as the log and the model are told it: paths relative to the run's workspace (an OS error names
         the file by its absolute path, which is the service's own layout)."""
-        return _relative(str(error), self.services.workspace_dir(run))
+        return relative(str(error), self.services.workspace_dir(run))
 
     # ---- steps -------------------------------------------------------------------------------------------
 
@@ -534,14 +538,6 @@ def _developer_files(files: dict[str, str], tests: dict[str, str]) -> tuple[dict
         else:
             kept[path] = content
     return kept, refused
-
-
-def _relative(text: str, root: Path) -> str:
-    """``text`` with paths under ``root`` relative to it, and ``root`` itself as ``.``; a sibling named like it
-    (``root-fork``) is left alone."""
-    escaped = re.escape(str(root))
-    inside = re.sub(escaped + "/", "", text)
-    return re.sub(escaped + r"(?![\w.\-])", ".", inside)
 
 
 def _commit(root: Path, task_id: str, files: dict[str, str], author: str) -> tuple[str, str]:
