@@ -131,12 +131,14 @@ async def test_a_killed_ingress_replica_is_replaced_and_a_client_that_sends_agai
     system: System, http: httpx.AsyncClient, hub_log: EventLog
 ) -> None:
     """Serve notices the dead replica at its next health check (every second, `serve/deployment.py`) and starts
-    another; meanwhile HAProxy holds a request for its fallback proxy or drops it. A client that sends again with
-    its ``Idempotency-Key``, as the API asks, gets its reply, and the message is recorded once."""
+    another; meanwhile HAProxy holds a request for its fallback proxy or drops it, and that proxy may answer 503,
+    or 500 when the replica it chose dies under the request (seen once in CI, in plain text: Serve's, not ours). A
+    client that sends again after a 5xx or a dropped connection with its ``Idempotency-Key``, as the API asks,
+    gets its reply, and the message is recorded once."""
     agent_id = await new_agent(http)
     (replica,) = replica_names()
     ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
-    dropped = 0
+    tries: list[str] = []
     async with httpx.AsyncClient(base_url=system.api_url, headers=http.headers, timeout=60) as client:
         for _ in range(20):
             try:
@@ -146,14 +148,15 @@ async def test_a_killed_ingress_replica_is_replaced_and_a_client_that_sends_agai
                     headers={"Idempotency-Key": "meanwhile-1"},
                     json={"text": "meanwhile", "chat_id": "i"},
                 )
-            except httpx.TransportError:  # the connection the replica held, or one HAProxy dropped at a reload
-                dropped += 1
+            except httpx.TransportError as e:  # the connection the replica held, or one HAProxy dropped at a reload
+                tries.append(type(e).__name__)
                 await asyncio.sleep(0.5)
                 continue
-            if r.status_code != 503:
+            tries.append(f"{r.status_code} {r.text[:80]}")
+            if r.status_code < 500:
                 break
             await asyncio.sleep(0.5)
-    assert r.status_code == 200 and r.json()["response"].endswith("turn 1: you said 'meanwhile'"), (dropped, r.text)
+    assert r.status_code == 200 and r.json()["response"].endswith("turn 1: you said 'meanwhile'"), tries
     replicas = replica_names()
     assert replicas and replica not in replicas
     messages, replies = await _replies_per_message(hub_log, f"chat-{agent_id}/i")
