@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import psutil
 import ray
 from ray.util.state import list_actors
 
-from cluster.bootstrap import SERVE_ENV, System
+from bench.chaos import replica_names
+from cluster.bootstrap import RAY_ENV, System
 from storage.eventlog import EventLog
 from tests.conftest import eventually, free_port, new_agent
 from tests.fakes.openai_server import FakeOpenAI
@@ -273,12 +275,25 @@ def test_haproxy_holds_the_api_port(system: System) -> None:
     assert "frontend" in text and "log-format-sd" not in text
 
 
-def test_a_ray_cluster_starts_serve_as_the_local_bootstrap_does() -> None:
+async def test_the_actors_share_the_cpu_with_rays_own_processes(system: System, http: httpx.AsyncClient) -> None:
+    """Ray starts its workers at nice 15 unless told otherwise: the dashboard agent's stats pass then took a core
+    from every actor of the message path at once (``RAY_worker_niceness`` in ``RAY_ENV``)."""
+    agent_id = await new_agent(http)
+    await http.post(f"/api/v1/agents/{agent_id}/messages", json={"text": "m", "chat_id": "nice"})  # its runner is up
+    ns = system.settings.ray_namespace
+    actors = [ray.get_actor(name, namespace=ns) for name in ("orchestrator", "projector", f"agent:{agent_id}")]
+    actors.append(ray.get_actor(replica_names()[0], namespace="serve"))
+    pids = await asyncio.gather(*(a.__ray_call__.remote(lambda actor: os.getpid()) for a in actors))
+    agent = next(p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0] == "ray::DashboardAgent")
+    assert {psutil.Process(pid).nice() for pid in pids} == {agent.nice()} == {0}
+
+
+def test_a_ray_cluster_starts_ray_and_serve_as_the_local_bootstrap_does() -> None:
     yaml = (Path(__file__).parent.parent / "ray-cluster.yaml").read_text()
     starts = [line for line in yaml.splitlines() if "ray start" in line]
     assert len(starts) == 2
     for line in starts:
-        for key, value in SERVE_ENV.items():
+        for key, value in RAY_ENV.items():
             assert f"{key}={value} " in line, (key, line)
 
 
