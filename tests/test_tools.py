@@ -599,6 +599,14 @@ async def test_what_the_tests_start_in_the_background_does_not_outlive_the_run(t
             os.kill(pid, signal.SIGKILL)
 
 
+async def test_tests_run_below_the_role_that_starts_them(tmp_path: Path) -> None:
+    """Model-written tests are batch work: they yield the CPU to the message path (the actors run at nice 0)."""
+    from actors.tools.test_runner import NICE_STEPS, _child_env, _run
+
+    run = await _run([sys.executable, "-c", "import os; print(os.nice(0))"], tmp_path, 30, _child_env())
+    assert run.exit_code == 0 and int(run.output.strip()) == min(os.nice(0) + NICE_STEPS, 19)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_a_run_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A role actor killed mid-run (SIGKILL: no cleanup of its own) left its pytest running on, its timeout gone

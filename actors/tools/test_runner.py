@@ -46,9 +46,13 @@ _INTERRUPTED_AT = re.compile(r"^(\S+:\d+): KeyboardInterrupt$", re.MULTILINE)
 # do nothing and pytest, killed after the grace period, would write no report. On Linux the command is also killed
 # when the process that started it dies (PR_SET_PDEATHSIG, kept across exec): a role actor killed mid-run left
 # its pytest running on, the run's timeout gone with the actor. If that process is gone already, it never starts.
-_CHILD_STUB = """
+# Tests are batch work beside the message path: they run ``NICE_STEPS`` below the process that starts them (a role
+# actor runs at nice 0, as every actor does: cluster/bootstrap.py, RAY_ENV).
+NICE_STEPS = 10
+_CHILD_STUB = f"""
 import ctypes, os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.nice({NICE_STEPS})
 if sys.platform == "linux":
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     if os.getppid() != int(sys.argv[1]):
