@@ -94,8 +94,8 @@ RAY_ENV = {
     # first. On 2 cores that lets the dashboard agent's stats pass (every 5 s, ~150 ms of CPU over every
     # process) take a core from the whole message path at once: the requests in flight then came back together,
     # late (HTTP p99 up to 163 ms). At 0 the actors share the CPU with Postgres, HAProxy and Ray's own processes
-    # as equals (bench_http in alternating rounds: p99 64-68 against 66-86 ms, the slowest reply 101-110
-    # against 135-161 ms).
+    # as equals (bench_http in alternating rounds: p99 64-68 against 66-86 ms, the slowest reply 101-122
+    # against 130-161 ms).
     "RAY_worker_niceness": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
