@@ -156,6 +156,25 @@ async def test_team_requests_name_who_records_the_answer(tmp_path: Path) -> None
 # ---- the CEO loop and group decisions ----
 
 
+def buggy_llm() -> tuple[Any, list[str]]:
+    """An LLM client with a bug of its own (a ``RuntimeError``, not a provider's error), and the calls it got."""
+    calls: list[str] = []
+
+    async def broken(request: CompletionRequest) -> Completion:
+        calls.append(request.last_user_message())
+        raise RuntimeError("the client's own bug")
+
+    return broken, calls
+
+
+def ceo_loop(category: str, host: EntityHost[Any]) -> CeoLoopActorImpl:
+    """The CEO loop's actor code with one host, outside Ray; its retries do not wait."""
+    actor = object.__new__(CeoLoopActorImpl)
+    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
+    actor.hosts = {category: host}
+    return actor
+
+
 def failing(error: ProviderError) -> Any:
     async def complete(request: CompletionRequest) -> Completion:
         raise error
@@ -189,16 +208,9 @@ async def test_a_ceo_tick_that_keeps_failing_is_a_failed_tick_and_the_loop_goes_
     """A tick whose handling raised something no answer caused (here the LLM client's own bug) is tried again, then
     recorded as a failed tick with the next one scheduled. It used to fail on the first try and be skipped: the
     tick scheduled no next one, and the run stayed running with nothing left to wake it."""
-    calls: list[str] = []
-
-    async def broken(request: CompletionRequest) -> Completion:
-        calls.append(request.last_user_message())
-        raise RuntimeError("the client's own bug")
-
+    broken, calls = buggy_llm()
     svc = TeamServices(eventlog, broken, tmp_path)
-    actor = object.__new__(CeoLoopActorImpl)
-    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
-    actor.hosts = {"run": EntityHost(Run(svc), eventlog)}
+    actor = ceo_loop("run", EntityHost(Run(svc), eventlog))
     await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g", strategy=["grow"]))])
     for tick in range(1, MAX_FAILED_TICKS + 1):
         last = (await eventlog.read_stream("run-r1"))[-1]
@@ -341,16 +353,9 @@ async def test_a_decision_whose_step_keeps_failing_fails_instead_of_staying_open
 ) -> None:
     """The CEO's call raised something no answer caused (the LLM client's own bug): tried three times, then the
     decision is recorded as failed with the error. It was skipped, and the decision stayed open for ever."""
-    calls: list[str] = []
-
-    async def broken(request: CompletionRequest) -> Completion:
-        calls.append(request.last_user_message())
-        raise RuntimeError("the client's own bug")
-
+    broken, calls = buggy_llm()
     svc = TeamServices(eventlog, broken, tmp_path)
-    actor = object.__new__(CeoLoopActorImpl)
-    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
-    actor.hosts = {"decision": EntityHost(Decision(svc, None), eventlog)}  # type: ignore[arg-type]
+    actor = ceo_loop("decision", EntityHost(Decision(svc, None), eventlog))  # type: ignore[arg-type]
     await eventlog.append("run-r1", [NewEvent.of(RunStarted(run_id="r1", goal="g"))])
     ids = {"decision_id": "d1", "run_id": "r1"}
     verdict = DecisionVerdict(**ids, role="cfo", criteria=["c"], verdict="approve", rationale="ok")
@@ -409,10 +414,8 @@ async def test_a_store_outage_does_not_drop_a_task_step(failures: int) -> None:
 async def test_a_ceo_loop_step_leaves_a_store_outage_to_the_orchestrator() -> None:
     """The CEO loop, unlike a role, acknowledges nothing before it is done: an outage propagates at once and the
     orchestrator delivers the event again, where retrying here would hold the delivery for up to a minute."""
-    actor = object.__new__(CeoLoopActorImpl)
-    actor.subscriber, actor.failures, actor.store_retry_wait = "ceo:loop", 0, wait_none()
     host = FlakyHost(1)
-    actor.hosts = {"task": host}  # type: ignore[dict-item]
+    actor = ceo_loop("task", host)  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailable):
         await actor._handle_one(message("timer.fired", task_id="r1.t1"))
     assert host.calls == 1 and actor.failures == 0
@@ -421,12 +424,7 @@ async def test_a_ceo_loop_step_leaves_a_store_outage_to_the_orchestrator() -> No
 async def test_a_step_that_keeps_failing_fails_its_task_at_once(tmp_path: Path, eventlog: EventLog) -> None:
     """An error no answer caused (here the LLM client's own bug) is tried again, then recorded as the task's
     failure with the error; the task used to wait for its timeout (300 s), to be handed to the next role."""
-    calls: list[str] = []
-
-    async def broken(request: CompletionRequest) -> Completion:
-        calls.append(request.last_user_message())
-        raise RuntimeError("the client's own bug")
-
+    broken, calls = buggy_llm()
     svc = TeamServices(eventlog, broken, tmp_path)
     svc._runs["r1"] = RunConfig(run_id="r1", workspace="ws")
     ids = {"task_id": "r1.t1", "run_id": "r1"}
