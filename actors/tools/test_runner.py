@@ -64,7 +64,7 @@ os.execvp(sys.argv[2], sys.argv[2:])
 # Every process of a run carries its runner's identity in this variable (pid and start time: a pid alone may be
 # reused). PR_SET_PDEATHSIG ends the run's own process when its runner dies, but not what the tests started in the
 # background (it is not inherited across fork), and the group kill at the end of a run never comes when the runner
-# was SIGKILLed: the next run on the machine finds those by this mark and ends them (``kill_orphans``).
+# was SIGKILLed: the role started in its place, and every run, find those by this mark and end them (``kill_orphans``).
 _OWNER_VAR = "AGENTHUB_TEST_RUN_OWNER"
 
 
