@@ -103,6 +103,15 @@ RAY_ENV = {
     # Serve's HTTP metrics in this mode are a log datagram per request from HAProxy, parsed by a Python actor:
     # ~0.1 ms of CPU per request. The ingress counts its requests itself (serve/request_metrics.py).
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # Serve's controller reconciles every 0.1 s, asking the GCS for every node's resources each time: ~106 ms of
+    # CPU a second on an idle system here, 15 at 0.5 s. A replica's metrics go out every 1 s instead of 0.1 s,
+    # and HAProxy runs one thread instead of four (one takes tens of thousands of requests a second; the ingress
+    # replicas behind it take about two thousand each). Together, in three alternating pairs of systems, CPU per
+    # message 3.03-3.23 against 3.23-3.43 ms and HTTP p50 30.1-32.1 against 31.7-33.3 ms (docs/benchmarks.md).
+    # What it costs: Serve notices a dead replica up to 0.4 s later.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
 }
 
 
