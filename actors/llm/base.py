@@ -52,6 +52,11 @@ class ChatMessage(BaseModel):
         """This message as the request's digest writes it (``json.dumps`` with sorted keys)."""
         return json.dumps({"content": self.content, "role": self.role})
 
+    @cached_property
+    def tokens(self) -> int:
+        """``count_tokens`` of the content, counted once however often the message is resent."""
+        return count_tokens(self.content)
+
 
 class CompletionRequest(PickledAsJson):
     provider: str

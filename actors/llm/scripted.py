@@ -84,7 +84,7 @@ class ScriptedProvider:
             text=text,
             provider=self.name,
             model=request.model,
-            prompt_tokens=sum(count_tokens(m.content) for m in request.messages),
+            prompt_tokens=sum(m.tokens for m in request.messages),
             completion_tokens=count_tokens(text),
             latency_ms=elapsed_ms(started),
             structured=structured,
