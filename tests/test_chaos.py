@@ -5,8 +5,10 @@ with the log."""
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Awaitable, Callable
 
-from bench.chaos import FAULTS, chaos
+from bench.chaos import FAULTS, chaos, settled
 from cluster.bootstrap import System
 
 
@@ -23,3 +25,24 @@ async def test_random_faults_under_load_lose_and_repeat_nothing(system: System) 
     outcomes = slowest[2].split(", ")
     assert int(slowest[1]) == len(outcomes) or (int(slowest[1]) > 6 and len(outcomes) == 7), run.longest_wait
     assert outcomes[-1].split()[0] in {"200", "201", "202"}, run.longest_wait
+
+
+async def test_settling_waits_while_problems_get_fewer_and_reports_those_that_stay() -> None:
+    """A backlog that drains slowly is waited out past the timeout; the wait ends ``timeout`` after the last
+    progress, and a check that could not reach the system counts as no progress."""
+
+    def checks(*counts: int) -> Callable[[], Awaitable[list[str]]]:
+        script = iter(counts)
+
+        async def check() -> list[str]:
+            n = next(script, counts[-1])
+            return ["not answering yet: down"] if n < 0 else [f"problem {i}" for i in range(n)]
+
+        return check
+
+    started = time.monotonic()
+    # each check 0.1 s apart, a timeout of 0.25 s: a fixed deadline would have reported 4 problems
+    assert await settled(checks(6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0), 0.25, recheck_s=0.1) == []
+    assert time.monotonic() - started > 1.0  # eleven rechecks, past four times the timeout
+    assert await settled(checks(3, 2, -1, -1, -1, -1, -1, -1), 0.25, recheck_s=0.1) == ["not answering yet: down"]
+    assert await settled(checks(3, 2, 2), 0.25, recheck_s=0.1) == ["problem 0", "problem 1"]
