@@ -135,6 +135,11 @@ def expected_reply(s: Sent) -> str:
     return f"turn {s.turn}: you said {s.text!r}"
 
 
+# How ``Chaos.check`` begins a problem when it could not look at the system (``settled`` tells progress by them)
+NOT_ANSWERING, UNHEALTHY = "not answering yet:", "/healthz:"
+UNREACHED = (NOT_ANSWERING, UNHEALTHY)
+
+
 class Chaos:
     def __init__(
         self,
@@ -341,7 +346,7 @@ class Chaos:
         try:
             health = await self.http.get("/healthz")
             if health.status_code != 200:
-                return [f"/healthz: {health.status_code} {health.text[:300]}"]
+                return [f"{UNHEALTHY} {health.status_code} {health.text[:300]}"]
             log = await EventLog.connect(self.system.database_url, run_migrations=False)
             try:
                 problems = [p for agent_id in self.run.agents for p in await self.check_agent(log, agent_id)]
@@ -349,7 +354,7 @@ class Chaos:
             finally:
                 await log.close()
         except (httpx.TransportError, StoreUnavailable, ValueError) as e:  # still recovering (ValueError: not JSON)
-            return [f"not answering yet: {e!r}"]
+            return [f"{NOT_ANSWERING} {e!r}"]
 
     async def check_agent(self, log: EventLog, agent_id: str) -> list[str]:
         sent = {s.text: s for s in self.run.sent if s.agent_id == agent_id}
@@ -522,9 +527,6 @@ async def chaos(
         await asyncio.gather(injector, *load)  # each client finishes the message it was sending
         await c.settle(settle_timeout)
         return c.run
-
-
-UNREACHED = ("not answering yet", "/healthz:")  # what ``Chaos.check`` says when it could not look
 
 
 async def settled(check: Callable[[], Awaitable[list[str]]], timeout: float, recheck_s: float = 0.5) -> list[str]:

@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from bench.chaos import FAULTS, chaos, settled
+from bench.chaos import FAULTS, NOT_ANSWERING, chaos, settled
 from cluster.bootstrap import System
 
 
@@ -36,7 +36,7 @@ async def test_settling_waits_while_problems_get_fewer_and_reports_those_that_st
 
         async def check() -> list[str]:
             n = next(script, counts[-1])
-            return ["not answering yet: down"] if n < 0 else [f"problem {i}" for i in range(n)]
+            return [f"{NOT_ANSWERING} down"] if n < 0 else [f"problem {i}" for i in range(n)]
 
         return check
 
@@ -46,5 +46,5 @@ async def test_settling_waits_while_problems_get_fewer_and_reports_those_that_st
     draining = [n for n in range(10, -1, -1) for _ in range(3)]
     assert await settled(checks(*draining), 1.0, recheck_s=0.05) == []
     assert time.monotonic() - started > 1.0
-    assert await settled(checks(3, 2, -1), 1.0, recheck_s=0.05) == ["not answering yet: down"]
+    assert await settled(checks(3, 2, -1), 1.0, recheck_s=0.05) == [f"{NOT_ANSWERING} down"]
     assert await settled(checks(3, 2, 2), 1.0, recheck_s=0.05) == ["problem 0", "problem 1"]
