@@ -279,11 +279,13 @@ def test_haproxy_holds_the_api_port(system: System) -> None:
 def test_serves_upkeep_runs_at_the_pace_set_for_it(system: System) -> None:
     """Serve's controller reconciles every 0.5 s, not 0.1 s, and a replica sends its metrics every second: on an
     idle system the controller's loop at 0.1 s took ~106 ms of CPU a second, a twentieth of these two cores."""
-    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    replica = ray.get_actor(replica_names()[0], namespace="serve")
+    from ray.serve._private import constants
+
+    controller = ray.get_actor(constants.SERVE_CONTROLLER_NAME, namespace=constants.SERVE_NAMESPACE)
+    replica = ray.get_actor(replica_names()[0], namespace=constants.SERVE_NAMESPACE)
 
     def paces(_: object) -> tuple[float, int]:
-        from ray.serve._private import constants
+        from ray.serve._private import constants  # the actor's own values, not this process's
 
         return constants.CONTROL_LOOP_INTERVAL_S, constants.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
 
