@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -146,6 +148,62 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
+
+
+@dataclass(frozen=True)
+class MachineSpeed:
+    """This machine's speed at one moment, so that a run's figures can be read against other days'. It has moved
+    by half from one day to the next (docs/benchmarks.md), and not evenly: the route that does nothing was as fast
+    as ever on a day when every process of the message path, which wakes a process on the other core at every
+    hop, took half as much CPU again per message."""
+
+    round_trip_us: float  # a byte to a process on the other core and back, over pipes: two wake-ups
+    round_trip_cpu_us: float  # CPU of both ends per round trip: what the wake-ups cost, not how long they wait
+    python_loop_ms: float  # a fixed pure-Python loop: the interpreter's speed, wake-ups apart
+
+    def rows(self, when: str) -> list[Row]:
+        return [
+            Row(
+                f"this machine {when}: a pipe round trip to a process on the other core (CPU of both ends)",
+                f"{self.round_trip_us:.0f} us ({self.round_trip_cpu_us:.0f} us)",
+            ),
+            Row(f"   {PYTHON_LOOP:,} multiply-adds in a Python loop", f"{self.python_loop_ms:.0f} ms"),
+        ]
+
+
+PYTHON_LOOP = 3_000_000
+_ECHO = "import os\nwhile os.read(0, 1):\n    os.write(1, b'x')"
+
+
+def machine_speed(round_trips: int = 20_000) -> MachineSpeed:
+    """Measure ``MachineSpeed`` (about two seconds). The echoing child is a fresh interpreter, not a fork, so a
+    process that runs Ray's threads can call this."""
+    cores = sorted(os.sched_getaffinity(0))
+    child = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert child.stdin is not None and child.stdout is not None
+    w, r = child.stdin.fileno(), child.stdout.fileno()
+    os.write(w, b"x")
+    os.read(r, 1)  # the child is up
+    echo = psutil.Process(child.pid)
+    # On two cores, as the message path's processes mostly are: left to the scheduler, the two ends sometimes
+    # share one core, and a round trip then takes a tenth as long.
+    os.sched_setaffinity(0, cores[:1])
+    os.sched_setaffinity(child.pid, cores[-1:])
+    try:
+        t, cpu, theirs = time.perf_counter(), time.process_time(), sum(echo.cpu_times()[:2])
+        for _ in range(round_trips):
+            os.write(w, b"x")
+            os.read(r, 1)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu + sum(echo.cpu_times()[:2]) - theirs
+    finally:
+        os.sched_setaffinity(0, cores)
+        child.stdin.close()
+        child.wait()
+    t, s = time.perf_counter(), 0
+    for i in range(PYTHON_LOOP):
+        s += i * i
+    loop_ms = (time.perf_counter() - t) * 1000
+    return MachineSpeed(wall / round_trips * 1e6, cpu / round_trips * 1e6, loop_ms)
 
 
 def print_table(title: str, rows: list[Row]) -> None:
