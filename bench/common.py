@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -160,6 +161,7 @@ class MachineSpeed:
     round_trip_us: float  # a byte to a process on the other core and back, over pipes: two wake-ups
     round_trip_cpu_us: float  # CPU of both ends per round trip: what the wake-ups cost, not how long they wait
     python_loop_ms: float  # a fixed pure-Python loop: the interpreter's speed, wake-ups apart
+    memory_step_ns: float  # a step of a random walk over far more memory than the caches hold
 
     def rows(self, when: str) -> list[Row]:
         return [
@@ -168,15 +170,17 @@ class MachineSpeed:
                 f"{self.round_trip_us:.0f} us ({self.round_trip_cpu_us:.0f} us)",
             ),
             Row(f"   {PYTHON_LOOP:,} multiply-adds in a Python loop", f"{self.python_loop_ms:.0f} ms"),
+            Row(f"   a step of a random walk over a list of {WALK_SLOTS:,} numbers", f"{self.memory_step_ns:.0f} ns"),
         ]
 
 
 PYTHON_LOOP = 3_000_000
+WALK_SLOTS = 1 << 20  # with their number objects, ~40 MB, read in no order: mostly cache and TLB misses
 _ECHO = "import os\nwhile os.read(0, 1):\n    os.write(1, b'x')"
 
 
 def machine_speed(round_trips: int = 20_000) -> MachineSpeed:
-    """Measure ``MachineSpeed`` (about two seconds). The echoing child is a fresh interpreter, not a fork, so a
+    """Measure ``MachineSpeed`` (about four seconds). The echoing child is a fresh interpreter, not a fork, so a
     process that runs Ray's threads can call this."""
     cores = sorted(os.sched_getaffinity(0))
     child = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
@@ -203,7 +207,17 @@ def machine_speed(round_trips: int = 20_000) -> MachineSpeed:
     for i in range(PYTHON_LOOP):
         s += i * i
     loop_ms = (time.perf_counter() - t) * 1000
-    return MachineSpeed(wall / round_trips * 1e6, cpu / round_trips * 1e6, loop_ms)
+    order = list(range(WALK_SLOTS))
+    random.Random(0).shuffle(order)
+    after = [0] * WALK_SLOTS  # one cycle through every slot
+    for here, there in zip(order, order[1:] + order[:1], strict=True):
+        after[here] = there
+    k, steps = 0, WALK_SLOTS
+    t = time.perf_counter()
+    for _ in range(steps):
+        k = after[k]
+    step_ns = (time.perf_counter() - t) / steps * 1e9
+    return MachineSpeed(wall / round_trips * 1e6, cpu / round_trips * 1e6, loop_ms, step_ns)
 
 
 def print_table(title: str, rows: list[Row]) -> None:

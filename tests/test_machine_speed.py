@@ -15,4 +15,4 @@ def test_the_probe_restores_the_callers_cores_and_ends_its_echo() -> None:
     speed = machine_speed(round_trips=200)
     assert os.sched_getaffinity(0) == cores  # the benchmark's clients then run wherever the scheduler puts them
     assert psutil.Process().children() == children
-    assert speed.round_trip_us > 0 and speed.round_trip_cpu_us > 0 and speed.python_loop_ms > 0
+    assert min(speed.round_trip_us, speed.round_trip_cpu_us, speed.python_loop_ms, speed.memory_step_ns) > 0
