@@ -180,7 +180,7 @@ _ECHO = "import os\nwhile os.read(0, 1):\n    os.write(1, b'x')"
 
 
 def machine_speed(round_trips: int = 20_000) -> MachineSpeed:
-    """Measure ``MachineSpeed`` (about four seconds). The echoing child is a fresh interpreter, not a fork, so a
+    """Measure ``MachineSpeed`` (about three seconds here). The echoing child is a fresh interpreter, not a fork, so a
     process that runs Ray's threads can call this."""
     cores = sorted(os.sched_getaffinity(0))
     child = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
