@@ -32,13 +32,13 @@ from bench.common import (
     at_most,
     cpu_by_process,
     fmt_rate,
-    machine_speed,
     parser,
     percentile,
     print_table,
     quiet_logs,
     running_system,
     ticks,
+    with_machine_speed,
 )
 from bench.http_client import HttpConnection
 from storage.eventlog import EventLog
@@ -242,11 +242,13 @@ def main() -> None:
     quiet_logs()
     sizes = Sizes.quick() if args.quick else Sizes()
     t0 = time.perf_counter()
-    before = machine_speed()  # measured with nothing else running, before the system starts and after it stops
-    with running_system(TOKEN) as (system, started_s):
-        rows = uvloop.run(measure(system, sizes))  # the load generator: as little CPU per request as it can
-    rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
-    rows += before.rows("before the run") + machine_speed().rows("after it")
+
+    def run() -> list[Row]:
+        with running_system(TOKEN) as (system, started_s):
+            rows = uvloop.run(measure(system, sizes))  # the load generator: as little CPU per request as it can
+        return [*rows, Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s")]
+
+    rows = with_machine_speed(run)  # the machine measured with nothing else running, before and after
     print_table(f"HTTP API with the scripted provider ({time.perf_counter() - t0:.0f} s in all)", rows)
 
 

@@ -30,6 +30,7 @@ from bench.common import (
     quiet_logs,
     rate,
     running_system,
+    with_machine_speed,
 )
 from events import ANY, NewEvent, RecordedEvent, Subscription
 from storage.eventlog import EventLog
@@ -163,9 +164,13 @@ def main() -> None:
     quiet_logs()
     sizes = Sizes.quick() if args.quick else Sizes()
     t0 = time.perf_counter()
-    with running_system("bench-token") as (system, started_s):
-        rows = asyncio.run(measure(system, system.settings, sizes))
-    rows.append(Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s"))
+
+    def run() -> list[Row]:
+        with running_system("bench-token") as (system, started_s):
+            rows = asyncio.run(measure(system, system.settings, sizes))
+        return [*rows, Row("   system start (Postgres, Ray, orchestrator, Serve)", f"{started_s:.1f} s")]
+
+    rows = with_machine_speed(run)
     print_table(f"log -> actor routing, one append per event ({time.perf_counter() - t0:.0f} s in all)", rows)
 
 

@@ -23,7 +23,17 @@ import ray
 
 from actors.agents.team.actors import ensure_team
 from actors.agents.team.script import TEAM_SCRIPT
-from bench.common import Row, at_most, machine_cpu_s, parser, percentile, print_table, quiet_logs, running_system
+from bench.common import (
+    Row,
+    at_most,
+    machine_cpu_s,
+    parser,
+    percentile,
+    print_table,
+    quiet_logs,
+    running_system,
+    with_machine_speed,
+)
 from cluster.bootstrap import System
 from storage.eventlog import EventLog
 
@@ -141,9 +151,12 @@ async def measure(system: System, n_tasks: int) -> list[Row]:
 def main() -> None:
     args = parser(__doc__).parse_args()
     quiet_logs()
-    with running_system("bench") as (system, _):
-        rows = asyncio.run(measure(system, 5 if args.quick else 20))
-    print_table("team orchestration overhead (scripted provider)", rows)
+
+    def run() -> list[Row]:
+        with running_system("bench") as (system, _):
+            return asyncio.run(measure(system, 5 if args.quick else 20))
+
+    print_table("team orchestration overhead (scripted provider)", with_machine_speed(run))
 
 
 if __name__ == "__main__":

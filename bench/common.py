@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,6 +218,13 @@ def machine_speed(round_trips: int = 20_000) -> MachineSpeed:
         k = after[k]
     step_ns = (time.perf_counter() - t) / steps * 1e9
     return MachineSpeed(wall / round_trips * 1e6, cpu / round_trips * 1e6, loop_ms, step_ns)
+
+
+def with_machine_speed(run: Callable[[], list[Row]]) -> list[Row]:
+    """``run()``'s rows, then the machine's speed measured just before and just after it (``MachineSpeed``)."""
+    before = machine_speed()
+    rows = run()
+    return rows + before.rows("before the run") + machine_speed().rows("after it")
 
 
 def print_table(title: str, rows: list[Row]) -> None:
