@@ -54,7 +54,10 @@ RUNNER_IN_FLIGHT = 2
 # other chats behind it: when every delivery in flight has been out this long, one more may go, up to the most.
 STALLED_S = 0.25
 RUNNER_MAX_STALLED = 32
-PROJECTOR_LINGER_S = 0.05  # read models trail the log by up to this much, in exchange for larger batches
+# Read models trail the log by up to this much, in exchange for larger batches: each delivery costs the projector a
+# Ray call, a transaction and a checkpoint, which at 0.05 s were half its CPU (0.16-0.19 against 0.08-0.11 ms a
+# message at 0.2 s, alternating rounds of bench_http's load; docs/benchmarks.md).
+PROJECTOR_LINGER_S = 0.2
 LIFECYCLE = ("agent.started", "agent.stopped", "agent.deleted", "agent.updated", "agent.failed")
 TIMER_TYPES = ("timer.scheduled", "timer.fired", "timer.failed")
 # The snapshots row with the timers the log has armed as of a cursor: a restart reads the timer events after it,
