@@ -1002,10 +1002,10 @@ class OrchestratorImpl:
             },
         }
 
-    async def wait_routed(self, subscriber: str, position: int, timeout: float = 10.0) -> bool:
-        """True once ``subscriber`` has handled everything up to ``position`` (for read-your-writes)."""
+    async def wait_routed(self, subscriber: str, target: Cursor, timeout: float = 10.0) -> bool:
+        """True once ``subscriber`` has handled everything up to the commit-order cursor ``target`` within
+        ``timeout`` (read-your-writes: ``EventLog.last_cursor`` before the call makes it everything committed)."""
         await self.ready.wait()
-        target = await self.store.cursor_at(position)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sub = self.subs.get(subscriber)
@@ -1081,9 +1081,7 @@ class OrchestratorImpl:
                 sub.paused = False
                 self._pump(sub)
                 self.wake.set()
-        head = await self.store.head()
-        if head:
-            await self.wait_routed(PROJECTOR, head, timeout=300)
+        await self.wait_routed(PROJECTOR, await self.store.last_cursor(), timeout=300)
         return int((await sub.handle.ping.remote())["projected"])
 
     async def actor_metrics(self) -> dict[str, bytes]:

@@ -33,7 +33,7 @@ from events.hub import (
     settings_block,
 )
 from events.registry import registry
-from serve.deps import BearerAuth, HubDep, document_bearer, state
+from serve.deps import BearerAuth, HubDep, ReadModelsDep, document_bearer, state
 from serve.fast_route import KEY_MAX, TIMEOUT_MAX_S, PlainRequestRoute
 from serve.hub import Hub, OrchestratorUnavailable
 from serve.metrics import merge_expositions
@@ -322,7 +322,7 @@ async def create_agent(body: AgentCreate, h: HubDep) -> AgentOut:
 
 
 @app.get("/api/v1/agents")
-async def list_agents(h: HubDep, status: str | None = None) -> list[dict[str, Any]]:
+async def list_agents(h: ReadModelsDep, status: str | None = None) -> list[dict[str, Any]]:
     rows = await h.store.fetch(
         "SELECT a.*, hb.at AS last_heartbeat FROM proj_agents a LEFT JOIN agent_heartbeats hb USING (agent_id) "
         "WHERE a.status <> 'deleted' AND ($1::text IS NULL OR a.status = $1) ORDER BY a.created_at",
@@ -383,7 +383,9 @@ async def stop_agent(agent_id: str, h: HubDep) -> AgentOut:
 
 
 @app.get("/api/v1/agents/{agent_id}/chats/{chat_id:path}/messages")
-async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+async def chat_history(
+    agent_id: str, chat_id: str, h: ReadModelsDep, limit: int = Query(100, ge=1, le=1000)
+) -> list[dict]:
     await load_agent(h, agent_id)
     rows = await h.store.fetch(
         "SELECT position, role, text, platform_user_id, channel, at FROM proj_chat_messages "
@@ -396,7 +398,7 @@ async def chat_history(agent_id: str, chat_id: str, h: HubDep, limit: int = Quer
 
 
 @app.get("/api/v1/agents/{agent_id}/usage")
-async def token_usage(agent_id: str, h: HubDep) -> dict[str, Any]:
+async def token_usage(agent_id: str, h: ReadModelsDep) -> dict[str, Any]:
     await load_agent(h, agent_id)
     rows = await h.store.fetch(
         "SELECT provider, model, calls, prompt_tokens, completion_tokens, total_tokens, cost_usd "

@@ -12,6 +12,7 @@ from typing import TypeVar
 from ray.exceptions import RayActorError
 
 from actors.agents.agent import AgentState, agent_stream, fold_agent
+from actors.projections import PROJECTOR
 from events import RecordedEvent
 from serve.replies import REPLY_TYPES, ReplyWaiter
 from storage.eventlog import EventLog
@@ -111,6 +112,12 @@ class Hub:
     @staticmethod
     def new_agent_id() -> str:
         return "agent_" + secrets.token_hex(6)
+
+    async def projected(self, timeout: float) -> bool:
+        """Whether the projector's read models caught up, within ``timeout``, with every event committed before
+        this call (the orchestrator knows how far each subscriber got)."""
+        target = await self.store.last_cursor()
+        return await self.ask(self.orchestrator.wait_routed.remote(PROJECTOR, target, timeout), timeout + 2)
 
     async def original_of(self, position: int) -> RecordedEvent:
         (event,) = await self.store.read_all(position - 1, limit=1)

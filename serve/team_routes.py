@@ -15,7 +15,7 @@ from actors.agents.team.services import fold_run
 from actors.agents.team.task import TERMINAL, TaskState, evolve_task
 from events import NO_STREAM, NewEvent, registry
 from events.team import DecisionRequested, RunStarted, TaskCancelled, TaskCreated
-from serve.deps import HubDep
+from serve.deps import HubDep, ReadModelsDep
 from serve.fast_route import KEY_MAX
 from serve.hub import Hub
 from storage.errors import WrongExpectedVersion
@@ -123,7 +123,7 @@ def build_router() -> APIRouter:
         return {"run_id": recorded["run_id"], **body.model_dump()}
 
     @router.get("/runs/{run_id}")
-    async def get_run(run_id: str, h: HubDep) -> dict[str, Any]:
+    async def get_run(run_id: str, h: ReadModelsDep) -> dict[str, Any]:
         cfg = await run_or_404(h, run_id)
         row = await h.store.fetch("SELECT status FROM team_runs WHERE run_id = $1", run_id)
         tasks = await h.store.fetch(
@@ -156,7 +156,7 @@ def build_router() -> APIRouter:
 
     @router.get("/tasks")
     async def list_tasks(
-        h: HubDep,
+        h: ReadModelsDep,
         status: str | None = None,
         run_id: str | None = None,
         role: str | None = None,
@@ -220,7 +220,7 @@ def build_router() -> APIRouter:
         return [r.config.model_dump() for r in ROLES.values()]
 
     @router.get("/roles/{role}/memory")
-    async def role_memory(role: str, h: HubDep, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+    async def role_memory(role: str, h: ReadModelsDep, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
         if role not in ROLES:
             raise HTTPException(404, f"unknown role {role!r}")
         memory = await h.store.fetch(
@@ -280,7 +280,7 @@ def build_router() -> APIRouter:
         return out
 
     @router.get("/runs/{run_id}/usage")
-    async def run_usage(run_id: str, h: HubDep) -> dict[str, Any]:
+    async def run_usage(run_id: str, h: ReadModelsDep) -> dict[str, Any]:
         await run_or_404(h, run_id)
         rows = [
             dict(r)

@@ -549,6 +549,14 @@ class EventLog:
             )
         return (int(r[0]), int(r[1])) if r else START
 
+    async def last_cursor(self) -> Cursor:
+        """The commit-order cursor of the last event committed so far (``START`` on an empty log). A subscriber
+        whose cursor reached it has handled every event this call could see, whatever order the transactions
+        committed in (read-your-writes for read models: ``?fresh=true`` at the API)."""
+        async with self.connection() as c:
+            r = await c.fetchrow("SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")
+        return (int(r[0]), int(r[1])) if r else START
+
     async def _after_position(self, position: int) -> tuple[int | None, Cursor | Head]:
         """Where ``AfterPosition(position)`` starts, and the position to drop events at or below (None: drop
         none). At or past the newest event: the head, as what comes next. Else a cursor below every transaction
@@ -564,10 +572,6 @@ class EventLog:
             if newest is None or position >= newest:
                 return None, await _head(c)
         return position, (int(oldest) - 1, INT64_MAX)
-
-    async def head(self) -> int:
-        async with self.connection() as c:
-            return int(await c.fetchval("SELECT coalesce(max(position), 0) FROM events"))
 
     async def head_cursor(self) -> Head:
         """Where "only what comes next" starts. One cursor cannot say it exactly: below the oldest transaction

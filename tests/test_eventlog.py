@@ -613,6 +613,30 @@ async def test_a_subscription_after_a_position_gets_an_event_above_it_from_an_ol
     assert late not in [e.position for e in (await old).events]  # what the cursor at the position misses
 
 
+async def test_last_cursor_is_the_last_committed_event_in_commit_order_not_the_highest_position(
+    eventlog: EventLog,
+) -> None:
+    """An older transaction commits a higher position after a younger one: the last cursor is the younger one's
+    event (the later in commit order), so a subscriber that reached it has every committed event; an event not
+    committed yet is not counted."""
+    assert await eventlog.last_cursor() == START
+    async with eventlog.connection() as older:
+        tx = older.transaction()
+        await tx.start()
+        await eventlog.lock_streams(older, ["agent-older"])
+        await older.fetchval("SELECT pg_current_xact_id()")  # its transaction id: older than the next append's
+        younger = (await eventlog.append("agent-younger", [started()])).positions[0]
+        higher = (await eventlog.append("agent-older", [started()], conn=older)).positions[0]
+        by_position = {e.position: e.cursor for e in await eventlog.read_all()}
+        assert await eventlog.last_cursor() == by_position[younger]  # the open transaction's event is not in it
+        await tx.commit()
+    committed = await eventlog.read_all()
+    assert higher > younger and len(committed) == 2
+    last = await eventlog.last_cursor()
+    assert last == next(e.cursor for e in committed if e.position == younger)
+    assert all(e.cursor <= last for e in committed)
+
+
 async def test_checkpoints_only_move_forward(eventlog: EventLog) -> None:
     await eventlog.save_checkpoint("proj", (10, 20))
     await eventlog.save_checkpoints({"proj": (9, 30), "other": (1, 1)})  # a flush that captured an older cursor

@@ -88,6 +88,9 @@ async def test_a_transaction_left_open_stalls_replies_and_healthz_names_it(
         page = (await http.get("/metrics")).text
         held = [float(x.split()[-1]) for x in page.splitlines() if x.startswith("agenthub_log_held_back_seconds")]
         assert len(held) == 1 and held[0] >= 2.0  # one sample: the orchestrator's, not one per actor at 0
+        fresh = await http.get(f"/api/v1/agents/{agent_id}/chats/h/messages", params={"fresh": "true"})
+        assert fresh.status_code == 503 and fresh.headers["retry-after"] == "1"  # the message is not projected
+        assert "read models did not catch up" in fresh.json()["detail"]
     finally:
         await tx.commit()
         await blocker.close()

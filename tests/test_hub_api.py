@@ -120,14 +120,10 @@ async def test_conversation_history_usage_and_events(http: httpx.AsyncClient) ->
         replies.append(r.json()["response"])
     assert replies[2] == "[m1] turn 3: you said 'third'"  # the agent saw the whole chat history
 
-    async def projected() -> bool:
-        hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/chat-1/messages")).json()
-        return len(hist) == 6
-
-    await eventually(projected, what="chat history projection")
-    hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/chat-1/messages")).json()
+    fresh = {"fresh": "true"}  # the read models as of the last reply, not of the projector's last delivery
+    hist = (await http.get(f"/api/v1/agents/{agent_id}/chats/chat-1/messages", params=fresh)).json()
     assert [h["role"] for h in hist] == ["user", "assistant"] * 3 and hist[-1]["text"] == replies[2]
-    usage = (await http.get(f"/api/v1/agents/{agent_id}/usage")).json()
+    usage = (await http.get(f"/api/v1/agents/{agent_id}/usage", params=fresh)).json()
     assert usage["models"][0]["calls"] == 3 and usage["total_tokens"] > 0
 
     events = (await http.get("/api/v1/events", params={"stream": f"chat-{agent_id}/chat-1"})).json()
