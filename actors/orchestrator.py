@@ -142,6 +142,7 @@ class Sub:
     max_stalled: int = 0  # in flight at most while the deliveries out are stalled (STALLED_S); 0: no more
     sent_end: Cursor = START  # where the last delivery sent in this epoch ends: the next one's ``after``
     linger_s: float = 0.0  # wait this long after a delivery before the next: fewer, larger batches
+    awaited: int = 0  # readers waiting for it to catch up (``wait_routed``): no linger while one waits
     last_sent: float = 0.0
     retry_at: float = 0.0  # after a failed delivery, send nothing before this (monotonic clock)
     pump_later: asyncio.TimerHandle | None = None
@@ -573,7 +574,7 @@ class OrchestratorImpl:
             if self.draining:  # a stop is under way: the next start delivers what is pending
                 return
             now = time.monotonic()
-            linger = sub.last_sent + sub.linger_s - now if len(sub.pending) < BATCH else 0.0
+            linger = sub.last_sent + sub.linger_s - now if len(sub.pending) < BATCH and not sub.awaited else 0.0
             wait = max(linger, sub.retry_at - now)
             if wait > 0:
                 if sub.pump_later is None:
@@ -1007,12 +1008,22 @@ class OrchestratorImpl:
         ``timeout`` (read-your-writes: ``EventLog.last_cursor`` before the call makes it everything committed)."""
         await self.ready.wait()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sub = self.subs.get(subscriber)
-            if sub is not None and sub.cursor >= target and sub.active:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        waited = self.subs.get(subscriber)
+        if waited is not None:
+            waited.awaited += 1
+            if waited.pump_later is not None:  # its linger would hold the reader up: deliver what is read now
+                waited.pump_later.cancel()
+                self._pump_now(waited)
+        try:
+            while time.monotonic() < deadline:
+                sub = self.subs.get(subscriber)
+                if sub is not None and sub.cursor >= target and sub.active:
+                    return True
+                await asyncio.sleep(0.01)
+            return False
+        finally:
+            if waited is not None:
+                waited.awaited -= 1
 
     async def register(self, subscription: Subscription, actor: str, args: list[Any] | None = None) -> None:
         """Route ``subscription`` to a Ray actor ``actor`` (``module:Class`` of a ``ray.remote`` class, built as

@@ -1354,3 +1354,32 @@ async def test_a_transaction_left_open_is_reported_by_name_until_it_ends(
         assert any(e["event"] == "committed events no longer held back" for e in logs)
     finally:
         await blocker.close()
+
+
+# ---- read-your-writes: a reader waiting for a subscriber is not held up by its linger ----------------------
+
+
+async def test_a_reader_waiting_for_a_lingering_subscriber_gets_its_events_delivered_now(
+    start: Start, actors: Actors, eventlog: EventLog
+) -> None:
+    """The projector waits between deliveries (``linger_s``) for larger batches; ``wait_routed`` (the API's
+    ``?fresh=true``) must not wait that out. With a linger longer than the wait's timeout, the event read
+    meanwhile is delivered at once for the reader, and the linger holds again once no one waits."""
+    o = await start()
+    await route(o, "s", "work")
+    first = await put(eventlog, "work-1")
+    await delivered_to(actors, "s", first, timeout=5, what="the first event")
+    o.subs["s"].linger_s = 60.0
+    second = await put(eventlog, "work-1")
+
+    async def read() -> bool:
+        return o.subs["s"].pending != []
+
+    await eventually(read, timeout=5, what="the second event read and held by the linger")
+    assert await o.wait_routed("s", await eventlog.last_cursor(), timeout=5)
+    assert positions(actors, "s") == first + second and o.subs["s"].awaited == 0
+    third = await put(eventlog, "work-1")
+    await eventually(read, timeout=5, what="the third event read")
+    assert positions(actors, "s") == first + second  # lingering again: no reader waits
+    assert await o.wait_routed("s", await eventlog.last_cursor(), timeout=5)
+    assert positions(actors, "s") == first + second + third
