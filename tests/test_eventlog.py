@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import pickle
@@ -10,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -584,20 +586,25 @@ async def test_cursor_at_a_position_without_an_event_resumes_as_read_all_does(ev
     assert await eventlog.cursor_at(2**70) == head
 
 
+@contextlib.asynccontextmanager
+async def older_transaction(eventlog: EventLog, stream: str) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that holds ``stream``'s lock and a transaction id older than any append made in the block,
+    committed at its end: what it appends gets a higher position than those but comes first in commit order."""
+    async with eventlog.connection() as older, older.transaction():
+        await eventlog.lock_streams(older, [stream])
+        await older.fetchval("SELECT pg_current_xact_id()")
+        yield older
+
+
 async def test_a_subscription_after_a_position_gets_an_event_above_it_from_an_older_transaction(
     eventlog: EventLog,
 ) -> None:
     """A reader lists up to position p and follows from there; an older transaction then commits p + 1. From the
     cursor of the event at p (commit order), p + 1 comes before it and was never delivered."""
     await eventlog.append("agent-before", [started()])
-    async with eventlog.connection() as older:
-        tx = older.transaction()
-        await tx.start()
-        await eventlog.lock_streams(older, ["agent-older"])
-        await older.fetchval("SELECT pg_current_xact_id()")  # its transaction id: older than the next append's
+    async with older_transaction(eventlog, "agent-older") as older:
         listed = (await eventlog.append("agent-younger", [started()])).positions[0]
         late = (await eventlog.append("agent-older", [started()], conn=older)).positions[0]
-        await tx.commit()
     assert late > listed
     got: list[int] = []
 
@@ -620,16 +627,11 @@ async def test_last_cursor_is_the_last_committed_event_in_commit_order_not_the_h
     event (the later in commit order), so a subscriber that reached it has every committed event; an event not
     committed yet is not counted."""
     assert await eventlog.last_cursor() == START
-    async with eventlog.connection() as older:
-        tx = older.transaction()
-        await tx.start()
-        await eventlog.lock_streams(older, ["agent-older"])
-        await older.fetchval("SELECT pg_current_xact_id()")  # its transaction id: older than the next append's
+    async with older_transaction(eventlog, "agent-older") as older:
         younger = (await eventlog.append("agent-younger", [started()])).positions[0]
         higher = (await eventlog.append("agent-older", [started()], conn=older)).positions[0]
         by_position = {e.position: e.cursor for e in await eventlog.read_all()}
         assert await eventlog.last_cursor() == by_position[younger]  # the open transaction's event is not in it
-        await tx.commit()
     committed = await eventlog.read_all()
     assert higher > younger and len(committed) == 2
     last = await eventlog.last_cursor()
