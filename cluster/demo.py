@@ -120,9 +120,10 @@ def _converse(system, console: Console) -> int:
     console.print(table)
 
     sent = sum(len(texts) for texts in CHATS.values())
-    # the usage projection follows the log a moment behind the replies: wait until it has counted every one
-    _wait_for(lambda: _completions(http.get(f"/api/v1/agents/{aid}/usage").json()) >= sent, what="token usage")
-    usage = http.get(f"/api/v1/agents/{aid}/usage").json()
+    # the usage projection follows the log a moment behind the replies: read it as of the last one
+    usage = http.get(f"/api/v1/agents/{aid}/usage", params={"fresh": "true"}).raise_for_status().json()
+    if _completions(usage) < sent:
+        raise RuntimeError(f"token usage counts {_completions(usage)} completions for {sent} replies")
     console.print(f"token usage: {usage['total_tokens']} tokens over {_completions(usage)} completions")
 
     runner = ray.get_actor(f"agent:{aid}", namespace=system.settings.ray_namespace)

@@ -118,7 +118,7 @@ def _demo(system: System, console: Console) -> int:
     for role, v in made["verdicts"].items():
         console.print(f"  {role}: {v['verdict']} — criteria: {', '.join(v['criteria'])}")
 
-    usage = http.get(f"/api/v1/runs/{run_id}/usage").json()
+    usage = http.get(f"/api/v1/runs/{run_id}/usage", params={"fresh": "true"}).raise_for_status().json()
     cost = Table("role", "model", "calls", "tokens", "cost $", title="usage")
     for r in usage["by_role"]:
         cost.add_row(

@@ -361,6 +361,8 @@ async def test_replay_rebuilds_a_finished_run_without_the_provider(
     report = await replay_run(hub_log, run_id)
     assert await llm.provider_calls.remote() == calls  # the provider was never called
     assert report.mismatches == [] and report.tasks[task_id].status == "completed"
+    listed = (await http.get("/api/v1/tasks", params={"run_id": run_id, "fresh": "true"})).json()
+    assert {t["task_id"]: t["status"] for t in listed}[task_id] == "completed"  # projected: none comes after the damage
     await hub_log.execute("UPDATE team_tasks SET status = 'failed' WHERE task_id = $1", task_id)  # a bad read model
     (mismatch,) = (await replay_run(hub_log, run_id)).mismatches
     assert "read model says failed" in mismatch
