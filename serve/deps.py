@@ -39,8 +39,9 @@ HubDep = Annotated[Hub, Depends(hub)]
 
 FRESH_WAIT_S = 5.0
 FRESH = (
-    "Wait (up to 5 s) until the read models hold every event committed before the request: they trail the log by "
-    "up to ~0.2 s otherwise. 503 if they do not catch up in time (a transaction held open holds them back)."
+    f"Wait (up to {FRESH_WAIT_S:g} s) until the read models hold every event committed before the request: they "
+    "trail the log by a moment otherwise (the projector batches). 503 if they do not catch up in time (a "
+    "transaction held open holds them back)."
 )
 
 

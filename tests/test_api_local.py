@@ -135,6 +135,26 @@ async def test_the_message_route_documents_both_answers(api: httpx.AsyncClient) 
     assert schemas["202"] == {"$ref": "#/components/schemas/Accepted"}
 
 
+async def test_every_route_that_reads_a_projection_documents_fresh_and_no_other_does(api: httpx.AsyncClient) -> None:
+    """``?fresh=true`` is offered where a read model is read, so clients can find it; the reads folded from the
+    log need none (they see every committed event already)."""
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    fresh = {
+        path
+        for path, operations in paths.items()
+        if any(p["name"] == "fresh" for p in operations.get("get", {}).get("parameters", []))
+    }
+    assert fresh == {
+        "/api/v1/agents",
+        "/api/v1/agents/{agent_id}/chats/{chat_id}/messages",
+        "/api/v1/agents/{agent_id}/usage",
+        "/api/v1/runs/{run_id}",
+        "/api/v1/runs/{run_id}/usage",
+        "/api/v1/tasks",
+        "/api/v1/roles/{role}/memory",
+    }
+
+
 @pytest.fixture
 def solved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths of the requests FastAPI solved the parameters of (its handler's one call per request)."""
